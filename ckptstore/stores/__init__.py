@@ -1,0 +1,60 @@
+"""The one place a URL becomes a store.
+
+``open_store(uri, storage_options)`` parses the URL, picks the backend (local
+directories through os calls, everything else through fsspec), and the commit
+strategy that is atomic on it. Backend packages are imported only here and
+only when a URL needs them, so ``import ckptstore`` stays free of boto and
+google libraries.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from ..errors import StorageError
+from ..url import Location, parse
+from .base import Store
+
+# protocol -> the extra that installs its fsspec implementation
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+def _fsspec_filesystem(location: Location):
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    try:
+        return fsspec.filesystem(location.protocol, **location.options)
+    except ImportError as e:
+        extra = EXTRAS.get(location.protocol)
+        hint = (f"pip install 'ckptstore[{extra}]'" if extra else
+                known_implementations.get(location.protocol, {}).get("err") or f"install the fsspec backend for {location.protocol}://")
+        raise StorageError(f"{location.display}: the {location.protocol}:// backend is not installed: {hint}",
+                           location.display) from None
+    except ValueError as e:
+        if "protocol" in str(e).lower():
+            raise StorageError(f"{location.display}: unknown protocol {location.protocol!r}", location.display) from None
+        raise StorageError(f"{location.display}: bad storage options: {type(e).__name__}", location.display) from None
+    except TypeError as e:
+        # Unknown keyword: name it, never its value.
+        raise StorageError(f"{location.display}: bad storage options for {location.protocol}://: "
+                           f"{str(e).split('(')[0]}", location.display) from None
+
+
+def open_location(location: Location) -> Store:
+    if location.protocol == "file":
+        from .local import LocalStore
+        return LocalStore(location)
+    from .fsspec_store import FsspecStore
+    return FsspecStore(location, _fsspec_filesystem(location))
+
+
+def open_store(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Store:
+    """A store for ``uri``; a malformed URL raises StorageError naming it (redacted)."""
+    try:
+        location = parse(uri, storage_options)
+    except ValueError as e:
+        from ..url import redact
+        shown = redact(str(uri)) if isinstance(uri, (str, os.PathLike)) else repr(type(uri))
+        raise StorageError(f"bad checkpoint URL {shown}: {e}", shown) from None
+    return open_location(location)

@@ -1,0 +1,180 @@
+"""What every store offers the writer, the reader and the commit strategies.
+
+A store is one checkpoint directory on one backend. It moves bytes and lists
+names; it knows nothing of the format. Backend exceptions are turned into
+ckptstore errors here, in one place, with the URI redacted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InsufficientSpaceError,
+    StorageError,
+)
+from ..url import Location, scrub
+
+CHUNK = 64 << 20  # bytes per write/read call: large enough for full disk speed, small enough to bound memory
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@dataclass
+class Entry:
+    name: str
+    size: int
+    mtime: float | None  # seconds since the epoch, when the backend tells
+
+
+class Writer(ABC):
+    """A data file being written. ``close`` makes it durable; ``abort`` removes it."""
+
+    @abstractmethod
+    def write(self, data: memoryview) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+
+class Reader(ABC):
+    @abstractmethod
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns bytes read (short only at end of file)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Store(ABC):
+    """One checkpoint directory (or prefix) on one backend."""
+
+    #: whether rename within the directory atomically replaces the target
+    atomic_rename = False
+    #: target size of one data file; None keeps all data in one file
+    file_bytes: int | None = None
+
+    def __init__(self, location: Location):
+        self.location = location
+
+    @property
+    def uri(self) -> str:
+        return self.location.display
+
+    # -- listing
+    @abstractmethod
+    def list(self) -> dict[str, Entry] | None:
+        """Files directly in the directory; None when there is no directory."""
+
+    @abstractmethod
+    def is_file(self) -> bool:
+        """Whether the location itself is a single file (a foreign checkpoint)."""
+
+    @abstractmethod
+    def subdirs(self) -> list[str]:
+        """Names of the directories directly inside this one."""
+
+    def child(self, name: str) -> "Store":
+        return type(self)(self.location.child(name), **self._child_kwargs())
+
+    def _child_kwargs(self) -> dict:
+        return {}
+
+    # -- writing
+    @abstractmethod
+    def makedirs(self) -> None: ...
+
+    @abstractmethod
+    def open_writer(self, name: str) -> Writer: ...
+
+    @abstractmethod
+    def put(self, name: str, data: bytes) -> None:
+        """Write a small file whole and durably."""
+
+    def rename(self, src: str, dst: str) -> None:
+        raise StorageError(f"{self.uri}: this backend has no atomic rename", self.uri)
+
+    def sync_dir(self) -> None:
+        pass
+
+    @abstractmethod
+    def remove(self, names: list[str]) -> None: ...
+
+    def free_bytes(self) -> int | None:
+        return None
+
+    # -- reading
+    @abstractmethod
+    def open_reader(self, name: str) -> Reader: ...
+
+    @abstractmethod
+    def get(self, name: str) -> bytes: ...
+
+    @abstractmethod
+    def open_file(self):
+        """The location itself opened as a binary file (for single-file checkpoints)."""
+
+    @abstractmethod
+    def file_size(self) -> int:
+        """Size of the location itself (for single-file checkpoints)."""
+
+    @abstractmethod
+    def file_reader(self) -> Reader:
+        """A Reader over the location itself (for single-file checkpoints)."""
+
+    def reported_crc32c(self, name: str) -> int | None:
+        """The backend's own CRC-32C of a stored file, where it keeps one."""
+        return None
+
+    # -- errors
+    @contextlib.contextmanager
+    def errors(self, action: str, name: str | None = None) -> Iterator[None]:
+        """Turn backend exceptions into ckptstore errors naming the URI."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised as a typed error below
+            raise translate(e, self.location, action, name) from None
+
+
+def translate(e: BaseException, location: Location, action: str, name: str | None = None) -> BaseException:
+    """The ckptstore error for a backend exception (or ``e`` itself if not a storage fault)."""
+    if not isinstance(e, Exception) or isinstance(e, CheckpointError):
+        return e
+    uri = location.display
+    where = uri + ("/" + name if name else "")
+    detail = scrub(f"{type(e).__name__}: {e}", location.secrets)
+    detail = detail.replace(location.uri, uri)
+    code = getattr(e, "errno", None)
+    if isinstance(e, FileNotFoundError) or code == errno.ENOENT:
+        return CheckpointNotFoundError(f"{action} {where}: not found", uri)
+    if code in _NO_SPACE:
+        return InsufficientSpaceError(
+            f"{action} {where}: no space left on the target ({detail}); free space or choose "
+            "another location", uri)
+    if isinstance(e, PermissionError) or code in _DENIED:
+        return StorageError(
+            f"{action} {where}: permission denied ({detail}); check that the location is writable "
+            "and the credentials allow it", uri, errno=code or errno.EACCES)
+    if isinstance(e, (OSError, IOError)):
+        return StorageError(f"{action} {where}: {detail}", uri, errno=code)
+    if isinstance(e, (ValueError, TypeError)) and "protocol" in str(e).lower():
+        return StorageError(f"{action} {where}: bad URL: {detail}", uri)
+    return StorageError(f"{action} {where}: {detail}", uri)

@@ -1,0 +1,230 @@
+"""Local POSIX directories, through os calls.
+
+fsspec's local filesystem would work, but durability needs what it does not
+expose: fsync of each file, fsync of the directory after a rename or a
+create, and large unbuffered writes straight from tensor memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from .base import Entry, Reader, Store, Writer
+from .mounts import is_remote_mount
+
+# Start writeback to disk while later chunks are still being produced, so the
+# final fsync has little left to do (the kernel would otherwise wait for
+# dirty_background_ratio of RAM before writing anything).
+_FLUSH_EVERY = 256 << 20
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _LocalWriter(Writer):
+    def __init__(self, store: "LocalStore", name: str):
+        self.store, self.name = store, name
+        self.path = os.path.join(store.location.path, name)
+        with store.errors("create", name):
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._unflushed = 0
+        self._flusher: threading.Thread | None = None
+        self._flush_error: BaseException | None = None
+
+    def write(self, data: memoryview) -> None:
+        with self.store.errors("write", self.name):
+            view = memoryview(data).cast("B")
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self._unflushed += n
+            if self._unflushed >= _FLUSH_EVERY:
+                self._unflushed = 0
+                self._start_flush()
+
+    def _start_flush(self) -> None:
+        if self._flusher is not None and self._flusher.is_alive():
+            return
+
+        def flush():
+            try:
+                os.fdatasync(self.fd)
+            except BaseException as e:  # noqa: BLE001 - reported by close()
+                self._flush_error = e
+
+        self._flusher = threading.Thread(target=flush, name="ckptstore-fdatasync", daemon=True)
+        self._flusher.start()
+
+    def _join(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        if self._flush_error is not None:
+            e, self._flush_error = self._flush_error, None
+            raise e
+
+    def close(self) -> None:
+        with self.store.errors("write", self.name):
+            try:
+                self._join()
+                os.fsync(self.fd)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def abort(self) -> None:
+        try:
+            self._join()
+        except BaseException:  # noqa: BLE001 - the file is being thrown away
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class _LocalReader(Reader):
+    def __init__(self, store: "LocalStore", name: str | None):
+        self.store, self.name = store, name
+        path = os.path.join(store.location.path, name) if name else store.location.path
+        with store.errors("open", name):
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        total = 0
+        view = memoryview(buf).cast("B")
+        with self.store.errors("read", self.name):
+            while view:
+                n = os.preadv(self.fd, [view], offset + total)
+                if n == 0:
+                    break
+                total += n
+                view = view[n:]
+        return total
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class LocalStore(Store):
+    file_bytes = None  # one sequential file is fastest on a local disk
+
+    def __init__(self, location):
+        super().__init__(location)
+        #: a FUSE or network mount: its rename is neither atomic nor ordered
+        #: with the data reaching the remote, so such paths commit by marker
+        self.remote_mount = is_remote_mount(location.path)
+        self.atomic_rename = not self.remote_mount
+
+    @property
+    def path(self) -> str:
+        return self.location.path
+
+    def list(self):
+        with self.errors("list"):
+            try:
+                it = os.scandir(self.path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            out = {}
+            with it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False):
+                        st = e.stat(follow_symlinks=False)
+                        out[e.name] = Entry(e.name, st.st_size, st.st_mtime)
+            return out
+
+    def is_file(self) -> bool:
+        return os.path.isfile(self.path)
+
+    def subdirs(self) -> list[str]:
+        with self.errors("list"):
+            try:
+                with os.scandir(self.path) as it:
+                    return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+
+    def makedirs(self) -> None:
+        with self.errors("create directory"):
+            missing = []
+            p = self.path
+            while not os.path.isdir(p):
+                missing.append(p)
+                parent = os.path.dirname(p)
+                if parent == p:
+                    break
+                p = parent
+            os.makedirs(self.path, exist_ok=True)
+            # A new directory entry is durable only once its parent is synced.
+            for d in reversed(missing):
+                fsync_dir(os.path.dirname(d))
+
+    def open_writer(self, name: str) -> Writer:
+        return _LocalWriter(self, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        w = _LocalWriter(self, name)
+        try:
+            w.write(memoryview(data))
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+
+    def rename(self, src: str, dst: str) -> None:
+        with self.errors("rename", src):
+            os.rename(os.path.join(self.path, src), os.path.join(self.path, dst))
+
+    def sync_dir(self) -> None:
+        with self.errors("sync directory"):
+            fsync_dir(self.path)
+
+    def remove(self, names: list[str]) -> None:
+        with self.errors("remove"):
+            for n in names:
+                try:
+                    os.unlink(os.path.join(self.path, n))
+                except FileNotFoundError:
+                    pass
+
+    def free_bytes(self) -> int | None:
+        p = self.path
+        while not os.path.exists(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def open_reader(self, name: str) -> Reader:
+        return _LocalReader(self, name)
+
+    def get(self, name: str) -> bytes:
+        with self.errors("read", name):
+            with open(os.path.join(self.path, name), "rb") as f:
+                return f.read()
+
+    def open_file(self):
+        with self.errors("open"):
+            return open(self.path, "rb")
+
+    def file_reader(self) -> Reader:
+        return _LocalReader(self, None)
+
+    def file_size(self) -> int:
+        with self.errors("stat"):
+            return os.path.getsize(self.path)
