@@ -1,0 +1,170 @@
+"""The ckptstore command line: ls, info, verify, gc.
+
+Exit status: 0 when all is well, 1 when a verify finds a problem (or the
+operation failed), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import CheckpointError
+
+
+def _options(pairs: Sequence[str] | None) -> dict:
+    out = {}
+    for p in pairs or ():
+        k, eq, v = p.partition("=")
+        if not eq or not k:
+            raise SystemExit(_usage_error(f"--option takes KEY=VALUE, got {p!r}"))
+        out[k] = v
+    return out
+
+
+def _usage_error(msg: str) -> int:
+    print(f"ckptstore: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+def cmd_ls(args) -> int:
+    from .reader import find_commit
+    from .stores import open_store
+    root = open_store(args.dir, _options(args.option))
+    rows = []
+    candidates = [("", root)] + [(n, root.child(n)) for n in root.subdirs()]
+    for name, s in candidates:
+        listing = s.list()
+        if not listing:
+            continue
+        found = find_commit(s, listing)
+        if found.manifest is None and not found.records:
+            continue
+        m = found.manifest
+        rows.append((name or ".", _size(m.nbytes) if m else "-", _when(m.created) if m else "-",
+                     "ok" if m else "damaged: " + "; ".join(found.problems)[:80]))
+    if not rows:
+        print(f"no checkpoints in {root.uri}")
+        return 0
+    w = [max(len(r[i]) for r in rows + [("NAME", "SIZE", "COMMITTED", "STATUS")]) for i in range(3)]
+    print(f"{'NAME':<{w[0]}}  {'SIZE':>{w[1]}}  {'COMMITTED':<{w[2]}}  STATUS")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .api import info
+    d = info(args.uri, storage_options=_options(args.option))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"uri:        {d['uri']}")
+    print(f"format:     {d['format']}")
+    print(f"generation: {d['generation']}")
+    print(f"committed:  {_when(d['created'])}")
+    print(f"size:       {_size(d['nbytes'])} ({d['nbytes']} bytes) in {len(d['files'])} data file(s)")
+    print(f"tensors:    {d['tensors']}")
+    print(f"pickled:    {'yes (load needs allow_pickle=True)' if d['pickled'] else 'no'}")
+    if d["writer"]:
+        print("written by: " + ", ".join(f"{k} {v}" for k, v in d["writer"].items()))
+    if d["meta"]:
+        print(f"meta:       {json.dumps(d['meta'])}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .api import verify
+    rep = verify(args.uri, storage_options=_options(args.option), deep=args.deep)
+    kind = "deep" if args.deep else "shallow"
+    if rep.ok:
+        print(f"ok: {rep.uri} ({_size(rep.nbytes)}, {kind} check)")
+        return 0
+    print(f"PROBLEM: {rep.uri} ({kind} check)")
+    for p in rep.problems:
+        print(f"  - {p}")
+    return 1
+
+
+def cmd_gc(args) -> int:
+    from .gc import collect
+    from .stores import open_store
+    store = open_store(args.dir, _options(args.option))
+    found = collect(store, grace=args.grace, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for g in found:
+        print(f"{verb} {g.uri} ({_size(g.size)}, {g.reason})")
+    total = sum(g.size for g in found)
+    print(f"{verb} {len(found)} leftover file(s), {_size(total)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckptstore",
+        description="Inspect, verify and clean up ckptstore checkpoints on any storage "
+                    "(local paths, file://, memory://, s3://, gs://, any fsspec URL).",
+        epilog="Exit status: 0 all well, 1 a problem was found or the operation failed, 2 usage error.")
+    p.add_argument("--version", action="version", version=f"ckptstore {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        sp.add_argument("-o", "--option", action="append", metavar="KEY=VALUE",
+                        help="a storage option for the backend (repeatable), e.g. endpoint_url=http://...")
+        return sp
+
+    sp = add("ls", cmd_ls, "list the checkpoints in a directory")
+    sp.add_argument("dir", metavar="DIR")
+    sp = add("info", cmd_info, "describe one checkpoint")
+    sp.add_argument("uri", metavar="URI")
+    sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sp = add("verify", cmd_verify, "check a checkpoint's commit and sizes; --deep re-reads every byte")
+    sp.add_argument("uri", metavar="URI")
+    sp.add_argument("--deep", action="store_true", help="re-read every byte and check its CRC-32C")
+    sp = add("gc", cmd_gc, "remove what interrupted or superseded saves left behind")
+    sp.add_argument("dir", metavar="DIR")
+    sp.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                    help="leave uncommitted files younger than this alone; a save may still be "
+                         "writing them (default: 3600)")
+    sp.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "grace", 0) is None:
+        from .gc import DEFAULT_GRACE
+        args.grace = DEFAULT_GRACE
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except CheckpointError as e:
+        print(f"ckptstore: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Finding and removing what interrupted or superseded saves left behind.
+
+In a checkpoint directory everything that is ours (named by generation, see
+format/manifest.py) belongs either to the newest committed generation, which
+is kept, or is garbage: older generations a later save superseded, and newer
+ones from saves that died before their commit. Those newer ones are removed
+only once older than a grace period, because a save still running in another
+process looks exactly like a dead one until it commits. Files whose names are
+not ours are never touched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .format.manifest import FileName, generation_time
+from .reader import find_commit
+from .stores.base import Store
+
+DEFAULT_GRACE = 3600.0  # seconds; longer than any single save is expected to take
+
+
+@dataclass
+class Leftover:
+    store: Store
+    name: str
+    size: int
+    reason: str
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri.rstrip("/") + "/" + self.name
+
+
+def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> list[Leftover]:
+    """Garbage in one checkpoint directory (not recursive)."""
+    listing = store.list()
+    if not listing:
+        return []
+    now = time.time() if now is None else now
+    ours = {n: FileName.parse(n) for n in listing}
+    ours = {n: f for n, f in ours.items() if f is not None}
+    if not ours:
+        return []
+    found = find_commit(store, listing)
+    committed = found.manifest.generation if found.manifest else None
+    out = []
+    for name, f in sorted(ours.items()):
+        if f.gen == committed and f.role != "tmp":
+            continue
+        if committed is not None and f.gen < committed:
+            out.append(Leftover(store, name, listing[name].size, "superseded by a newer commit"))
+            continue
+        mtime = listing[name].mtime or generation_time(f.gen)
+        if now - mtime >= grace:
+            out.append(Leftover(store, name, listing[name].size,
+                                "left by a save that never committed"))
+    return out
+
+
+def walk(store: Store):
+    """The store's directory and every directory below it."""
+    stack = [store]
+    while stack:
+        s = stack.pop()
+        yield s
+        stack.extend(s.child(n) for n in reversed(s.subdirs()))
+
+
+def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:
+    """Remove (or with dry_run, only find) leftovers under ``store``, recursively."""
+    found: list[Leftover] = []
+    for s in walk(store):
+        garbage = leftovers_in(s, grace)
+        if not garbage:
+            continue
+        found.extend(garbage)
+        if not dry_run:
+            # Commit records go first, so a half-removed generation is never
+            # mistaken for a committed one.
+            names = [g.name for g in garbage]
+            s.remove(sorted(names, key=lambda n: FileName.parse(n).role != "commit"))
+    return found
