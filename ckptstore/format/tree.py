@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -417,7 +418,9 @@ def _decode_tensor(info: dict, blob_value) -> torch.Tensor:
             last = offset + sum((d - 1) * s for d, s in zip(shape, stride))
             if (last + 1) * itemsize > storage.nbytes():
                 raise _bad("tensor reaches past the end of its storage")
-        t = torch.empty(0, dtype=dtype, device=storage.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # complex32 warns that it is experimental
+            t = torch.empty(0, dtype=dtype, device=storage.device)
         t.set_(storage, offset, shape, stride)
     if info.get("parameter"):
         return torch.nn.Parameter(t, requires_grad=bool(info.get("requires_grad")))
