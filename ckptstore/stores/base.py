@@ -138,6 +138,11 @@ class Store(ABC):
     def file_reader(self) -> Reader:
         """A Reader over the location itself (for single-file checkpoints)."""
 
+    def map_file(self, name: str, size: int):
+        """A private, copy-on-write mapping of a data file as a torch UntypedStorage,
+        where the backend is a local disk; None means read it instead."""
+        return None
+
     def reported_crc32c(self, name: str) -> int | None:
         """The backend's own CRC-32C of a stored file, where it keeps one."""
         return None
@@ -148,7 +153,11 @@ class Store(ABC):
         """Turn backend exceptions into ckptstore errors naming the URI."""
         try:
             yield
-        except CheckpointError:
+        except CheckpointError as e:
+            if e.uri is None:
+                # Raised below the store (format checks): name the checkpoint.
+                e.uri = self.uri
+                e.args = (f"{self.uri}: {e}",) + e.args[1:]
             raise
         except BaseException as e:  # noqa: BLE001 - re-raised as a typed error below
             raise translate(e, self.location, action, name) from None
