@@ -165,15 +165,25 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
         else:
             options.setdefault(k, _coerce(v))
 
+    # ckptstore's own keys may come in storage_options too; explicit options win.
+    for k in OWN_KEYS:
+        if k in options:
+            own[k] = str(options.pop(k))
     commit = own.get("commit")
     if commit is not None and commit not in COMMIT_CHOICES:
         raise ValueError(f"commit= must be one of {', '.join(COMMIT_CHOICES)}, got {commit!r}")
 
     if path is None:
-        path = shown.split("://", 1)[1]
+        # Credentials in the authority are never part of the path (fsspec
+        # logs paths); backends that take them from the URL get them as options.
+        bare = _USERINFO.sub(lambda m: m.group("scheme"), shown)
+        path = bare.split("://", 1)[1]
         try:
             from fsspec.registry import get_filesystem_class
-            path = get_filesystem_class(protocol)._strip_protocol(shown)
+            cls = get_filesystem_class(protocol)
+            path = cls._strip_protocol(bare)
+            for k, v in cls._get_kwargs_from_urls(shown).items():
+                options.setdefault(k, v)
         except (ImportError, ValueError):
             pass  # reported, with an install hint, when the store opens
         if protocol == "memory" and not path.startswith("/"):
