@@ -1,0 +1,264 @@
+"""One benchmark measurement, run in a fresh process by ``benchmarks.bench``.
+
+Usage: ``python -m benchmarks.worker '<json spec>'``. The spec's ``op`` picks
+what to measure; the result is printed as one JSON line prefixed with
+``RESULT_PREFIX`` (anything else on stdout, e.g. a library's progress output,
+is ignored by the driver). A failure exits non-zero with the traceback on
+stderr.
+
+Why a fresh process per measurement: peak resident memory can only be read
+for a whole process, and a process that already saved or loaded once has
+allocator caches, page-cache mappings and imported modules that would make
+the next measurement look better than a user's first call. The baselines
+(``dd``, ``cat``) run through the same ops for the same reason: they then
+start from the same conditions as the code they are compared with.
+
+Memory accounting (all figures in bytes):
+- save: ``extra = peak during save - RSS just before it`` (the state is
+  already built, so anything above that is the saver's own overhead).
+- load: ``extra = peak during load - RSS just before it - state bytes``
+  (the loaded state itself is the result, not overhead).
+The peak is the kernel's high-water mark, reset right before the operation
+(see ``sysutil.reset_peak_rss``), so building the state never shows up in it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.state import gpt_state, iter_tensors, state_nbytes, unique_storages
+from benchmarks.sysutil import current_rss, drop_caches, peak_rss, reset_peak_rss
+
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+# --- what every loader's result goes through -------------------------------
+
+def _bytes_view(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over a storage, whatever dtype its tensors have."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def touch(obj: Any) -> int:
+    """Read every byte of every tensor storage in ``obj``.
+
+    A loader may hand back lazily mapped tensors (mmap); timing the call alone
+    would then measure nothing. Summing forces every page in, for every loader
+    alike. The sum runs over int64 words because torch's uint8 sum is ~500x
+    slower than a word sum; the few tail bytes are summed as bytes. Costs
+    ~0.05 s per GiB on data already in memory.
+    """
+    total = 0
+    for storage in unique_storages(obj):
+        raw = _bytes_view(storage)
+        words = raw.numel() // 8 * 8
+        if words:
+            total += int(raw[:words].view(torch.int64).sum())
+        if words < raw.numel():
+            total += int(raw[words:].sum())
+    return total
+
+
+def crc_seconds(state: Any) -> float:
+    """Time to crc32c every distinct tensor byte of an in-memory state."""
+    import crc32c
+
+    start = time.perf_counter()
+    value = 0
+    for storage in unique_storages(state):
+        value = crc32c.crc32c(_bytes_view(storage).numpy(), value)
+    return time.perf_counter() - start
+
+
+def clone_seconds(state: Any) -> float:
+    """Time to copy the state's tensors in memory (each shared storage once).
+
+    This is the floor for anything that produces a second copy of the state,
+    which is what a save into, or a load out of, an in-memory store does.
+    """
+    seen: set[int] = set()
+    copies = []
+    start = time.perf_counter()
+    for t in iter_tensors(state):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            copies.append(t.clone())
+    seconds = time.perf_counter() - start
+    del copies
+    gc.collect()
+    return seconds
+
+
+# --- savers and loaders ----------------------------------------------------
+# Each maker runs before the clock starts, so importing a library is not
+# counted as part of its first save or load.
+
+def _ckptstore_saver(spec: dict) -> Callable[[Any], dict]:
+    import ckptstore
+
+    save = ckptstore.save  # fails here, clearly, while the library is unfinished
+
+    def run(state: Any) -> dict:
+        info = save(state, spec["uri"], storage_options=spec.get("storage_options"))
+        return {k: getattr(info, k, None) for k in ("nbytes", "strategy", "seconds")}
+
+    return run
+
+
+def _torch_saver(spec: dict) -> Callable[[Any], dict]:
+    def run(state: Any) -> dict:
+        # What a careful torch user does for a durable checkpoint.
+        with open(spec["uri"], "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"nbytes": os.path.getsize(spec["uri"])}
+
+    return run
+
+
+def _ckptstore_loader(spec: dict) -> Callable[[], Any]:
+    import ckptstore
+
+    load = ckptstore.load
+    return lambda: load(spec["uri"], storage_options=spec.get("storage_options"))
+
+
+def _torch_loader(spec: dict) -> Callable[[], Any]:
+    return lambda: torch.load(spec["uri"], weights_only=True)
+
+
+# Baselines run as "savers" and "loaders" too, in a worker of their own, so
+# they meet the same conditions as the library: a fresh process that has just
+# built the state (or just dropped the page cache). On a VM whose freed memory
+# goes back to the host after a moment, how recently memory was freed changes
+# write speed by 2-5x; measuring dd from the idle driver instead would give the
+# baseline systematically better conditions than the saves.
+
+def _dd_saver(spec: dict) -> Callable[[Any], dict]:
+    # iflag=count_bytes makes count a byte count, so dd writes exactly the
+    # state's bytes in 16 MiB blocks; conv=fsync makes it durable like a save.
+    cmd = ["dd", "if=/dev/zero", f"of={spec['uri']}", "bs=16M", f"count={spec['nbytes']}",
+           "iflag=count_bytes", "conv=fsync", "status=none"]
+
+    def run(state: Any) -> dict:
+        subprocess.run(cmd, check=True)
+        return {"nbytes": spec["nbytes"]}
+
+    return run
+
+
+def _cat_loader(spec: dict) -> Callable[[], Any]:
+    root = Path(spec["uri"])
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    cmd = ["cat", *map(str, files)]
+
+    def run() -> None:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+    return run
+
+
+SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver}
+LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader}
+# Their memory is another process's, and what they "load" is no state.
+BASELINES = {"dd", "cat"}
+
+
+def _measure_save(save: Callable[[Any], dict], state: Any) -> dict:
+    gc.collect()
+    reset_peak_rss()
+    rss_before = current_rss()
+    start = time.perf_counter()
+    info = save(state)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "extra_rss": peak_rss() - rss_before, "info": info}
+
+
+def _measure_load(load: Callable[[], Any], state_bytes: int) -> tuple[dict, Any]:
+    gc.collect()
+    reset_peak_rss()
+    rss_before = current_rss()
+    start = time.perf_counter()
+    obj = load()
+    touch(obj)
+    seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "extra_rss": peak_rss() - rss_before - state_bytes,
+        # A loader that loses tied-weight sharing returns more bytes than saved.
+        "loaded_nbytes": state_nbytes(obj),
+    }
+    return result, obj
+
+
+# --- operations --------------------------------------------------------------
+
+def op_save(spec: dict) -> dict:
+    """Build the state, then save it once with ``spec["impl"]`` to ``spec["uri"]``."""
+    save = SAVERS[spec["impl"]](spec)
+    state = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+    nbytes = state_nbytes(state)
+    result = _measure_save(save, state)
+    result["state_bytes"] = nbytes
+    if spec["impl"] in BASELINES:
+        del result["extra_rss"]
+    if spec.get("crc"):
+        # Piggybacks on a process that already holds the state; runs after
+        # the save's figures are taken, so it cannot disturb them.
+        result["crc_seconds"] = crc_seconds(state)
+    return result
+
+
+def op_load(spec: dict) -> dict:
+    """Load ``spec["uri"]`` once with ``spec["impl"]`` and read every byte."""
+    load = LOADERS[spec["impl"]](spec)
+    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    result, _ = _measure_load(load, spec["state_bytes"])
+    result.update(cold=cold, cold_note=why)
+    if spec["impl"] in BASELINES:
+        del result["extra_rss"], result["loaded_nbytes"]
+    return result
+
+
+def op_roundtrip(spec: dict) -> dict:
+    """Clone baseline, save and load in one process.
+
+    For backends whose data lives in the process (``memory://``), where a
+    fresh process could not see what another one saved.
+    """
+    save = SAVERS["ckptstore"](spec)
+    load = LOADERS["ckptstore"](spec)
+    state = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+    nbytes = state_nbytes(state)
+    result = {"state_bytes": nbytes, "clone_seconds": clone_seconds(state)}
+    result["save"] = _measure_save(save, state)
+    # Drop the source state so the load is measured as a resumed run sees it.
+    del state
+    gc.collect()
+    result["load"], _ = _measure_load(load, nbytes)
+    return result
+
+
+OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[1])
+    result = OPS[spec["op"]](spec)
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
