@@ -160,7 +160,7 @@ def _read_files(store, m, verify, values, by_file, gap, pool) -> None:
         order = sorted(by_file.get(k, []), key=lambda i: int(m.blobs[i]["offset"]))
         mapped = store.map_file(f["name"], int(f["nbytes"]))
         if mapped is not None:
-            _take_mapped(mapped, m, order, verify, values, where, store.uri)
+            _take_mapped(mapped, m, order, verify, values, where, store.uri, pool)
             continue
         with store.open_reader(f["name"]) as r:
             pos = 0
@@ -188,7 +188,7 @@ def _read_files(store, m, verify, values, by_file, gap, pool) -> None:
 
 
 def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verify: bool,
-                 values: list, where: str, uri: str) -> None:
+                 values: list, where: str, uri: str, pool) -> None:
     """Blobs as slices of a private (copy-on-write) mapping of a local data file.
 
     No allocation, no copy: the kernel reads the file into the page cache and
@@ -196,6 +196,14 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verif
     is what reads the file; without verify, pages load when first touched.
     """
     flat = torch.empty(0, dtype=torch.uint8).set_(big).numpy()
+    crcs = {}
+    if verify:
+        # Blobs are checked independently, so page faults and CRCs of
+        # different blobs proceed on every core at once.
+        def crc_of(i: int) -> int:
+            off, n = int(m.blobs[i]["offset"]), int(m.blobs[i]["nbytes"])
+            return crc32c.crc32c(memoryview(flat[off:off + n])) if 0 <= off <= off + n <= len(flat) else -1
+        crcs = dict(zip(order, pool.map(crc_of, order)))
     pos = 0
     for i in order:
         b = m.blobs[i]
@@ -204,7 +212,9 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verif
             raise CorruptCheckpointError(f"{where}: blobs overlap", uri)
         if flat[pos:off].any():
             raise CorruptCheckpointError(f"{where}: padding at byte {pos} is not zero", uri)
-        if verify and crc_hex(crc32c.crc32c(memoryview(flat[off:off + n]))) != b["crc32c"]:
+        if off + n > len(flat):
+            raise CorruptCheckpointError(f"{where}: blob {i} lies past the end of the file", uri)
+        if verify and crc_hex(crcs[i]) != b["crc32c"]:
             raise CorruptCheckpointError(
                 f"{where}: CRC-32C mismatch in bytes {off}..{off + n} (blob {i}); "
                 "the checkpoint is corrupt", uri)
