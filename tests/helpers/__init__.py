@@ -1,0 +1,1 @@
+"""Shared test helpers (comparison, crash-test writer). Not part of ckptstore."""

@@ -1,0 +1,59 @@
+"""Saving and loading do not hold a second full copy of the state.
+
+Specification: API.md guarantee 4 ("Bounded memory. Saving or loading does not
+hold a second full copy of the state in memory"). Each measurement runs in a
+fresh process and reads the kernel's peak resident set size (ru_maxrss), so
+every transient buffer counts.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+STATE_MB = 256
+TENSORS = 8  # the state is several tensors, as a model's is
+
+PRELUDE = f"""
+import json, resource, sys
+import torch, ckptstore
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def make_state():
+    per = {STATE_MB} * 2**20 // {TENSORS}
+    return {{"layers": [torch.full((per // 4,), float(i)) for i in range({TENSORS})], "step": 1}}
+"""
+
+
+def measure(code: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_save_does_not_hold_a_second_copy_of_the_state(tmp_path):
+    uri = str(tmp_path / "big")
+    result = measure(f"""
+state = make_state()
+before = peak()
+ckptstore.save(state, {uri!r})
+print(json.dumps({{"extra": peak() - before}}))
+""")
+    state_bytes = STATE_MB * 2**20
+    assert result["extra"] < state_bytes / 2, f"save peaked at {result['extra'] / 2**20:.0f} MiB above the state's {STATE_MB} MiB"
+
+
+def test_load_does_not_hold_a_second_copy_of_the_state(tmp_path):
+    uri = str(tmp_path / "big")
+    measure(f"ckptstore.save(make_state(), {uri!r}); print('{{}}')")
+    result = measure(f"""
+before = peak()
+state = ckptstore.load({uri!r})
+assert all(bool((t == i).all()) for i, t in enumerate(state["layers"]))
+print(json.dumps({{"extra": peak() - before}}))
+""")
+    state_bytes = STATE_MB * 2**20
+    assert result["extra"] < 1.5 * state_bytes, (
+        f"load peaked at {result['extra'] / 2**20:.0f} MiB for a {STATE_MB} MiB state (the state itself plus a second copy)")

@@ -1,0 +1,142 @@
+"""The command line: ls, info, verify, gc, and usage errors.
+
+Specification: API.md "Command line" (exit 0 when all is well, 1 when a verify
+finds a problem, 2 for usage errors). Every test runs the real entry point
+in a subprocess: `python -m ckptstore ...`.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptstore
+from helpers.crash import WriterServer, bytes_under, interrupt_a_save
+from helpers.save_loop import check_state, make_state
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptstore", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    ckptstore.save({"w": torch.arange(1000.0), "step": 10}, str(d / "step-10"))
+    ckptstore.save({"w": torch.arange(2000.0), "step": 20}, str(d / "step-20"))
+    return d
+
+
+def corrupt_one_data_byte(checkpoint: Path) -> None:
+    data_file = max((p for p in checkpoint.rglob("*.bin")), key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    data_file.write_bytes(bytes(data))
+
+
+def test_ls_lists_the_checkpoints_in_a_directory(run_dir):
+    done = cli("ls", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert "step-10" in done.stdout and "step-20" in done.stdout
+
+
+def test_ls_does_not_list_a_directory_that_is_not_a_checkpoint(run_dir):
+    (run_dir / "notes").mkdir()
+    (run_dir / "notes" / "readme.txt").write_text("hello")
+    done = cli("ls", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert "notes" not in done.stdout
+
+
+def test_info_describes_a_checkpoint(run_dir):
+    done = cli("info", str(run_dir / "step-20"))
+    assert done.returncode == 0, done.stderr
+    assert "step-20" in done.stdout
+
+
+def test_info_of_a_missing_checkpoint_fails_with_a_message_not_a_traceback(run_dir):
+    done = cli("info", str(run_dir / "nope"))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "nope" in done.stdout + done.stderr
+
+
+def test_verify_of_an_intact_checkpoint_exits_0(run_dir):
+    done = cli("verify", str(run_dir / "step-10"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_deep_verify_of_an_intact_checkpoint_exits_0(run_dir):
+    done = cli("verify", str(run_dir / "step-10"), "--deep")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_deep_verify_of_a_corrupt_checkpoint_exits_1(run_dir):
+    corrupt_one_data_byte(run_dir / "step-10")
+    done = cli("verify", str(run_dir / "step-10"), "--deep")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_verify_of_a_truncated_checkpoint_exits_1(run_dir):
+    data_file = max((run_dir / "step-20").rglob("*.bin"), key=lambda p: p.stat().st_size)
+    data_file.write_bytes(data_file.read_bytes()[:-1])
+    done = cli("verify", str(run_dir / "step-20"))
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
+def test_verify_of_a_missing_checkpoint_fails_with_a_message_not_a_traceback(run_dir):
+    done = cli("verify", str(run_dir / "nope"))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["frobnicate"], ["verify"], ["gc"], ["verify", "--no-such-flag", "x"], ["gc", "d", "--grace", "soon"]],
+    ids=["no-command", "unknown-command", "verify-no-uri", "gc-no-dir", "unknown-flag", "bad-grace"],
+)
+def test_usage_errors_exit_2(args):
+    done = cli(*args)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture
+def writers():
+    server = WriterServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_gc_removes_leftovers_of_an_interrupted_save_and_keeps_the_checkpoint(writers, tmp_path):
+    run = tmp_path / "gc-run"
+    run.mkdir()
+    uri = str(run / "ckpt")
+    ckptstore.save(make_state(1, 16), uri)
+    committed_bytes = bytes_under(run)
+    assert interrupt_a_save(writers, uri, run, 2, 16, kill_above_bytes=committed_bytes + 2**20) == []
+    assert bytes_under(run) > committed_bytes
+
+    kept = cli("gc", str(run), "--grace", "3600")
+    assert kept.returncode == 0, kept.stderr
+    assert bytes_under(run) > committed_bytes, "gc removed leftovers younger than its grace period"
+
+    done = cli("gc", str(run), "--grace", "0")
+    assert done.returncode == 0, done.stderr
+    assert bytes_under(run) == committed_bytes
+    assert check_state(ckptstore.load(uri)) == 1
+
+
+def test_gc_of_a_directory_without_leftovers_changes_nothing(run_dir):
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    done = cli("gc", str(run_dir), "--grace", "0")
+    assert done.returncode == 0, done.stderr
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
+    assert ckptstore.load(str(run_dir / "step-20"))["step"] == 20
