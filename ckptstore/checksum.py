@@ -11,7 +11,10 @@ from __future__ import annotations
 import crc32c
 
 from .errors import CorruptCheckpointError
-from .stores.base import CHUNK, Store
+from .stores.base import Store
+
+# Small: reading back is sequential and the page cache does the buffering.
+READ_BACK = 8 << 20
 
 
 def stored_crc32c(store: Store, name: str, size: int) -> int:
@@ -20,7 +23,7 @@ def stored_crc32c(store: Store, name: str, size: int) -> int:
     if reported is not None:
         return reported
     crc, offset = 0, 0
-    buf = bytearray(min(CHUNK, max(size, 1)))
+    buf = bytearray(min(READ_BACK, max(size, 1)))
     view = memoryview(buf)
     with store.open_reader(name) as r:
         while offset < size:
