@@ -20,8 +20,6 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # make `helpers` importable from every test module
     sys.path.insert(0, str(TESTS_DIR))
 
-from helpers.compare import assert_state_equal  # noqa: E402,F401  (re-exported for tests)
-
 
 @dataclass
 class Store:

@@ -16,7 +16,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
-from collections import OrderedDict, defaultdict, namedtuple
+from collections import defaultdict, namedtuple
 from pathlib import Path
 
 import numpy as np
