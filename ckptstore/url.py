@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 # Query keys ckptstore consumes; everything else goes to the filesystem.
 OWN_KEYS = frozenset({"commit"})
@@ -32,19 +32,6 @@ def is_secret_key(key: str) -> bool:
     if k in _NOT_SECRET:
         return False
     return any(w in k for w in _SECRET_WORDS)
-
-
-def redact_options(options: Mapping[str, Any] | None) -> dict:
-    """A copy of ``options`` safe to print: secret-looking values replaced."""
-    out: dict = {}
-    for k, v in (options or {}).items():
-        if is_secret_key(str(k)):
-            out[k] = REDACTED
-        elif isinstance(v, Mapping):
-            out[k] = redact_options(v)
-        else:
-            out[k] = v
-    return out
 
 
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@]*)@")
@@ -190,10 +177,3 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
             path = "/" + path
     path = path.rstrip("/") or "/"
     return Location(protocol, path, shown, options, commit, secrets)
-
-
-def join(base: str, name: str) -> str:
-    """Join a URI (or local path) with a child name, keeping any query string."""
-    head, sep, query = base.partition("?")
-    head = head.rstrip("/") + "/" + quote(name, safe="")
-    return head + (sep + query if sep else "")

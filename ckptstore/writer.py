@@ -20,7 +20,9 @@ import torch
 from . import __version__
 from .errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, InsufficientSpaceError
 from .format import tree
-from .format.manifest import ALIGN, FileName, Manifest, commit_name, crc_hex, data_name, new_generation
+from .format.manifest import (
+    ALIGN, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_name, crc_hex, data_name, new_generation,
+)
 from .checksum import stored_crc32c
 from .stores.base import CHUNK, Store
 
@@ -165,7 +167,7 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
             "free space or choose another location", store.uri)
     store.makedirs()
 
-    gen = new_generation([FileName.parse(n).gen for n in (listing or {}) if FileName.parse(n)])
+    gen = new_generation([f.gen for f in map(FileName.parse, listing or {}) if f is not None])
     names = [data_name(gen, k) for k in range(len(files))]
     written: list[str] = []
     bar = None
@@ -222,6 +224,6 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
 
 def _discard(store: Store, names: list[str]) -> None:
     try:
-        store.remove(list(reversed(names)) + [n + ".tmp" for n in names if n.endswith(".commit")])
+        store.remove(list(reversed(names)) + [n + TMP_SUFFIX for n in names if n.endswith(COMMIT_SUFFIX)])
     except BaseException:  # noqa: BLE001 - the original error matters more
         pass
