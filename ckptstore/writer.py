@@ -122,10 +122,12 @@ def _write_file(store: Store, name: str, planned: list[_Planned], size: int,
     return file_crc
 
 
-def retire_older(store: Store, gen: str, listing: dict | None = None) -> None:
-    """Remove every generation older than ``gen``: commit records first, then data."""
-    if listing is None:
-        listing = store.list() or {}
+def retire_older(store: Store, gen: str, listing: dict) -> None:
+    """Remove every generation older than ``gen`` in ``listing``: commit records first, then data.
+
+    The listing taken before the save names every older generation; one a
+    concurrent writer added meanwhile is left for ``gc``.
+    """
     records, rest = [], []
     for name in listing:
         f = FileName.parse(name)
@@ -216,7 +218,7 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
             bar.close()
     # Committed. What is older is now garbage; failing to remove it is harmless.
     try:
-        retire_older(store, gen)
+        retire_older(store, gen, listing or {})
     except CheckpointError:
         pass
     return Written(manifest, strategy.name, time.perf_counter() - t0)

@@ -103,6 +103,18 @@ def memory_store():
         _clear_memory(s)
 
 
+@pytest.fixture(scope="module")
+def writers():
+    """A warm fork server of crash-test writer processes (helpers/save_loop.py)."""
+    from helpers.crash import WriterServer
+
+    server = WriterServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def mount_tmpfs(tmp_path):
     """mount_tmpfs(name, *options) -> Path of a fresh tmpfs; unmounted afterwards.

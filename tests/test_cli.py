@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptstore
-from helpers.crash import WriterServer, bytes_under, interrupt_a_save
+from helpers.crash import bytes_under, interrupt_a_save
 from helpers.save_loop import check_state, make_state
 
 
@@ -104,15 +104,6 @@ def test_usage_errors_exit_2(args):
     done = cli(*args)
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
-
-
-@pytest.fixture
-def writers():
-    server = WriterServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def test_gc_removes_leftovers_of_an_interrupted_save_and_keeps_the_checkpoint(writers, tmp_path):

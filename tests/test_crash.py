@@ -18,21 +18,12 @@ from pathlib import Path
 import pytest
 
 import ckptstore
-from helpers.crash import WriterServer, bytes_under, interrupt_a_save
+from helpers.crash import bytes_under, interrupt_a_save
 from helpers.save_loop import check_state, make_state
 
 MEGABYTES = 24  # per version; large enough that a save takes a while, small enough to stay fast
 ROUNDS = 36  # SIGKILLs per commit strategy
 COMMITS = ["rename", "marker"]
-
-
-@pytest.fixture(scope="module")
-def writers():
-    server = WriterServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def checkpoint_uri(run_dir: Path, commit: str) -> str:

@@ -182,7 +182,7 @@ def translate(e: BaseException, location: Location, action: str, name: str | Non
         return StorageError(
             f"{action} {where}: permission denied ({detail}); check that the location is writable "
             "and the credentials allow it", uri, errno=code or errno.EACCES)
-    if isinstance(e, (OSError, IOError)):
+    if isinstance(e, OSError):
         return StorageError(f"{action} {where}: {detail}", uri, errno=code)
     if isinstance(e, (ValueError, TypeError)) and "protocol" in str(e).lower():
         return StorageError(f"{action} {where}: bad URL: {detail}", uri)
