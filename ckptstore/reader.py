@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .format import tree
 from .format.manifest import FileName, Manifest, commit_generations, commit_name, crc_hex
-from .stores.base import CHUNK, Store
+from .stores.base import Store
 from .checksum import stored_crc32c
 
 log = logging.getLogger("ckptstore")
@@ -76,7 +77,7 @@ def open_commit(store: Store) -> tuple[Manifest, dict]:
     """The committed manifest, or CheckpointNotFoundError / CorruptCheckpointError."""
     listing = store.list()
     if not listing:
-        raise CheckpointNotFoundError(f"no checkpoint at {store.uri}", store.uri)
+        raise CheckpointNotFoundError(f"no checkpoint at {store.uri}{store.not_found_hint()}", store.uri)
     found = find_commit(store, listing)
     if found.manifest is None:
         if found.records:
@@ -107,84 +108,189 @@ def _alloc(kind: str, nbytes: int):
     return buf, memoryview(buf)
 
 
-# Reads are issued a few at a time ahead of the checksum, so the disk (or the
-# network) always has requests queued while the CPU checks what has arrived
-# and the kernel faults in fresh tensor pages.
+# Reads are issued several at a time ahead of the checksum, so the disk (or
+# the network) always has requests queued while the CPU checks what has
+# arrived and the kernel faults in fresh tensor pages.
 READ_PART = 8 << 20
-READ_AHEAD = 4
 
 
-def _fill(reader, offset: int, view: memoryview, verify: bool, where: str, uri: str, pool) -> int:
-    """Read len(view) bytes at offset into view; returns their CRC-32C (0 when not verifying)."""
-    parts = [(o, view[o:o + READ_PART]) for o in range(0, len(view), READ_PART)]
+@dataclass
+class _Window:
+    """One read: ``nbytes`` at ``offset`` of data file ``file``.
+
+    ``blob >= 0``: the bytes go straight into that blob's buffer at
+    ``blob_offset``. Otherwise they are read into a scratch buffer and
+    ``pieces`` ((blob or -1 for padding, offset in blob, length)) say where
+    each part goes.
+    """
+    file: int
+    offset: int
+    nbytes: int
+    blob: int = -1
+    blob_offset: int = 0
+    pieces: list = field(default_factory=list)
+
+
+def _windows(m: Manifest, part: int) -> list[_Window]:
+    """Cover the data stream with reads of at most ``part`` bytes, in order.
+
+    Large blobs are read straight into their own memory; runs of small blobs
+    and the padding between them are gathered into one read each, so a state
+    of many small tensors costs few requests. No read crosses a file boundary.
+    """
+    starts = m.file_starts()
+    offsets = [starts[int(b["file"])] + int(b["offset"]) for b in m.blobs]
+    regions = []   # (stream start, stream end, blob or -1)
+    pos = 0
+    for i in sorted(range(len(m.blobs)), key=lambda i: (offsets[i], i)):
+        s, n = offsets[i], int(m.blobs[i]["nbytes"])
+        if s < pos:
+            raise CorruptCheckpointError("malformed checkpoint: blobs overlap")
+        if s > pos:
+            regions.append((pos, s, -1))
+        if n:
+            regions.append((s, s + n, i))
+        pos = s + n
+    if pos < starts[-1]:
+        regions.append((pos, starts[-1], -1))
+
+    out: list[_Window] = []
+    cur: _Window | None = None
+    k = 0
+    for a, b, i in regions:
+        region_start = a
+        while a < b:
+            while starts[k + 1] <= a:
+                k += 1
+                cur = None
+            end = min(b, starts[k + 1])
+            if i >= 0 and end - a >= part // 2:
+                cur = None
+                for o in range(a, end, part):
+                    out.append(_Window(k, o - starts[k], min(part, end - o), i, o - region_start))
+                a = end
+                continue
+            while a < end:
+                if cur is None or cur.nbytes >= part:
+                    cur = _Window(k, a - starts[k], 0)
+                    out.append(cur)
+                n = min(end - a, part - cur.nbytes)
+                cur.pieces.append((i, a - region_start, n))
+                cur.nbytes += n
+                a += n
+    return out
+
+
+class _Readers:
+    """One Reader per data file, opened on first use, shared by the read threads."""
+
+    def __init__(self, store: Store, m: Manifest):
+        self.store, self.m = store, m
+        self.open: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def get(self, k: int):
+        with self.lock:
+            r = self.open.get(k)
+            if r is None:
+                r = self.open[k] = self.store.open_reader(self.m.files[k]["name"])
+            return r
+
+    def close(self) -> None:
+        for r in self.open.values():
+            r.close()
+
+
+def _read_stream(store: Store, m: Manifest, verify: bool, values: list, pool, readers: _Readers) -> None:
+    """Read every blob of a checkpoint, ``store.concurrency`` reads in flight."""
+    views: list = [None] * len(m.blobs)
+    for i, b in enumerate(m.blobs):
+        values[i], views[i] = _alloc(b.get("kind", tree.STORAGE), int(b["nbytes"]))
+    crcs = [0] * len(m.blobs)
+    done = [0] * len(m.blobs)
+
+    def where(w: _Window) -> str:
+        return f"{store.uri}/{m.files[w.file]['name']}"
+
+    def took(i: int, data: memoryview, w: _Window) -> None:
+        if verify:
+            crcs[i] = crc32c.crc32c(data, crcs[i])
+        done[i] += len(data)
+        if verify and done[i] == int(m.blobs[i]["nbytes"]) and crc_hex(crcs[i]) != m.blobs[i]["crc32c"]:
+            raise CorruptCheckpointError(
+                f"{where(w)}: CRC-32C mismatch in blob {i} ({m.blobs[i]['nbytes']} bytes); "
+                "the checkpoint is corrupt", store.uri)
+
+    def read(w: _Window):
+        if w.blob >= 0:
+            buf = views[w.blob][w.blob_offset:w.blob_offset + w.nbytes]
+        else:
+            buf = memoryview(bytearray(w.nbytes))
+        return buf, readers.get(w.file).readinto(w.offset, buf)
+
+    windows = _windows(m, READ_PART)
     pending: collections.deque = collections.deque()
-    crc, nxt = 0, 0
+    nxt = 0
     try:
-        while nxt < len(parts) or pending:
-            while nxt < len(parts) and len(pending) < READ_AHEAD:
-                o, part = parts[nxt]
-                pending.append((part, pool.submit(reader.readinto, offset + o, part)))
+        while nxt < len(windows) or pending:
+            while nxt < len(windows) and len(pending) < max(1, store.concurrency):
+                pending.append((windows[nxt], pool.submit(read, windows[nxt])))
                 nxt += 1
-            part, fut = pending.popleft()
-            if fut.result() < len(part):
-                raise CorruptCheckpointError(f"{where}: file ends early (truncated)", uri)
-            if verify:
-                crc = crc32c.crc32c(part, crc)
+            w, fut = pending.popleft()
+            buf, n = fut.result()
+            if n < w.nbytes:
+                raise CorruptCheckpointError(f"{where(w)}: file ends early (truncated)", store.uri)
+            if w.blob >= 0:
+                took(w.blob, buf, w)
+                continue
+            pos = 0
+            for i, off, n in w.pieces:
+                piece = buf[pos:pos + n]
+                if i < 0:
+                    if any(piece):
+                        raise CorruptCheckpointError(
+                            f"{where(w)}: padding at byte {w.offset + pos} is not zero", store.uri)
+                else:
+                    views[i][off:off + n] = piece
+                    took(i, piece, w)
+                pos += n
     finally:
         for _, fut in pending:
             fut.cancel()
         for _, fut in pending:
             if not fut.cancelled():
                 fut.exception()  # wait, so no read lands in memory we no longer own
-    return crc
+    if verify:
+        for i, b in enumerate(m.blobs):
+            if int(b["nbytes"]) == 0 and b["crc32c"] != crc_hex(0):
+                raise CorruptCheckpointError(f"{store.uri}: CRC-32C mismatch in blob {i} (empty)", store.uri)
+    if not store.immutable_files:
+        # Nothing may follow the last byte the commit record vouches for.
+        for k, f in enumerate(m.files):
+            if readers.get(k).readinto(int(f["nbytes"]), memoryview(bytearray(1))) != 0:
+                raise CorruptCheckpointError(
+                    f"{store.uri}/{f['name']}: longer than the commit record says", store.uri)
 
 
 def read_blobs(store: Store, m: Manifest, verify: bool = True) -> list[Any]:
     """Every blob of the manifest, read and checked, as allocated buffers (index-aligned)."""
     values: list[Any] = [None] * len(m.blobs)
-    by_file: dict[int, list[int]] = {}
-    for i, b in enumerate(m.blobs):
-        by_file.setdefault(int(b["file"]), []).append(i)
-    gap = bytearray(0)
-    pool = cf.ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptstore-read")
+    pool = cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-read")
+    readers = _Readers(store, m)
     try:
-        _read_files(store, m, verify, values, by_file, gap, pool)
+        mapped = None
+        if len(m.files) == 1:
+            mapped = store.map_file(m.files[0]["name"], int(m.files[0]["nbytes"]))
+        if mapped is not None:
+            order = sorted(range(len(m.blobs)), key=lambda i: int(m.blobs[i]["offset"]))
+            _take_mapped(mapped, m, order, verify, values, f"{store.uri}/{m.files[0]['name']}",
+                         store.uri, pool)
+        else:
+            _read_stream(store, m, verify, values, pool, readers)
     finally:
+        readers.close()
         pool.shutdown(wait=True)
     return values
-
-
-def _read_files(store, m, verify, values, by_file, gap, pool) -> None:
-    for k, f in enumerate(m.files):
-        where = f"{store.uri}/{f['name']}"
-        order = sorted(by_file.get(k, []), key=lambda i: int(m.blobs[i]["offset"]))
-        mapped = store.map_file(f["name"], int(f["nbytes"]))
-        if mapped is not None:
-            _take_mapped(mapped, m, order, verify, values, where, store.uri, pool)
-            continue
-        with store.open_reader(f["name"]) as r:
-            pos = 0
-            for i in order:
-                b = m.blobs[i]
-                off, n = int(b["offset"]), int(b["nbytes"])
-                if off < pos:
-                    raise CorruptCheckpointError(f"{where}: blobs overlap", store.uri)
-                if off > pos:
-                    pos = _check_gap(r, pos, off, gap, where, store.uri)
-                value, view = _alloc(b.get("kind", tree.STORAGE), n)
-                crc = _fill(r, off, view, verify, where, store.uri, pool)
-                if verify and crc_hex(crc) != b["crc32c"]:
-                    raise CorruptCheckpointError(
-                        f"{where}: CRC-32C mismatch in bytes {off}..{off + n} (blob {i}); "
-                        "the checkpoint is corrupt", store.uri)
-                values[i] = value
-                pos = off + n
-            end = int(f["nbytes"])
-            if pos < end:
-                _check_gap(r, pos, end, gap, where, store.uri)
-            # Nothing may follow the last byte the commit record vouches for.
-            if r.readinto(end, memoryview(bytearray(1))) != 0:
-                raise CorruptCheckpointError(f"{where}: longer than the commit record says", store.uri)
 
 
 def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verify: bool,
@@ -228,21 +334,6 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verif
         pos = off + n
     if flat[pos:].any():
         raise CorruptCheckpointError(f"{where}: padding at byte {pos} is not zero", uri)
-
-
-def _check_gap(r, start: int, end: int, gap: bytearray, where: str, uri: str) -> int:
-    """Alignment padding is defined as zeros; anything else is corruption."""
-    while start < end:
-        n = min(end - start, CHUNK)
-        if len(gap) < n:
-            gap.extend(bytes(n - len(gap)))
-        view = memoryview(gap)[:n]
-        if r.readinto(start, view) < n:
-            raise CorruptCheckpointError(f"{where}: file ends early (truncated)", uri)
-        if any(view):
-            raise CorruptCheckpointError(f"{where}: padding at byte {start} is not zero", uri)
-        start += n
-    return end
 
 
 def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False) -> Any:

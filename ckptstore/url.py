@@ -15,8 +15,27 @@ from typing import Any, Mapping
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 # Query keys ckptstore consumes; everything else goes to the filesystem.
-OWN_KEYS = frozenset({"commit"})
+#   commit=rename|marker   force the commit strategy
+#   part_size=16MiB        size of one data file of a parallel upload
+#   concurrency=8          transfers in flight at once
+OWN_KEYS = frozenset({"commit", "part_size", "concurrency"})
 COMMIT_CHOICES = ("rename", "marker")
+MIN_PART = 1 << 20
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000 ** 2, "mb": 1000 ** 2,
+          "mib": 1 << 20, "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """``16MiB``, ``64MB``, ``1048576`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {value!r} (write e.g. 16MiB or 16777216)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 _SECRET_WORDS = (
     "secret", "token", "password", "passwd", "pwd", "key", "credential",
@@ -94,6 +113,8 @@ class Location:
     options: dict = field(default_factory=dict)   # storage options for fsspec
     commit: str | None = None     # forced commit strategy, if any
     secrets: list = field(default_factory=list)
+    part_size: int | None = None  # part_size=, if given
+    concurrency: int | None = None  # concurrency=, if given
 
     @property
     def display(self) -> str:
@@ -104,7 +125,7 @@ class Location:
         sep = "" if self.path.endswith("/") else "/"
         uri_sep = "" if self.uri.endswith("/") else "/"
         return Location(self.protocol, self.path + sep + name, self.uri + uri_sep + name,
-                        self.options, self.commit, self.secrets)
+                        self.options, self.commit, self.secrets, self.part_size, self.concurrency)
 
 
 def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Location:
@@ -159,6 +180,18 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
     commit = own.get("commit")
     if commit is not None and commit not in COMMIT_CHOICES:
         raise ValueError(f"commit= must be one of {', '.join(COMMIT_CHOICES)}, got {commit!r}")
+    part_size = concurrency = None
+    if "part_size" in own:
+        part_size = parse_size(own["part_size"])
+        if part_size < MIN_PART:
+            raise ValueError(f"part_size= must be at least 1MiB, got {own['part_size']!r}")
+    if "concurrency" in own:
+        try:
+            concurrency = int(own["concurrency"])
+        except ValueError:
+            raise ValueError(f"concurrency= must be a whole number, got {own['concurrency']!r}") from None
+        if not 1 <= concurrency <= 256:
+            raise ValueError(f"concurrency= must be between 1 and 256, got {concurrency}")
 
     if path is None:
         # Credentials in the authority are never part of the path (fsspec
@@ -176,4 +209,4 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
         if protocol == "memory" and not path.startswith("/"):
             path = "/" + path
     path = path.rstrip("/") or "/"
-    return Location(protocol, path, shown, options, commit, secrets)
+    return Location(protocol, path, shown, options, commit, secrets, part_size, concurrency)

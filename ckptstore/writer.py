@@ -9,6 +9,8 @@ on the way, in a helper thread that overlaps with the write of the same chunk.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -21,7 +23,7 @@ from . import __version__
 from .errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, InsufficientSpaceError
 from .format import tree
 from .format.manifest import (
-    ALIGN, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_name, crc_hex, data_name, new_generation,
+    ALIGN, CLAIM_NAME, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_name, crc_hex, data_name, new_generation,
 )
 from .checksum import stored_crc32c
 from .stores.base import CHUNK, Store
@@ -33,24 +35,50 @@ _ZEROS = bytes(ALIGN)
 class _Planned:
     index: int
     blob: tree.Blob
-    file: int
-    offset: int
+    start: int   # offset in the data stream
 
 
-def _plan(blobs: list[tree.Blob], file_bytes: int | None) -> tuple[list[list[_Planned]], list[int]]:
-    """Assign blobs to data files and aligned offsets, in order."""
-    files: list[list[_Planned]] = [[]]
-    sizes = [0]
+@dataclass
+class Plan:
+    """Where every blob goes: one stream of aligned blobs, cut into data files."""
+
+    blobs: list[_Planned]
+    sizes: list[int]      # data file sizes, in order; together they are the stream
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def locate(self, start: int) -> tuple[int, int]:
+        """(file, offset in it) of a stream offset."""
+        pos = 0
+        for k, n in enumerate(self.sizes):
+            if start < pos + n or k == len(self.sizes) - 1:
+                return k, start - pos
+            pos += n
+        return 0, start
+
+
+def plan(blobs: list[tree.Blob], part_bytes: int | None) -> Plan:
+    """Lay blobs out at aligned offsets in one stream, then cut it into files.
+
+    With ``part_bytes`` the stream is cut into files of exactly that size (the
+    last one shorter), uploaded in parallel; a blob may continue from one file
+    into the next. Without, the stream is one file.
+    """
+    placed, pos = [], 0
     for i, b in enumerate(blobs):
-        pos = sizes[-1]
-        if file_bytes and pos > 0 and pos + b.nbytes > file_bytes:
-            files.append([])
-            sizes.append(0)
-            pos = 0
         start = -(-pos // ALIGN) * ALIGN
-        files[-1].append(_Planned(i, b, len(files) - 1, start))
-        sizes[-1] = start + b.nbytes
-    return files, sizes
+        placed.append(_Planned(i, b, start))
+        pos = start + b.nbytes
+    total = pos
+    if part_bytes and total > part_bytes:
+        sizes = [part_bytes] * (total // part_bytes)
+        if total % part_bytes:
+            sizes.append(total % part_bytes)
+    else:
+        sizes = [total]
+    return Plan(placed, sizes)
 
 
 def blob_chunks(blob: tree.Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
@@ -88,38 +116,158 @@ def blob_chunks(blob: tree.Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
         yield data[o:o + chunk]
 
 
-def _crc2(chunk: memoryview, a: int, b: int) -> tuple[int, int]:
-    return crc32c.crc32c(chunk, a), crc32c.crc32c(chunk, b)
+def _stream(p: Plan) -> Iterator[tuple[int, memoryview, bool]]:
+    """The data stream as (blob index or -1 for padding, bytes, volatile) pieces.
+
+    A volatile piece lives in a buffer that is reused for the next piece (the
+    staging buffer of a device tensor): whoever keeps it must copy it.
+    """
+    pos = 0
+    for q in p.blobs:
+        if q.start > pos:
+            yield -1, memoryview(_ZEROS)[: q.start - pos], False
+            pos = q.start
+        volatile = q.blob.kind == tree.STORAGE and q.blob.source.device.type != "cpu"
+        for chunk in blob_chunks(q.blob):
+            yield q.index, chunk, volatile
+            pos += len(chunk)
 
 
-def _write_file(store: Store, name: str, planned: list[_Planned], size: int,
-                blob_crcs: dict[int, int], pool: cf.ThreadPoolExecutor, bar) -> int:
-    """Write one data file; returns its CRC-32C."""
-    w = store.open_writer(name)
-    try:
-        file_crc, pos = 0, 0
-        for p in planned:
-            if p.offset > pos:
-                pad = memoryview(_ZEROS)[: p.offset - pos]
-                file_crc = crc32c.crc32c(pad, file_crc)
-                w.write(pad)
-                pos = p.offset
-            blob_crc = 0
-            for chunk in blob_chunks(p.blob):
-                fut = pool.submit(_crc2, chunk, blob_crc, file_crc)
-                w.write(chunk)
-                blob_crc, file_crc = fut.result()
-                pos += len(chunk)
+def _files(p: Plan) -> Iterator[tuple[int, int, memoryview, bool]]:
+    """The stream's pieces cut at data file boundaries: (file, blob index, bytes, volatile)."""
+    k, room = 0, p.sizes[0]
+    for index, piece, volatile in _stream(p):
+        while len(piece):
+            while room == 0:
+                k += 1
+                room = p.sizes[k]
+            take = piece[:room]
+            yield k, index, take, volatile
+            piece = piece[len(take):]
+            room -= len(take)
+
+
+def _crc2(chunk: memoryview, index: int, crcs: dict[int, int], file_crc: int) -> int:
+    if index >= 0:
+        crcs[index] = crc32c.crc32c(chunk, crcs.get(index, 0))
+    return crc32c.crc32c(chunk, file_crc)
+
+
+def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: dict[int, int], bar,
+                      written: list[str]) -> list[int]:
+    """Write the data files one after the other, streaming; returns their CRC-32Cs.
+
+    The CRCs of each piece are computed in a helper thread while the piece is
+    written, so checksumming costs no time on a disk that is the bottleneck.
+    """
+    crcs = [0] * len(names)
+    w, k_open, pos = None, -1, 0
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") as pool:
+        try:
+            for k, index, piece, _ in _files(p):
+                if k != k_open:
+                    if w is not None:
+                        _finish(store, w, names[k_open], pos, p.sizes[k_open])
+                    written.append(names[k])
+                    w, k_open, pos = store.open_writer(names[k]), k, 0
+                fut = pool.submit(_crc2, piece, index, blob_crcs, crcs[k])
+                w.write(piece)
+                crcs[k] = fut.result()
+                pos += len(piece)
                 if bar is not None:
-                    bar.update(len(chunk))
-            blob_crcs[p.index] = blob_crc
-        if pos != size:
-            raise CheckpointError(f"{store.uri}: internal error: wrote {pos} bytes of {name}, planned {size}")
+                    bar.update(len(piece))
+            # Files the stream never reached are empty (a state with no data).
+            for k in range(k_open + 1, len(names)):
+                if w is not None:
+                    _finish(store, w, names[k_open], pos, p.sizes[k_open])
+                written.append(names[k])
+                w, k_open, pos = store.open_writer(names[k]), k, 0
+            if w is not None:
+                _finish(store, w, names[k_open], pos, p.sizes[k_open])
+                w = None
+        except BaseException:
+            if w is not None:
+                w.abort()
+            raise
+    return crcs
+
+
+def _finish(store: Store, w, name: str, pos: int, size: int) -> None:
+    if pos != size:
+        w.abort()
+        raise CheckpointError(f"{store.uri}: internal error: wrote {pos} bytes of {name}, planned {size}")
+    try:
         w.close()
     except BaseException:
         w.abort()
         raise
-    return file_crc
+
+
+def _write_parallel(store: Store, names: list[str], p: Plan, blob_crcs: dict[int, int], bar,
+                    written: list[str]) -> tuple[list[int], list[int | None]]:
+    """Upload the data files as whole objects, ``store.concurrency`` at a time.
+
+    Each file is one part of the stream. A part that lies inside one CPU
+    tensor is uploaded straight from the tensor's memory; one that spans
+    blobs is gathered into a buffer of its own. At most ``concurrency`` parts
+    are in flight, so the memory held for transfers is bounded by part size
+    x concurrency, whatever the size of the state.
+    """
+    n = len(names)
+    crcs: list[int] = [0] * n
+    reported: list[int | None] = [None] * n
+    slots = threading.Semaphore(store.concurrency)
+    failed: list[BaseException] = []
+    lock = threading.Lock()
+
+    def upload(k: int, data) -> None:
+        try:
+            if failed:
+                return
+            crc = crc32c.crc32c(data)
+            crcs[k] = crc
+            reported[k] = store.put_part(names[k], data, crc)
+            if bar is not None:
+                with lock:
+                    bar.update(len(data))
+        except BaseException as e:  # noqa: BLE001 - re-raised by the producer
+            failed.append(e)
+        finally:
+            slots.release()
+
+    def submit(k: int, pieces: list) -> None:
+        if len(pieces) == 1:
+            data = pieces[0]
+        elif pieces:
+            data = b"".join(pieces)
+        else:
+            data = b""
+        slots.acquire()
+        if failed:
+            slots.release()
+            raise failed[0]
+        written.append(names[k])
+        pool.submit(upload, k, data)
+
+    with cf.ThreadPoolExecutor(store.concurrency, thread_name_prefix="ckptstore-put") as pool:
+        try:
+            k_open, pieces = 0, []
+            for k, index, piece, volatile in _files(p):
+                while k != k_open:
+                    submit(k_open, pieces)
+                    k_open, pieces = k_open + 1, []
+                if index >= 0:
+                    blob_crcs[index] = crc32c.crc32c(piece, blob_crcs.get(index, 0))
+                pieces.append(bytes(piece) if volatile else piece)
+            while k_open < n:
+                submit(k_open, pieces)
+                k_open, pieces = k_open + 1, []
+        except BaseException as e:
+            if not failed:
+                failed.append(e)
+    if failed:
+        raise failed[0]
+    return crcs, reported
 
 
 def retire_older(store: Store, gen: str, listing: dict) -> None:
@@ -160,8 +308,8 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
     if not overwrite and listing and has_commit is not None and has_commit(store, listing):
         raise CheckpointExistsError(f"{store.uri}: a checkpoint is already committed here (overwrite=False)",
                                     store.uri)
-    files, sizes = _plan(blobs, store.file_bytes)
-    total = sum(sizes)
+    p = plan(blobs, store.part_bytes)
+    total = p.total
     free = store.free_bytes()
     if free is not None and total > free:
         raise InsufficientSpaceError(
@@ -170,8 +318,9 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
     store.makedirs()
 
     gen = new_generation([f.gen for f in map(FileName.parse, listing or {}) if f is not None])
-    names = [data_name(gen, k) for k in range(len(files))]
+    names = [data_name(gen, k) for k in range(len(p.sizes))]
     written: list[str] = []
+    claimed = False
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -179,25 +328,21 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
                    desc=f"saving {store.uri}", leave=False)
     try:
         blob_crcs: dict[int, int] = {}
-        file_entries = []
-        with cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") as pool:
-            for k, planned in enumerate(files):
-                written.append(names[k])
-                crc = _write_file(store, names[k], planned, sizes[k], blob_crcs, pool, bar)
-                file_entries.append({"name": names[k], "nbytes": sizes[k], "crc32c": crc_hex(crc)})
+        reported: list[int | None] = [None] * len(names)
+        if store.part_bytes and store.concurrency > 1:
+            crcs, reported = _write_parallel(store, names, p, blob_crcs, bar, written)
+        else:
+            crcs = _write_sequential(store, names, p, blob_crcs, bar, written)
+        file_entries = [{"name": names[k], "nbytes": p.sizes[k], "crc32c": crc_hex(crcs[k])}
+                        for k in range(len(names))]
         if verify:
-            for entry in file_entries:
-                stored = stored_crc32c(store, entry["name"], entry["nbytes"])
-                if crc_hex(stored) != entry["crc32c"]:
-                    raise CorruptCheckpointError(
-                        f"{store.uri}/{entry['name']}: read back with CRC-32C {crc_hex(stored)}, "
-                        f"written as {entry['crc32c']}; nothing was committed", store.uri)
+            _check_stored(store, file_entries, reported)
         blob_entries = []
-        for planned in files:
-            for p in planned:
-                blob_entries.append({"file": p.file, "offset": p.offset, "nbytes": p.blob.nbytes,
-                                     "crc32c": crc_hex(blob_crcs[p.index]), "kind": p.blob.kind,
-                                     "device": p.blob.device})
+        for q in p.blobs:
+            k, off = p.locate(q.start)
+            blob_entries.append({"file": k, "offset": off, "nbytes": q.blob.nbytes,
+                                 "crc32c": crc_hex(blob_crcs.get(q.index, 0)), "kind": q.blob.kind,
+                                 "device": q.blob.device})
         manifest = Manifest(
             generation=gen, files=file_entries, blobs=blob_entries, nodes=nodes, meta=meta or {},
             writer={"ckptstore": __version__, "torch": torch.__version__.split("+")[0]},
@@ -207,11 +352,13 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
             if now and has_commit(store, now):
                 raise CheckpointExistsError(
                     f"{store.uri}: another writer committed a checkpoint here first (overwrite=False)", store.uri)
+            _claim(store, gen, has_commit)
+            claimed = True
         record = commit_name(gen)
         written.append(record)
         strategy.publish(store, record, manifest.to_bytes())
     except BaseException:
-        _discard(store, written)
+        _discard(store, written + ([CLAIM_NAME] if claimed else []))
         raise
     finally:
         if bar is not None:
@@ -219,9 +366,61 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
     # Committed. What is older is now garbage; failing to remove it is harmless.
     try:
         retire_older(store, gen, listing or {})
+        if claimed:
+            store.remove([CLAIM_NAME])
     except CheckpointError:
         pass
     return Written(manifest, strategy.name, time.perf_counter() - t0)
+
+
+def _check_stored(store: Store, entries: list[dict], reported: list[int | None]) -> None:
+    """The verifier: what the backend stored has the CRC-32C computed while writing.
+
+    The backend's own checksum of the stored object stands in for reading
+    it back where it reports one; otherwise each file is read back, several
+    at once.
+    """
+    def stored(k: int) -> int:
+        if reported[k] is not None:
+            return reported[k]
+        return stored_crc32c(store, entries[k]["name"], entries[k]["nbytes"])
+
+    workers = max(1, min(store.concurrency, len(entries)))
+    with cf.ThreadPoolExecutor(workers, thread_name_prefix="ckptstore-verify") as pool:
+        results = list(pool.map(stored, range(len(entries))))
+    for entry, crc in zip(entries, results):
+        if crc_hex(crc) != entry["crc32c"]:
+            raise CorruptCheckpointError(
+                f"{store.uri}/{entry['name']}: stored with CRC-32C {crc_hex(crc)}, "
+                f"written as {entry['crc32c']}; nothing was committed", store.uri)
+
+
+# A save with overwrite=False publishes only after creating this file with
+# an exclusive create, so of two writers of the same new checkpoint one
+# commits and the other gets CheckpointExistsError. It is removed once the
+# commit is in place; one left by a writer that died in between is taken
+# over once it is older than CLAIM_STALE seconds.
+CLAIM_STALE = 60.0
+
+
+def _claim(store: Store, gen: str, has_commit) -> None:
+    body = json.dumps({"generation": gen, "time": time.time()}).encode()
+    for attempt in range(2):
+        if store.create_exclusive(CLAIM_NAME, body):
+            return
+        listing = store.list() or {}
+        if has_commit(store, listing):
+            break
+        entry = listing.get(CLAIM_NAME)
+        if attempt == 0 and entry is not None and entry.mtime is not None and \
+                time.time() - entry.mtime > CLAIM_STALE:
+            store.remove([CLAIM_NAME])     # left by a writer that died before its commit
+            continue
+        if entry is None and attempt == 0:
+            continue                       # the other writer finished or gave up meanwhile
+        break
+    raise CheckpointExistsError(
+        f"{store.uri}: another writer is committing a checkpoint here (overwrite=False)", store.uri)
 
 
 def _discard(store: Store, names: list[str]) -> None:

@@ -33,6 +33,7 @@ FORMAT_MINOR = 0
 COMMIT_SUFFIX = ".commit"
 TMP_SUFFIX = ".tmp"
 DATA_SUFFIX = ".bin"
+CLAIM_NAME = "create.claim"  # taken by a save that must not replace a checkpoint (overwrite=False)
 ALIGN = 64  # blob offsets in data files are multiples of this
 
 # Generation ids sort in commit order: 16 hex digits of nanoseconds since
@@ -106,6 +107,13 @@ class Manifest:
     def nbytes(self) -> int:
         return sum(f["nbytes"] for f in self.files)
 
+    def file_starts(self) -> list[int]:
+        """Where each data file begins in the data stream, and (last) where the stream ends."""
+        starts = [0]
+        for f in self.files:
+            starts.append(starts[-1] + int(f["nbytes"]))
+        return starts
+
     def to_bytes(self) -> bytes:
         body = json.dumps({
             "format": "ckptstore",
@@ -177,6 +185,8 @@ class Manifest:
     def check(self) -> None:
         """Structural sanity of the listing, so readers can trust offsets."""
         sizes = []
+        if not self.files:
+            raise CorruptCheckpointError("no data files listed")
         for f in self.files:
             if not (isinstance(f["name"], str) and FileName.parse(f["name"]) == FileName(self.generation, "data")):
                 raise CorruptCheckpointError(f"data file name {f['name']!r} does not belong to generation {self.generation}")
@@ -184,11 +194,17 @@ class Manifest:
             if int(f["nbytes"]) < 0:
                 raise ValueError("negative size")
             sizes.append(int(f["nbytes"]))
+        # The data files are one stream, in order; a blob starts in its file
+        # and may run on into the following ones.
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
         for b in self.blobs:
             k, off, n = int(b["file"]), int(b["offset"]), int(b["nbytes"])
             int(b["crc32c"], 16)
-            if not (0 <= k < len(sizes)) or off < 0 or n < 0 or off + n > sizes[k]:
-                raise CorruptCheckpointError("a blob lies outside its data file")
+            if not (0 <= k < len(sizes)) or off < 0 or n < 0 or off > sizes[k] or \
+                    starts[k] + off + n > starts[-1]:
+                raise CorruptCheckpointError("a blob lies outside the data files")
 
 
 def describe(m: Manifest) -> dict[str, Any]:

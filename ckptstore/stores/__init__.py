@@ -9,6 +9,7 @@ google libraries.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -45,6 +46,13 @@ def open_location(location: Location) -> Store:
     if location.protocol == "file":
         from .local import LocalStore
         return LocalStore(location)
+    if location.protocol in ("s3", "s3a", "gs", "gcs"):
+        from .object import GCSStore, S3Store
+        cls = S3Store if location.protocol.startswith("s3") else GCSStore
+        location = dataclasses.replace(location, options=cls.defaults(location.options))
+        store = cls(location, _fsspec_filesystem(location))
+        store.open()
+        return store
     from .fsspec_store import FsspecStore
     return FsspecStore(location, _fsspec_filesystem(location))
 

@@ -67,11 +67,21 @@ class Store(ABC):
 
     #: whether rename within the directory atomically replaces the target
     atomic_rename = False
-    #: target size of one data file; None keeps all data in one file
-    file_bytes: int | None = None
+    #: size of one data file (the data stream is cut into parts of this size
+    #: and uploaded in parallel); None keeps all data in one file
+    part_bytes: int | None = None
+    #: transfers in flight at once (parts uploaded, ranges read)
+    concurrency: int = 4
+    #: stored files never change after they are written (object stores): the
+    #: listing's sizes are the truth and no read past the end is needed
+    immutable_files = False
 
     def __init__(self, location: Location):
         self.location = location
+        if location.part_size is not None:
+            self.part_bytes = location.part_size
+        if location.concurrency is not None:
+            self.concurrency = location.concurrency
 
     @property
     def uri(self) -> str:
@@ -106,6 +116,32 @@ class Store(ABC):
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:
         """Write a small file whole and durably."""
+
+    def put_part(self, name: str, data, crc: int) -> int | None:
+        """Write one whole data file of a parallel upload (``crc`` is its CRC-32C).
+
+        Returns the CRC-32C the backend reports for what it stored, when it
+        reports one, so the read-back check can be skipped.
+        """
+        w = self.open_writer(name)
+        try:
+            w.write(memoryview(data))
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        return None
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create a small file only if no file of that name exists; False if one does.
+
+        Atomic where the backend enforces it (O_EXCL, S3 If-None-Match, GCS
+        ifGenerationMatch=0); elsewhere a check before the write.
+        """
+        if name in (self.list() or {}):
+            return False
+        self.put(name, data)
+        return True
 
     def rename(self, src: str, dst: str) -> None:
         raise StorageError(f"{self.uri}: this backend has no atomic rename", self.uri)
@@ -160,7 +196,20 @@ class Store(ABC):
                 e.args = (f"{self.uri}: {e}",) + e.args[1:]
             raise
         except BaseException as e:  # noqa: BLE001 - re-raised as a typed error below
+            if isinstance(e, Exception):
+                where = self.uri + ("/" + name if name else "")
+                explained = self.explain(e, action, where)
+                if explained is not None:
+                    raise explained from None
             raise translate(e, self.location, action, name) from None
+
+    def explain(self, e: BaseException, action: str, where: str) -> CheckpointError | None:
+        """A clearer error for a backend-specific failure (credentials, buckets), if it is one."""
+        return None
+
+    def not_found_hint(self) -> str:
+        """Why nothing is at the location, when the backend can say more (a missing bucket)."""
+        return ""
 
 
 def translate(e: BaseException, location: Location, action: str, name: str | None = None) -> BaseException:

@@ -71,7 +71,15 @@ class _FsspecReader(Reader):
     def readinto(self, offset: int, buf: memoryview) -> int:
         view = memoryview(buf).cast("B")
         with self.store.errors("read", self.name):
-            data = self.store.fs.cat_file(self.path, start=offset, end=offset + len(view))
+            try:
+                data = self.store.fs.cat_file(self.path, start=offset, end=offset + len(view))
+            except OSError as e:
+                # Object stores answer a range that starts at or past the end
+                # with an error (HTTP 416) rather than no bytes.
+                if isinstance(e, FileNotFoundError) or \
+                        offset < int(self.store.fs.size(self.path) or 0):
+                    raise
+                return 0
         n = len(data)
         view[:n] = data
         return n
@@ -79,7 +87,10 @@ class _FsspecReader(Reader):
 
 class FsspecStore(Store):
     atomic_rename = False
-    file_bytes = 256 << 20
+    # Data is cut into files of this size and moved several at a time; small
+    # enough that part size x concurrency stays a small share of memory.
+    part_bytes = 16 << 20
+    concurrency = 8
 
     def __init__(self, location, fs=None):
         super().__init__(location)
@@ -91,7 +102,15 @@ class FsspecStore(Store):
     def join(self, name: str) -> str:
         return self.location.path.rstrip("/") + "/" + name
 
+    def _fresh(self) -> None:
+        """Drop the filesystem's cached listings: another process may have written since."""
+        try:
+            self.fs.invalidate_cache(self.location.path)
+        except Exception:  # noqa: BLE001 - a cache that cannot be dropped is not an error
+            pass
+
     def list(self):
+        self._fresh()
         with self.errors("list"):
             try:
                 infos = self.fs.ls(self.location.path, detail=True)
@@ -115,6 +134,7 @@ class FsspecStore(Store):
                 return False
 
     def subdirs(self) -> list[str]:
+        self._fresh()
         with self.errors("list"):
             try:
                 infos = self.fs.ls(self.location.path, detail=True)
