@@ -23,7 +23,8 @@ from . import __version__
 from .errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError, InsufficientSpaceError
 from .format import tree
 from .format.manifest import (
-    ALIGN, CLAIM_NAME, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_name, crc_hex, data_name, new_generation,
+    ALIGN, CLAIM_NAME, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_generations, commit_name,
+    crc_hex, data_name, new_generation,
 )
 from .checksum import stored_crc32c
 from .stores.base import CHUNK, Store
@@ -274,12 +275,18 @@ def retire_older(store: Store, gen: str, listing: dict) -> None:
     """Remove every generation older than ``gen`` in ``listing``: commit records first, then data.
 
     The listing taken before the save names every older generation; one a
-    concurrent writer added meanwhile is left for ``gc``.
+    concurrent writer added meanwhile is left for ``gc``. Where the store
+    keeps the previous generation (FUSE mounts, which upload in the
+    background and in any order), the newest older commit stays as well.
     """
+    keep = None
+    if store.keep_previous:
+        older = [g for g in commit_generations(listing) if g < gen]
+        keep = older[0] if older else None
     records, rest = [], []
     for name in listing:
         f = FileName.parse(name)
-        if f is None or f.gen >= gen:
+        if f is None or f.gen >= gen or f.gen == keep:
             continue
         (records if f.role == "commit" else rest).append(name)
     store.remove(sorted(records))

@@ -75,6 +75,10 @@ class Store(ABC):
     #: stored files never change after they are written (object stores): the
     #: listing's sizes are the truth and no read past the end is needed
     immutable_files = False
+    #: keep the previous committed generation when a save commits: on mounts
+    #: that upload in the background, in any order, the new one may not have
+    #: reached the remote when the machine dies, and the old one must still be there
+    keep_previous = False
 
     def __init__(self, location: Location):
         self.location = location

@@ -127,6 +127,7 @@ class LocalStore(Store):
         #: with the data reaching the remote, so such paths commit by marker
         self.remote_mount = is_remote_mount(location.path)
         self.atomic_rename = not self.remote_mount
+        self.keep_previous = self.remote_mount
 
     @property
     def path(self) -> str:
@@ -183,6 +184,22 @@ class LocalStore(Store):
         except BaseException:
             w.abort()
             raise
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        with self.errors("create", name):
+            try:
+                fd = os.open(os.path.join(self.path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(self.path)
+        return True
 
     def rename(self, src: str, dst: str) -> None:
         with self.errors("rename", src):
