@@ -108,10 +108,9 @@ def _alloc(kind: str, nbytes: int):
     return buf, memoryview(buf)
 
 
-# Reads are issued several at a time ahead of the checksum, so the disk (or
-# the network) always has requests queued while the CPU checks what has
-# arrived and the kernel faults in fresh tensor pages.
-READ_PART = 8 << 20
+# Reads (Store.read_bytes each) are issued Store.concurrency at a time ahead
+# of the checksum, so the disk (or the network) always has requests queued
+# while the CPU checks what has arrived and the kernel faults in fresh pages.
 
 
 @dataclass
@@ -228,7 +227,7 @@ def _read_stream(store: Store, m: Manifest, verify: bool, values: list, pool, re
             buf = memoryview(bytearray(w.nbytes))
         return buf, readers.get(w.file).readinto(w.offset, buf)
 
-    windows = _windows(m, READ_PART)
+    windows = _windows(m, store.read_bytes)
     pending: collections.deque = collections.deque()
     nxt = 0
     try:

@@ -208,11 +208,11 @@ def _write_parallel(store: Store, names: list[str], p: Plan, blob_crcs: dict[int
                     written: list[str]) -> tuple[list[int], list[int | None]]:
     """Upload the data files as whole objects, ``store.concurrency`` at a time.
 
-    Each file is one part of the stream. A part that lies inside one CPU
-    tensor is uploaded straight from the tensor's memory; one that spans
-    blobs is gathered into a buffer of its own. At most ``concurrency`` parts
-    are in flight, so the memory held for transfers is bounded by part size
-    x concurrency, whatever the size of the state.
+    Each file is one part of the stream, handed to the store as the list of
+    pieces of tensor memory (and padding) it is made of: nothing is copied
+    but device tensors, which come through a staging buffer. At most
+    ``concurrency`` parts are in flight, so what transfers hold is bounded
+    by part size x concurrency, whatever the size of the state.
     """
     n = len(names)
     crcs: list[int] = [0] * n
@@ -221,34 +221,30 @@ def _write_parallel(store: Store, names: list[str], p: Plan, blob_crcs: dict[int
     failed: list[BaseException] = []
     lock = threading.Lock()
 
-    def upload(k: int, data) -> None:
+    def upload(k: int, pieces: list) -> None:
         try:
             if failed:
                 return
-            crc = crc32c.crc32c(data)
+            crc = 0
+            for piece in pieces:
+                crc = crc32c.crc32c(piece, crc)
             crcs[k] = crc
-            reported[k] = store.put_part(names[k], data, crc)
+            reported[k] = store.put_part(names[k], pieces, crc)
             if bar is not None:
                 with lock:
-                    bar.update(len(data))
+                    bar.update(sum(len(x) for x in pieces))
         except BaseException as e:  # noqa: BLE001 - re-raised by the producer
             failed.append(e)
         finally:
             slots.release()
 
     def submit(k: int, pieces: list) -> None:
-        if len(pieces) == 1:
-            data = pieces[0]
-        elif pieces:
-            data = b"".join(pieces)
-        else:
-            data = b""
         slots.acquire()
         if failed:
             slots.release()
             raise failed[0]
         written.append(names[k])
-        pool.submit(upload, k, data)
+        pool.submit(upload, k, pieces)
 
     with cf.ThreadPoolExecutor(store.concurrency, thread_name_prefix="ckptstore-put") as pool:
         try:
@@ -414,6 +410,11 @@ def _claim(store: Store, gen: str, has_commit) -> None:
     body = json.dumps({"generation": gen, "time": time.time()}).encode()
     for attempt in range(2):
         if store.create_exclusive(CLAIM_NAME, body):
+            # A writer that claimed and committed before us has removed its
+            # claim by now, but its commit is there to see.
+            if has_commit(store, store.list() or {}):
+                store.remove([CLAIM_NAME])
+                break
             return
         listing = store.list() or {}
         if has_commit(store, listing):

@@ -72,6 +72,8 @@ class Store(ABC):
     part_bytes: int | None = None
     #: transfers in flight at once (parts uploaded, ranges read)
     concurrency: int = 4
+    #: bytes per read request when loading
+    read_bytes: int = 8 << 20
     #: stored files never change after they are written (object stores): the
     #: listing's sizes are the truth and no read past the end is needed
     immutable_files = False
@@ -121,15 +123,17 @@ class Store(ABC):
     def put(self, name: str, data: bytes) -> None:
         """Write a small file whole and durably."""
 
-    def put_part(self, name: str, data, crc: int) -> int | None:
-        """Write one whole data file of a parallel upload (``crc`` is its CRC-32C).
+    def put_part(self, name: str, pieces: list, crc: int) -> int | None:
+        """Write one whole data file of a parallel upload: the concatenation of
+        ``pieces`` (buffers), whose CRC-32C is ``crc``.
 
         Returns the CRC-32C the backend reports for what it stored, when it
         reports one, so the read-back check can be skipped.
         """
         w = self.open_writer(name)
         try:
-            w.write(memoryview(data))
+            for piece in pieces:
+                w.write(memoryview(piece))
             w.close()
         except BaseException:
             w.abort()
@@ -188,6 +192,10 @@ class Store(ABC):
         return None
 
     # -- errors
+    def attempt(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, retried where the backend's failures can be transient."""
+        return fn(*args, **kwargs)
+
     @contextlib.contextmanager
     def errors(self, action: str, name: str | None = None) -> Iterator[None]:
         """Turn backend exceptions into ckptstore errors naming the URI."""

@@ -72,7 +72,7 @@ class _FsspecReader(Reader):
         view = memoryview(buf).cast("B")
         with self.store.errors("read", self.name):
             try:
-                data = self.store.fs.cat_file(self.path, start=offset, end=offset + len(view))
+                data = self.store.attempt(self.store.fs.cat_file, self.path, start=offset, end=offset + len(view))
             except OSError as e:
                 # Object stores answer a range that starts at or past the end
                 # with an error (HTTP 416) rather than no bytes.
@@ -113,7 +113,7 @@ class FsspecStore(Store):
         self._fresh()
         with self.errors("list"):
             try:
-                infos = self.fs.ls(self.location.path, detail=True)
+                infos = self.attempt(self.fs.ls, self.location.path, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 return None
             if len(infos) == 1 and infos[0].get("type") == "file" and \
@@ -151,7 +151,7 @@ class FsspecStore(Store):
 
     def put(self, name: str, data: bytes) -> None:
         with self.errors("write", name):
-            self.fs.pipe_file(self.join(name), data)
+            self.attempt(self.fs.pipe_file, self.join(name), data)
 
     def remove(self, names: list[str]) -> None:
         if not names:
@@ -159,7 +159,7 @@ class FsspecStore(Store):
         with self.errors("remove"):
             for n in names:
                 try:
-                    self.fs.rm_file(self.join(n))
+                    self.attempt(self.fs.rm_file, self.join(n))
                 except FileNotFoundError:
                     pass
 
@@ -168,7 +168,7 @@ class FsspecStore(Store):
 
     def get(self, name: str) -> bytes:
         with self.errors("read", name):
-            return self.fs.cat_file(self.join(name))
+            return self.attempt(self.fs.cat_file, self.join(name))
 
     def open_file(self):
         with self.errors("open"):

@@ -17,9 +17,13 @@ What they add to the generic fsspec store:
 from __future__ import annotations
 
 import base64
+import bisect
 import io
+import json
 import os
+import random
 import socket
+import time
 import threading
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -103,13 +107,23 @@ def check_reachable(location: Location, endpoint: str | None, default: str | Non
         _reachable.add((scheme, host, port))
 
 
-class ViewFile(io.RawIOBase):
-    """A read-only, seekable file over a memoryview: uploads a tensor's memory
-    without copying it (HTTP clients take bytes or files, not memoryviews)."""
+class PiecesFile(io.RawIOBase):
+    """A read-only, seekable file over a list of buffers, read in place.
 
-    def __init__(self, view):
+    HTTP clients take bytes or files, not memoryviews, and a bytes body is
+    copied again on its way to the socket. This uploads tensor memory
+    without any copy, and rewinds for a retry.
+    """
+
+    def __init__(self, pieces):
         super().__init__()
-        self.view = memoryview(view).cast("B")
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        self.starts = []
+        pos = 0
+        for p in self.pieces:
+            self.starts.append(pos)
+            pos += len(p)
+        self.size = pos
         self.pos = 0
 
     def readable(self) -> bool:
@@ -119,21 +133,27 @@ class ViewFile(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        n = min(len(b), len(self.view) - self.pos)
-        if n <= 0:
-            return 0
-        memoryview(b).cast("B")[:n] = self.view[self.pos:self.pos + n]
-        self.pos += n
-        return n
+        out = memoryview(b).cast("B")
+        done = 0
+        while done < len(out) and self.pos < self.size:
+            i = bisect.bisect_right(self.starts, self.pos) - 1
+            piece = self.pieces[i]
+            off = self.pos - self.starts[i]
+            n = min(len(out) - done, len(piece) - off)
+            out[done:done + n] = piece[off:off + n]
+            done += n
+            self.pos += n
+        return done
 
     def read(self, n: int = -1) -> bytes:
-        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
-        out = bytes(self.view[self.pos:end])
-        self.pos = max(self.pos, end)
-        return out
+        if n is None or n < 0:
+            n = self.size - self.pos
+        buf = bytearray(max(0, min(n, self.size - self.pos)))
+        got = self.readinto(buf)
+        return bytes(buf[:got])
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: len(self.view)}[whence]
+        base = {0: 0, 1: self.pos, 2: self.size}[whence]
         self.pos = max(0, base + offset)
         return self.pos
 
@@ -141,22 +161,65 @@ class ViewFile(io.RawIOBase):
         return self.pos
 
     def __len__(self) -> int:
-        return len(self.view)
+        return self.size
 
 
-def as_body(data):
-    """bytes stay bytes; a memoryview becomes a file over the same memory."""
-    return data if isinstance(data, (bytes, bytearray)) else ViewFile(data)
+def _slices_payload(pieces, size: int):
+    """An aiohttp body that writes ``pieces`` in slices of at most 1 MiB, each
+    drained before the next.
+
+    A whole-buffer body makes the event loop's transport copy what the
+    socket cannot take at once: a second copy of every part in flight.
+    Each (re)send starts from the beginning, so retries work.
+    """
+    from aiohttp.payload import Payload
+
+    class SlicedPayload(Payload):
+        @property
+        def size(self) -> int:
+            return size
+
+        def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+            raise TypeError("binary upload body")
+
+        async def write(self, writer) -> None:
+            for piece in self._value:
+                view = memoryview(piece).cast("B")
+                for o in range(0, len(view), 1 << 20):
+                    await writer.write(view[o:o + (1 << 20)])
+
+        async def write_with_length(self, writer, content_length) -> None:
+            await self.write(writer)
+
+    return SlicedPayload(list(pieces))
 
 
 class ObjectStore(FsspecStore):
     immutable_files = True
+    concurrency = 4
+    #: retries on top of the client library's own, for failures transient() accepts
+    RETRIES = 0
+    # An HTTP client holds a range answer twice on its way into tensor memory
+    # (the body as read, then joined): 4 MiB x 8 in flight stays near 64 MiB.
+    read_bytes = 4 << 20
 
     def makedirs(self) -> None:
         pass  # prefixes need no creating; a missing bucket is an error, never created
 
     def _path(self, name: str) -> str:
         return self.join(name)
+
+    def transient(self, e: BaseException) -> bool:
+        return False
+
+    def attempt(self, fn, *args, **kwargs):
+        for i in range(self.RETRIES + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - re-raised unless transient
+                if i == self.RETRIES or not self.transient(e):
+                    raise
+                time.sleep(min(4.0, 0.5 * 2 ** i) * (0.5 + random.random()))
 
     def not_found_hint(self) -> str:
         return " (the bucket does not exist)" if self._bucket_missing() else ""
@@ -181,16 +244,38 @@ class ObjectStore(FsspecStore):
 class S3Store(ObjectStore):
     """s3:// through s3fs."""
 
+    RETRIES = 3
+
+    def transient(self, e: BaseException) -> bool:
+        """Throttling, 5xx and dropped connections; not timeouts (a silent
+        endpoint must fail fast) and not answers that will not change."""
+        for x in _chain(e):
+            name = type(x).__name__
+            if name in ("ReadTimeoutError", "ConnectTimeoutError", "TimeoutError", "NoCredentialsError"):
+                return False
+            if name in ("EndpointConnectionError", "ConnectionClosedError", "ServerDisconnectedError",
+                        "ClientOSError", "ClientPayloadError", "ResponseStreamingError", "IncompleteRead"):
+                return True
+            code = _s3_code(x)
+            if code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+                        "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504"):
+                return True
+        return False
+
     @staticmethod
     def defaults(options: dict) -> dict:
         """s3fs options with timeouts and bounded retries, the caller's own taking precedence."""
         out = dict(options)
         config = dict(out.get("config_kwargs") or {})
         config.setdefault("connect_timeout", CONNECT_TIMEOUT)
-        config.setdefault("read_timeout", 60)
-        # botocore's standard mode retries throttling (503 SlowDown), 5xx and
-        # dropped connections with exponential backoff and jitter.
-        config.setdefault("retries", {"max_attempts": 5, "mode": "standard"})
+        # Seconds without a byte of the answer once a request is sent (an
+        # upload in progress does not count): a silent endpoint fails in
+        # max_attempts x this, not minutes.
+        config.setdefault("read_timeout", 6)
+        # botocore's standard mode retries throttling (503 SlowDown), 5xx,
+        # timeouts and dropped connections with exponential backoff and jitter;
+        # transient() below adds a few more tries for all but timeouts.
+        config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
         # We send a CRC-32C with every object; no second checksum is needed.
         config.setdefault("request_checksum_calculation", "when_required")
         config.setdefault("response_checksum_validation", "when_required")
@@ -198,10 +283,9 @@ class S3Store(ObjectStore):
         return out
 
     def open(self) -> None:
-        # s3fs retries on top of botocore; botocore's standard mode is enough,
-        # and the product of both would hold a dead endpoint for minutes.
-        if getattr(self.fs, "retries", 1) > 2:
-            self.fs.retries = 2
+        # s3fs retries on top of botocore; the product of both would hold a
+        # dead endpoint for minutes. attempt() retries what is worth it.
+        self.fs.retries = 1
         check_reachable(self.location, self.location.options.get("endpoint_url")
                         or (self.location.options.get("client_kwargs") or {}).get("endpoint_url")
                         or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), None)
@@ -210,28 +294,31 @@ class S3Store(ObjectStore):
         bucket, key, _ = self.fs.split_path(self._path(name))
         return bucket, key
 
-    def _put(self, name: str, data, crc: int, **kw) -> dict:
+    def _put(self, name: str, pieces: list, crc: int | None, **kw) -> dict:
         import crc32c
         if crc is None:
-            crc = crc32c.crc32c(data)
+            crc = 0
+            for piece in pieces:
+                crc = crc32c.crc32c(piece, crc)
+        body = PiecesFile(pieces)
         # chunksize past the size: always one PUT, whatever the part size.
-        return self.fs.pipe_file(self._path(name), as_body(data), chunksize=len(data) + 1,
+        return self.fs.pipe_file(self._path(name), body, chunksize=len(body) + 1,
                                  ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc_to_b64(crc), **kw) or {}
 
-    def put_part(self, name: str, data, crc: int) -> int | None:
+    def put_part(self, name: str, pieces: list, crc: int) -> int | None:
         with self.errors("write", name):
-            out = self._put(name, data, crc)
+            out = self.attempt(self._put, name, pieces, crc)
         return crc_from_b64(out.get("ChecksumCRC32C")) if isinstance(out, dict) else None
 
     def put(self, name: str, data: bytes) -> None:
         with self.errors("write", name):
-            self._put(name, data, None)
+            self.attempt(self._put, name, [data], None)
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         try:
             with self.errors("create", name):
                 try:
-                    self._put(name, data, None, mode="create")
+                    self._put(name, [data], None, mode="create")
                 except Exception as e:  # noqa: BLE001 - sorted below
                     if any(isinstance(x, FileExistsError) or _s3_code(x) in ("PreconditionFailed", "412")
                            for x in _chain(e)):
@@ -241,10 +328,27 @@ class S3Store(ObjectStore):
             raise
         return True
 
+    def is_file(self) -> bool:
+        # s3fs's isfile() answers False for any failure, a timeout included.
+        bucket, _, key = self.location.path.partition("/")
+        if not key:
+            return False
+        with self.errors("stat"):
+            try:
+                self.attempt(self.fs.call_s3, "head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                # An answer to HEAD has no body, so a 403 cannot say whether the
+                # key was refused or lacks permission; the listing that follows
+                # gets an answer that does.
+                return False
+        return True
+
     def reported_crc32c(self, name: str) -> int | None:
         bucket, key = self._bucket_key(name)
         with self.errors("stat", name):
-            head = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            head = self.attempt(self.fs.call_s3, "head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
         value = head.get("ChecksumCRC32C")
         if not value or "-" in str(value):   # a multipart object's checksum is of its parts
             return None
@@ -302,22 +406,53 @@ class GCSStore(ObjectStore):
         # gRPC bucket probing (zonal buckets) waits a minute against anything
         # but the real service; plain JSON API is all we need.
         os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-        # A request that hangs is abandoned (and retried) after this many seconds.
-        out.setdefault("requests_timeout", 120)
+        # A request whose answer stops coming is abandoned (and retried by
+        # gcsfs) after this many seconds without a byte; uploads in progress
+        # do not count.
+        import aiohttp
+        session = dict(out.get("session_kwargs") or {})
+        session.setdefault("timeout", aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=10))
+        out["session_kwargs"] = session
         return out
 
     def open(self) -> None:
         endpoint = self.location.options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
         check_reachable(self.location, endpoint, "https://storage.googleapis.com")
 
-    def put_part(self, name: str, data, crc: int) -> int | None:
-        # A resumable upload sends the bytes as they are, in one request after
-        # the one that opens it. (The one-request multipart upload wraps them
-        # in a MIME body, which the GCS emulator parses line by line, eating a
-        # final carriage return; the checksum check caught exactly that.)
+    def put_part(self, name: str, pieces: list, crc: int) -> int | None:
+        """One resumable upload: a request that opens it, one with the raw bytes.
+
+        The bytes go out in 1 MiB slices, so the HTTP stack never buffers
+        more than that per part, and straight from tensor memory. (The
+        one-request multipart form wraps the bytes in a MIME body, which the
+        GCS emulator parses line by line and eats a final carriage return of;
+        the checksum check caught exactly that.) GCS answers with its CRC-32C
+        of the object it stored.
+        """
+        n = sum(len(p) for p in pieces)
+        if n == 0:
+            with self.errors("write", name):
+                self.fs.pipe_file(self._path(name), b"")
+            return self.reported_crc32c(name)
+        from fsspec.asyn import sync
+        from gcsfs.core import initiate_upload
+
+        bucket, key, _ = self.fs.split_path(self._path(name))
+        payload = _slices_payload(pieces, n)
+
+        async def upload():
+            location = await initiate_upload(self.fs, bucket, key, "application/octet-stream")
+            head = {"Content-Range": f"bytes 0-{n - 1}/{n}", "Content-Type": "application/octet-stream",
+                    "Content-Length": str(n)}
+            _, text = await self.fs._call("POST", location, headers=head, data=payload)
+            return text
+
         with self.errors("write", name):
-            self.fs.pipe_file(self._path(name), data, chunksize=max(len(data), 1))
-        return self.reported_crc32c(name)
+            text = sync(self.fs.loop, upload)
+        try:
+            return crc_from_b64(json.loads(text).get("crc32c")) if text else self.reported_crc32c(name)
+        except ValueError:
+            return self.reported_crc32c(name)
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         with self.errors("create", name):
