@@ -6,9 +6,18 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test bench clean
+.PHONY: venv tools test bench clean
 
 venv: $(VENV)/.installed
+
+# The FUSE backend (tests and benchmark) mounts a Drive-like rclone remote:
+# install rclone and fuse3 from the distribution when they are missing.
+tools:
+	@if ! command -v rclone >/dev/null || ! command -v fusermount3 >/dev/null; then \
+	    SUDO=""; if [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi; \
+	    $$SUDO apt-get update && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rclone fuse3; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-test: venv
+test: venv tools
 	$(PY) -m pytest -q -rs tests
 
-bench: venv
+bench: venv tools
 	$(PY) -m benchmarks.bench
 
 clean:
