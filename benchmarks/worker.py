@@ -20,11 +20,18 @@ Memory accounting (all figures in bytes):
   (the loaded state itself is the result, not overhead).
 The peak is the kernel's high-water mark, reset right before the operation
 (see ``sysutil.reset_peak_rss``), so building the state never shows up in it.
+
+Remote baselines (boto3, s3fs, gcsfs) run in the measured process, so their
+memory is reported like the library's. Where a baseline is made of steps
+(torch.save to a file, then upload it), the saver or loader records each
+step's seconds in ``phases``; the driver decides which of them a ratio uses
+(e.g. the upload alone), and the total is always there as ``seconds``.
 """
 
 from __future__ import annotations
 
 import gc
+import io
 import json
 import os
 import subprocess
@@ -37,6 +44,10 @@ import torch
 
 from benchmarks.state import gpt_state, iter_tensors, state_nbytes, unique_storages
 from benchmarks.sysutil import current_rss, drop_caches, peak_rss, reset_peak_rss
+
+# gcsfs probes every bucket over gRPC first and waits 60 s for that to time
+# out against the emulator; this must be set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -169,8 +180,118 @@ def _cat_loader(spec: dict) -> Callable[[], Any]:
     return run
 
 
-SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver}
-LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader}
+# --- object-store baselines ------------------------------------------------------
+# What a user does today without ckptstore. Clients are built before the clock
+# starts, like the library imports above; what each step took goes into the
+# function's ``phases`` dict, which the op copies into the result.
+
+def _boto3_client(spec: dict):
+    import boto3
+
+    opts = spec["storage_options"]
+    return boto3.client("s3", endpoint_url=opts["endpoint_url"], aws_access_key_id=opts["key"],
+                        aws_secret_access_key=opts["secret"], region_name="us-east-1")
+
+
+def _fsspec_fs(spec: dict):
+    import fsspec
+
+    # skip_instance_cache: a fresh client, as a fresh training process has.
+    return fsspec.filesystem(spec["protocol"], skip_instance_cache=True, **spec["storage_options"])
+
+
+def _boto3_upload_saver(spec: dict) -> Callable[[Any], dict]:
+    """torch.save to a local file, then boto3 ``upload_file`` with the default
+    ``TransferConfig`` (multipart, 10 threads, 8 MiB parts)."""
+    from boto3.s3.transfer import TransferConfig
+
+    client, config = _boto3_client(spec), TransferConfig()
+    tmp = spec["tmp"]
+
+    def run(state: Any) -> dict:
+        t0 = time.perf_counter()
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            t1 = time.perf_counter()
+            # Not part of either step: keeps the file's write-back from
+            # competing with the timed upload.
+            os.fsync(f.fileno())
+        t2 = time.perf_counter()
+        client.upload_file(tmp, spec["bucket"], spec["key"], Config=config)
+        t3 = time.perf_counter()
+        run.phases.update({"torch.save": t1 - t0, "fsync": t2 - t1, "upload": t3 - t2})
+        nbytes = os.path.getsize(tmp)
+        os.unlink(tmp)
+        return {"nbytes": nbytes}
+
+    run.phases = {}
+    return run
+
+
+def _fsspec_pipe_saver(spec: dict) -> Callable[[Any], dict]:
+    """torch.save into an ``io.BytesIO``, then ``fs.pipe`` of its bytes: the
+    Lightning-style cloud save (s3fs) and the plain gcsfs upload."""
+    fs = _fsspec_fs(spec)
+
+    def run(state: Any) -> dict:
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        t1 = time.perf_counter()
+        fs.pipe(spec["path"], data)
+        t2 = time.perf_counter()
+        run.phases.update({"torch.save": t1 - t0, "pipe": t2 - t1})
+        return {"nbytes": len(data)}
+
+    run.phases = {}
+    return run
+
+
+def _boto3_download_loader(spec: dict) -> Callable[[], Any]:
+    """boto3 ``download_file`` (default ``TransferConfig``: ranged GETs of
+    8 MiB on 10 threads) to a local file, then ``torch.load(weights_only=True)``
+    of it. With ``single_get`` the threshold is raised so boto3 streams the
+    object with one plain GET instead."""
+    from boto3.s3.transfer import TransferConfig
+
+    client = _boto3_client(spec)
+    config = TransferConfig(multipart_threshold=1 << 62) if spec.get("single_get") else TransferConfig()
+    tmp = spec["tmp"]
+
+    def run() -> Any:
+        t0 = time.perf_counter()
+        client.download_file(spec["bucket"], spec["key"], tmp, Config=config)
+        t1 = time.perf_counter()
+        obj = torch.load(tmp, weights_only=True)
+        run.phases.update({"download": t1 - t0, "torch.load": time.perf_counter() - t1})
+        os.unlink(tmp)  # read in full; nothing maps it
+        return obj
+
+    run.phases = {}
+    return run
+
+
+def _fsspec_cat_loader(spec: dict) -> Callable[[], Any]:
+    """``fs.cat`` of the object, then ``torch.load`` from an ``io.BytesIO``."""
+    fs = _fsspec_fs(spec)
+
+    def run() -> Any:
+        t0 = time.perf_counter()
+        data = fs.cat_file(spec["path"])
+        t1 = time.perf_counter()
+        obj = torch.load(io.BytesIO(data), weights_only=True)
+        run.phases.update({"cat": t1 - t0, "torch.load": time.perf_counter() - t1})
+        return obj
+
+    run.phases = {}
+    return run
+
+
+SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver,
+          "boto3_upload": _boto3_upload_saver, "fsspec_pipe": _fsspec_pipe_saver}
+LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader,
+           "boto3_download": _boto3_download_loader, "fsspec_cat": _fsspec_cat_loader}
 # Their memory is another process's, and what they "load" is no state.
 BASELINES = {"dd", "cat"}
 
@@ -211,6 +332,8 @@ def op_save(spec: dict) -> dict:
     nbytes = state_nbytes(state)
     result = _measure_save(save, state)
     result["state_bytes"] = nbytes
+    if getattr(save, "phases", None):
+        result["phases"] = save.phases
     if spec["impl"] in BASELINES:
         del result["extra_rss"]
     if spec.get("crc"):
@@ -226,6 +349,8 @@ def op_load(spec: dict) -> dict:
     cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
     result, _ = _measure_load(load, spec["state_bytes"])
     result.update(cold=cold, cold_note=why)
+    if getattr(load, "phases", None):
+        result["phases"] = load.phases
     if spec["impl"] in BASELINES:
         del result["extra_rss"], result["loaded_nbytes"]
     return result
