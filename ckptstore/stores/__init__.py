@@ -26,7 +26,7 @@ def _fsspec_filesystem(location: Location):
 
     try:
         return fsspec.filesystem(location.protocol, **location.options)
-    except ImportError as e:
+    except ImportError:
         extra = EXTRAS.get(location.protocol)
         hint = (f"pip install 'ckptstore[{extra}]'" if extra else
                 known_implementations.get(location.protocol, {}).get("err") or f"install the fsspec backend for {location.protocol}://")

@@ -200,7 +200,7 @@ class ObjectStore(FsspecStore):
     #: retries on top of the client library's own, for failures transient() accepts
     RETRIES = 0
     # An HTTP client holds a range answer twice on its way into tensor memory
-    # (the body as read, then joined): 4 MiB x 8 in flight stays near 64 MiB.
+    # (the body as read, then joined): 4 MiB x 4 in flight stays near 32 MiB.
     read_bytes = 4 << 20
 
     def makedirs(self) -> None:
