@@ -332,3 +332,41 @@ def test_endpoint_that_goes_silent_raises_storage_error_quickly(s3server, op):
         print(f"gone silent {op}: {seconds:.2f}s {type(err).__name__}: {err} ({proxy.stats})")
         assert proxy.stats["blackhole"] >= 1
     _check_storage_error(err, seconds, f"gone silent {op} ({seconds:.1f}s)")
+
+
+@pytest.mark.parametrize("cut_after_puts", [2])
+def test_save_cut_off_mid_upload_raises_and_keeps_the_previous(s3server, cut_after_puts):
+    """The network dies for good part-way through a save's uploads: the save
+    raises StorageError naming the URI, commits nothing, and once the network
+    is back the previous checkpoint loads and verifies."""
+    with FaultProxy("127.0.0.1", _port_of(s3server.endpoint), seed=7) as proxy:
+        uri = (f"s3://{BUCKET}/cut-{cut_after_puts}/ckpt?endpoint_url={proxy.endpoint}"
+               f"&key={s3server.key}&secret={FAULT_SECRET}&part_size=1MiB")
+        ckptstore.save(_state(0), uri)
+        before = len(proxy.events)
+        stop = threading.Event()
+
+        def cut():
+            # Drop every request from the moment the new save's cut_after_puts-th
+            # data PUT has been seen.
+            while not stop.is_set():
+                puts = [e for e in proxy.events[before:] if e[1] == "PUT" and e[2].split("?")[0].endswith(".bin")]
+                if len(puts) >= cut_after_puts:
+                    proxy.set_rates(drop_rate=1.0, drop_after=(0, 1))
+                    return
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=cut, daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        with pytest.raises(ckptstore.StorageError) as e:
+            ckptstore.save(_state(1), uri)
+        seconds = time.monotonic() - t0
+        stop.set()
+        watcher.join(5)
+        assert f"s3://{BUCKET}/cut-{cut_after_puts}/ckpt" in str(e.value)
+        _assert_no_secret(e.value, FAULT_SECRET)
+        assert seconds < 120, f"a dead network took {seconds:.0f} s to report"
+        proxy.faults_off()
+        _assert_same(ckptstore.load(uri), _state(0), "after the cut-off save")
+        assert ckptstore.verify(uri, deep=True).ok

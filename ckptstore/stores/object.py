@@ -206,6 +206,13 @@ class ObjectStore(FsspecStore):
     def makedirs(self) -> None:
         pass  # prefixes need no creating; a missing bucket is an error, never created
 
+    def remove(self, names: list[str]) -> None:
+        # One batch request per 1000 names; deleting a missing key is no error.
+        if not names:
+            return
+        with self.errors("remove"):
+            self.attempt(self.fs.rm, [self.join(n) for n in names])
+
     def _path(self, name: str) -> str:
         return self.join(name)
 
@@ -244,7 +251,7 @@ class ObjectStore(FsspecStore):
 class S3Store(ObjectStore):
     """s3:// through s3fs."""
 
-    RETRIES = 3
+    RETRIES = 2
 
     def transient(self, e: BaseException) -> bool:
         """Throttling, 5xx and dropped connections; not timeouts (a silent
@@ -274,7 +281,7 @@ class S3Store(ObjectStore):
         config.setdefault("read_timeout", 6)
         # botocore's standard mode retries throttling (503 SlowDown), 5xx,
         # timeouts and dropped connections with exponential backoff and jitter;
-        # transient() below adds a few more tries for all but timeouts.
+        # transient() below adds two more tries for all but timeouts.
         config.setdefault("retries", {"max_attempts": 3, "mode": "standard"})
         # We send a CRC-32C with every object; no second checksum is needed.
         config.setdefault("request_checksum_calculation", "when_required")
@@ -377,11 +384,15 @@ class S3Store(ObjectStore):
                     f"{action} {where}: access denied (403); the credentials in use lack permission "
                     "for this bucket or prefix (s3:GetObject, s3:PutObject, s3:ListBucket, "
                     "s3:DeleteObject are needed)", self.uri, errno=13)
-            if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
-                        "ReadTimeoutError", "ClientConnectorError", "ServerDisconnectedError"):
+            if name in ("ConnectTimeoutError", "ReadTimeoutError"):
                 return StorageError(
-                    f"{action} {where}: the S3 endpoint did not answer ({name}); check the endpoint URL "
-                    "and the network", self.uri)
+                    f"{action} {where}: the S3 endpoint did not answer in time ({name}), retries "
+                    "included; check the endpoint URL and the network", self.uri)
+            if name in ("EndpointConnectionError", "ConnectionClosedError", "ClientConnectorError",
+                        "ServerDisconnectedError", "ClientOSError"):
+                return StorageError(
+                    f"{action} {where}: the connection to the S3 endpoint kept failing ({name}), "
+                    "retries included; check the endpoint URL and the network", self.uri)
         return None
 
 
