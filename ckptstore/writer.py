@@ -298,10 +298,10 @@ class Written:
 
 def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, verify: bool,
                      allow_pickle: bool, progress: bool, meta: dict | None = None,
-                     has_commit=None) -> Written:
+                     has_commit=None, devices: dict | None = None) -> Written:
     """The whole save. ``has_commit(store, listing)`` says if a checkpoint is already committed there."""
     t0 = time.perf_counter()
-    nodes, blobs = tree.encode(state, allow_pickle=allow_pickle)   # refuses before any I/O
+    nodes, blobs = tree.encode(state, allow_pickle=allow_pickle, devices=devices)   # refuses before any I/O
 
     if store.is_file():
         raise CheckpointExistsError(

@@ -91,8 +91,11 @@ def _key_repr(key: Any) -> str:
 class Encoder:
     """Turns a state tree into (nodes, blobs). One use per save."""
 
-    def __init__(self, allow_pickle: bool = False):
+    def __init__(self, allow_pickle: bool = False, devices: dict | None = None):
         self.allow_pickle = allow_pickle
+        # data_ptr -> device string, for storages that are host copies of
+        # device memory (an async save's snapshot): record where they came from
+        self.devices = devices or {}
         self.nodes: list = []
         self.blobs: list[Blob] = []
         self._storages: dict = {}    # storage identity -> blob index
@@ -208,6 +211,8 @@ class Encoder:
             "device": str(t.device),
             "storage": None,
         }
+        if self.devices and t.device.type == "cpu":
+            info["device"] = self.devices.get(t.untyped_storage().data_ptr(), info["device"])
         data = t.detach()
         if data.is_conj() or data.is_neg():
             # The lazy bits live outside the storage; materialise the values.
@@ -220,7 +225,8 @@ class Encoder:
         key = (str(storage.device), ptr, storage.nbytes()) if ptr else ("empty", id(storage))
         index = self._storages.get(key)
         if index is None:
-            index = self._add_blob(Blob(STORAGE, storage.nbytes(), storage, str(storage.device)))
+            device = self.devices.get(ptr, str(storage.device)) if ptr else str(storage.device)
+            index = self._add_blob(Blob(STORAGE, storage.nbytes(), storage, device))
             self._storages[key] = index
         info["storage"] = index
         return info
@@ -243,9 +249,9 @@ class Encoder:
         return self._add_blob(Blob(PICKLE, len(data), data))
 
 
-def encode(state: Any, allow_pickle: bool = False) -> tuple[list, list[Blob]]:
+def encode(state: Any, allow_pickle: bool = False, devices: dict | None = None) -> tuple[list, list[Blob]]:
     """Encode ``state``; raises UnsupportedObjectError before any I/O happens."""
-    return Encoder(allow_pickle).encode(state)
+    return Encoder(allow_pickle, devices).encode(state)
 
 
 # ---------------------------------------------------------------- decoding

@@ -106,6 +106,16 @@ class Store(ABC):
     def subdirs(self) -> list[str]:
         """Names of the directories directly inside this one."""
 
+    def tree(self) -> dict[str, dict[str, Entry]]:
+        """The files of every directory directly inside this one: {subdir: {name: Entry}}."""
+        out = {}
+        for d in self.subdirs():
+            out[d] = self.child(d).list() or {}
+        return out
+
+    def remove_dir(self) -> None:
+        """Remove this directory if it is empty (where directories exist)."""
+
     def child(self, name: str) -> "Store":
         return type(self)(self.location.child(name), **self._child_kwargs())
 

@@ -126,6 +126,26 @@ class FsspecStore(Store):
                     out[name] = Entry(name, int(info.get("size") or 0), _mtime(info))
             return out
 
+    def tree(self):
+        # One (paginated) listing of everything below, not one per directory.
+        self._fresh()
+        base = self.location.path.strip("/") + "/"
+        with self.errors("list"):
+            try:
+                infos = self.attempt(self.fs.find, self.location.path, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+        out: dict = {}
+        for path, info in infos.items():
+            path = path.lstrip("/")
+            if not path.startswith(base):
+                continue
+            parts = path[len(base):].split("/")
+            if len(parts) != 2 or info.get("type") == "directory":
+                continue
+            out.setdefault(parts[0], {})[parts[1]] = Entry(parts[1], int(info.get("size") or 0), _mtime(info))
+        return out
+
     def is_file(self) -> bool:
         with self.errors("stat"):
             try:

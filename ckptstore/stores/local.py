@@ -158,6 +158,13 @@ class LocalStore(Store):
             except (FileNotFoundError, NotADirectoryError):
                 return []
 
+    def remove_dir(self) -> None:
+        try:
+            os.rmdir(self.path)
+            fsync_dir(os.path.dirname(self.path))
+        except OSError:
+            pass  # not empty (another writer's files), or already gone
+
     def makedirs(self) -> None:
         with self.errors("create directory"):
             missing = []

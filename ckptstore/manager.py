@@ -1,0 +1,520 @@
+"""CheckpointManager: one directory of step checkpoints for a training run.
+
+Layout: ``<directory>/step-<N>/`` is an ordinary ckptstore checkpoint (see
+docs/format.md) whose commit record carries ``meta = {"step", "metrics"}``.
+A step is *committed* when its directory holds an intact commit record whose
+data files are all present; its commit time is the record's mtime.
+
+Retention never removes what it cannot prove committed (a step without an
+intact commit record may be a save in flight, here or in another process),
+the newest committed step, or the best one. Removing a step removes its
+commit records first, so a half-removed step is never taken as committed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import logging
+import math
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from . import commit, reader, writer
+from .api import CheckpointInfo, _has_commit
+from .errors import (
+    CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
+)
+from .format.manifest import FileName, Manifest, commit_generations, commit_name, generation_time
+from .stores import open_store
+from .stores.base import Store
+
+log = logging.getLogger("ckptstore")
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step}"
+
+
+# ---------------------------------------------------------------- retention (pure)
+
+@dataclass
+class StepRecord:
+    """What retention knows of one step."""
+
+    step: int
+    committed: bool           # an intact commit record was read
+    time: float | None        # commit time (mtime of the record), seconds since the epoch
+    metrics: dict | None = None
+    order: float = 0.0        # the generation's own clock: breaks ties of coarse mtimes (S3: 1 s)
+
+
+def _metric(r: StepRecord, name: str | None) -> float | None:
+    if name is None or not r.metrics or name not in r.metrics:
+        return None
+    v = r.metrics[name]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        return None
+    return float(v)
+
+
+def best_steps(records: list[StepRecord], best_metric: str | None, best_mode: str, n: int) -> list[int]:
+    """The ``n`` committed steps with the best ``metrics[best_metric]``, best first."""
+    scored = [(m, r.step) for r in records if r.committed and (m := _metric(r, best_metric)) is not None]
+    scored.sort(key=lambda x: (x[0] if best_mode == "min" else -x[0], -x[1]))
+    return [s for _, s in scored[:n]]
+
+
+def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, keep_best: int | None,
+            best_metric: str | None, best_mode: str, keep_every: int | None, max_age: float | None,
+            in_flight: set[int] = frozenset()) -> set[int]:
+    """Steps retention keeps. With no policy, all of them.
+
+    The union of the ``keep_last`` most recently committed, the ``keep_best``
+    best, every step divisible by ``keep_every`` and everything committed less
+    than ``max_age`` seconds ago; plus, always, the newest committed step, the
+    best one, saves in flight, and every step not proven committed with a
+    known commit time.
+    """
+    every = {r.step for r in records}
+    if keep_last is None and keep_best is None and keep_every is None and max_age is None:
+        return every
+    committed = [r for r in records if r.committed and r.time is not None]
+    keep = {r.step for r in records if not (r.committed and r.time is not None)} | set(in_flight)
+    by_time = sorted(committed, key=lambda r: (r.time, r.order, r.step), reverse=True)
+    if by_time:
+        keep.add(by_time[0].step)                                   # the newest, always
+    if keep_last:
+        keep.update(r.step for r in by_time[:keep_last])
+    best = best_steps(committed, best_metric, best_mode, max(keep_best or 0, 1))
+    if best:
+        keep.add(best[0])                                           # the best, always
+        if keep_best:
+            keep.update(best[:keep_best])
+    if keep_every:
+        keep.update(r.step for r in committed if r.step % keep_every == 0)
+    if max_age is not None:
+        keep.update(r.step for r in committed if now - r.time < max_age)
+    return keep & every | (set(in_flight) & every)
+
+
+# ---------------------------------------------------------------- async copies
+
+def snapshot(state: Any) -> tuple[Any, dict]:
+    """A copy of ``state`` that later in-place updates of the training tensors cannot reach.
+
+    Tensors are copied per storage, so tensors that shared memory (tied
+    weights, views) still share it in the copy. CUDA storages go to pinned
+    host memory; the returned ``devices`` maps each copy's data pointer to
+    the device it came from, so the checkpoint records the original device.
+    """
+    copies: dict = {}
+    devices: dict = {}
+
+    def copy_storage(s: torch.UntypedStorage) -> torch.UntypedStorage:
+        key = (str(s.device), s.data_ptr(), s.nbytes())
+        if key not in copies or s.data_ptr() == 0:
+            if s.device.type == "cpu":
+                new = s.clone()
+            else:
+                pin = torch.cuda.is_available() and s.device.type == "cuda"
+                new = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                new.copy_(s, non_blocking=pin)
+                if new.data_ptr():
+                    devices[new.data_ptr()] = str(s.device)
+            copies[key] = new
+        return copies[key]
+
+    def copy_tensor(t: torch.Tensor) -> torch.Tensor:
+        data = t.detach()
+        if data.device.type == "meta":
+            out = data
+        else:
+            if data.is_conj() or data.is_neg():
+                data = data.resolve_conj().resolve_neg()
+            storage = copy_storage(data.untyped_storage())
+            out = torch.empty(0, dtype=data.dtype, device=storage.device)
+            out.set_(storage, data.storage_offset(), data.shape, data.stride())
+        if type(t) is torch.nn.Parameter:
+            return torch.nn.Parameter(out, requires_grad=t.requires_grad)
+        if t.requires_grad:
+            out.requires_grad_(True)
+        return out
+
+    def walk(obj: Any) -> Any:
+        import collections
+        import numpy as np
+        if isinstance(obj, torch.Tensor):
+            return copy_tensor(obj)
+        if isinstance(obj, np.ndarray):
+            return obj.copy()
+        t = type(obj)
+        if t is dict:
+            return {k: walk(v) for k, v in obj.items()}
+        if t is collections.OrderedDict:
+            out = collections.OrderedDict((k, walk(v)) for k, v in obj.items())
+            if hasattr(obj, "_metadata"):
+                out._metadata = obj._metadata
+            return out
+        if t is list:
+            return [walk(v) for v in obj]
+        if t is tuple:
+            return tuple(walk(v) for v in obj)
+        if t is bytearray:
+            return bytes(obj)
+        return obj   # immutable values; anything unsupported is refused by the encoder
+
+    out = walk(state)
+    if devices and torch.cuda.is_available():
+        torch.cuda.synchronize()   # the pinned copies are complete before save() returns
+    return out, devices
+
+
+class SaveHandle:
+    """An async save in flight: ``result()`` waits and returns its CheckpointInfo (or raises)."""
+
+    def __init__(self, step: int, future: cf.Future):
+        self.step = step
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def __repr__(self) -> str:
+        return f"SaveHandle(step={self.step}, done={self.done()})"
+
+
+_live: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
+
+
+def _finish_pending_at_exit() -> None:
+    """Pending async saves finish at interpreter exit; a failure is logged, never dropped silently."""
+    for mgr in list(_live):
+        step = mgr._pending_step
+        try:
+            mgr.wait()
+        except BaseException as e:  # noqa: BLE001 - reported, the interpreter is exiting
+            log.error("ckptstore: the pending save of step %s to %s failed at exit: %s", step, mgr.directory, e)
+
+
+# The save in flight needs worker threads of its own (checksums, uploads), and
+# concurrent.futures refuses new ones once its exit hook has run. Hooks
+# registered with threading run in reverse order, before atexit's: registered
+# after concurrent.futures.thread's, this one runs first.
+import concurrent.futures.thread  # noqa: E402,F401
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_finish_pending_at_exit)
+else:  # pragma: no cover - every supported Python has it
+    atexit.register(_finish_pending_at_exit)
+
+
+# ---------------------------------------------------------------- the manager
+
+class CheckpointManager:
+    """Saves, finds, restores and prunes the step checkpoints of one training run."""
+
+    def __init__(self, directory: Any, *, keep_last: int | None = None, keep_best: int | None = None,
+                 best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
+                 max_age: float | None = None, async_save: bool = False,
+                 storage_options: Mapping[str, Any] | None = None):
+        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive whole number or None, got {v!r}")
+        if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float))
+                                    or max_age <= 0):
+            raise ValueError(f"max_age must be a positive number of seconds or None, got {max_age!r}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if keep_best is not None and not best_metric:
+            raise ValueError("keep_best needs best_metric (the key of metrics to rank steps by)")
+        self.keep_last, self.keep_best, self.best_metric = keep_last, keep_best, best_metric
+        self.best_mode, self.keep_every, self.max_age = best_mode, keep_every, max_age
+        self.async_save = async_save
+        self._store: Store = open_store(directory, storage_options)
+        self.directory = self._store.uri
+        self._records: dict[tuple[int, str], StepRecord] = {}   # (step, record name) -> what it said
+        self._lock = threading.Lock()
+        self._in_flight: set[int] = set()
+        self._pending: cf.Future | None = None
+        self._pending_step: int | None = None
+        self._executor: cf.ThreadPoolExecutor | None = None
+        self._closed = False
+        self._probe()
+        _live.add(self)
+
+    # -- setup
+
+    def _probe(self) -> None:
+        """Prove the directory writable now, not at the first save hours into training."""
+        store = self._store
+        name = f".ckptstore-probe-{time.time_ns():x}"
+        try:
+            with store.errors("probe a write to"):
+                store.makedirs()
+                store.put(name, b"ckptstore write probe\n")
+                store.remove([name])
+        except CheckpointError as e:
+            raise StorageError(
+                f"{self.directory} is not writable for checkpoints: {e}", self.directory,
+                errno=getattr(e, "errno", None)) from None
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r})"
+
+    # -- discovery
+
+    def _scan(self, read: bool = False) -> list[StepRecord]:
+        """Every step directory, from one listing of the run.
+
+        Without ``read``, a step counts as committed when it holds a commit
+        record, and its commit time is the record's mtime: no request per
+        step. With ``read``, each step's newest intact commit record is read
+        (once per manager: records never change) to prove the commit and get
+        its metrics.
+        """
+        tree = self._store.tree()
+        out = []
+        for d, listing in tree.items():
+            m = _STEP_DIR.match(d)
+            if not m:
+                continue
+            step = int(m.group(1))
+            gens = commit_generations(listing)
+            if not gens:
+                out.append(StepRecord(step, False, None))
+                continue
+            if not read:
+                entry = listing[commit_name(gens[0])]
+                out.append(StepRecord(step, True, entry.mtime, None, generation_time(gens[0])))
+                continue
+            key = (step, commit_name(gens[0]))
+            rec = self._records.get(key)
+            if rec is None:
+                rec = self._read_record(step, listing)
+                if rec.committed:
+                    self._records[key] = rec
+            out.append(rec)
+        return sorted(out, key=lambda r: r.step)
+
+    def _read_record(self, step: int, listing: dict) -> StepRecord:
+        store = self._store.child(step_dir(step))
+        try:
+            found = reader.find_commit(store, listing)
+        except CheckpointError as e:
+            log.warning("%s: cannot read step %d: %s", self.directory, step, e)
+            return StepRecord(step, False, None)
+        m: Manifest | None = found.manifest
+        if m is None:
+            return StepRecord(step, False, None)
+        entry = listing.get(commit_name(m.generation))
+        when = entry.mtime if entry is not None and entry.mtime is not None else m.created
+        return StepRecord(step, True, when, dict(m.meta.get("metrics") or {}), generation_time(m.generation))
+
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (one listing of the run)."""
+        return [r.step for r in self._scan() if r.committed]
+
+    def latest_step(self) -> int | None:
+        """The most recently committed step (by commit time), or None."""
+        committed = [r for r in self._scan() if r.committed]
+        if not committed:
+            return None
+        return max(committed, key=lambda r: (r.time or 0.0, r.order, r.step)).step
+
+    # -- saving
+
+    def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None,
+             force: bool = False):
+        """Save ``state`` as ``step``. Returns a CheckpointInfo, or with ``async_save`` a
+        handle whose ``result()`` gives it, once the state has been copied away.
+
+        An existing committed step raises CheckpointExistsError unless ``force``.
+        An error of an earlier async save is raised here.
+        """
+        if self._closed:
+            raise CheckpointError(f"{self.directory}: the manager is closed")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        metrics = self._check_metrics(metrics)
+        self.wait()   # at most one save in flight; raises the previous one's error
+        if not self.async_save:
+            return self._write(step, state, metrics, force, None)
+        copied, devices = snapshot(state)
+        if self._executor is None:
+            self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save")
+        with self._lock:
+            self._in_flight.add(step)
+        self._pending_step = step
+        self._pending = self._executor.submit(self._write, step, copied, metrics, force, devices)
+        return SaveHandle(step, self._pending)
+
+    @staticmethod
+    def _check_metrics(metrics) -> dict:
+        out = {}
+        for k, v in (metrics or {}).items():
+            if not isinstance(k, str):
+                raise TypeError(f"metrics keys must be str, got {k!r}")
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.item()
+            if hasattr(v, "item") and not isinstance(v, (int, float, str, bool)):
+                v = v.item()   # numpy scalars
+            if v is not None and not isinstance(v, (int, float, str, bool)):
+                raise TypeError(f"metrics[{k!r}] must be a number, str, bool or None, got {type(v).__name__}")
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None   # JSON cannot hold nan or inf; such a metric ranks as absent
+            out[k] = v
+        return out
+
+    def _write(self, step: int, state: Any, metrics: dict, force: bool, devices: dict | None) -> CheckpointInfo:
+        store = self._store.child(step_dir(step))
+        with self._lock:
+            self._in_flight.add(step)
+        try:
+            strategy = commit.choose(store, store.location.commit)
+            with store.errors("save to"):
+                done = writer.write_checkpoint(
+                    store, strategy, state, overwrite=force, verify=True, allow_pickle=False,
+                    progress=False, meta={"step": step, "metrics": metrics}, has_commit=_has_commit,
+                    devices=devices)
+        except CheckpointExistsError as e:
+            raise CheckpointExistsError(
+                f"{self.directory}: step {step} is already committed; pass force=True to replace it",
+                self.directory) from e
+        finally:
+            with self._lock:
+                self._in_flight.discard(step)
+        m = done.manifest
+        info = CheckpointInfo(uri=store.uri, nbytes=m.nbytes, seconds=done.seconds, strategy=done.strategy,
+                              generation=m.generation, created=m.created, files=len(m.files),
+                              meta=dict(m.meta))
+        try:
+            self.prune()
+        except CheckpointError as e:
+            log.warning("%s: retention after step %d failed (nothing else is affected): %s",
+                        self.directory, step, e)
+        return info
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; re-raise its error."""
+        fut = self._pending
+        if fut is None:
+            return
+        try:
+            fut.result()
+        finally:
+            if self._pending is fut:
+                self._pending = None
+                self._pending_step = None
+
+    # -- restoring
+
+    def restore(self, step: int | None = None, *, map_location=None) -> Any:
+        """The state of ``step``; without one, of the newest step that verifies.
+
+        A newest step that is corrupt or incomplete is skipped with a warning
+        naming it. Returns None when there is nothing to restore.
+        """
+        if step is not None:
+            return self._load(step, map_location)
+        records = [r for r in self._scan() if r.committed]
+        records.sort(key=lambda r: (r.time or 0.0, r.order, r.step), reverse=True)
+        for r in records:
+            try:
+                return self._load(r.step, map_location)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                log.warning("%s: step %d does not verify, falling back to an older step: %s",
+                            self.directory, r.step, e)
+        # Steps whose record could not be read may still hold an older, intact generation.
+        return None
+
+    def _load(self, step: int, map_location) -> Any:
+        store = self._store.child(step_dir(step))
+        with store.errors("restore"):
+            m, _ = reader.open_commit(store)
+            values = reader.read_blobs(store, m, verify=True)
+            return reader.build_state(m, values, map_location=map_location)
+
+    # -- retention
+
+    def prune(self) -> list[int]:
+        """Remove the steps the retention policy does not keep; returns them."""
+        if self.keep_last is None and self.keep_best is None and self.keep_every is None \
+                and self.max_age is None:
+            return []
+        records = self._scan(read=True)
+        with self._lock:
+            in_flight = set(self._in_flight)
+        keep = to_keep(records, now=time.time(), keep_last=self.keep_last, keep_best=self.keep_best,
+                       best_metric=self.best_metric, best_mode=self.best_mode, keep_every=self.keep_every,
+                       max_age=self.max_age, in_flight=in_flight)
+        removed = []
+        for r in records:
+            if r.step in keep or not r.committed:
+                continue
+            self._remove_step(r.step)
+            removed.append(r.step)
+        if removed:
+            log.info("%s: retention removed steps %s", self.directory, removed)
+        return removed
+
+    def _remove_step(self, step: int) -> None:
+        """Commit records first, then data: a half-removed step is never taken as committed.
+
+        Only files of committed or superseded generations listed now are
+        removed; files of a save that another process is writing into the same
+        step stay (it commits later, or gc removes them after its grace period).
+        """
+        store = self._store.child(step_dir(step))
+        listing = store.list() or {}
+        gens = commit_generations(listing)
+        if not gens:
+            return
+        newest = gens[0]
+        records, data = [], []
+        for name in listing:
+            f = FileName.parse(name)
+            if f is None or f.gen > newest:
+                continue
+            (records if f.role in ("commit", "tmp") else data).append(name)
+        store.remove(sorted(records))
+        store.remove(sorted(data))
+        store.remove_dir()
+        self._records = {k: v for k, v in self._records.items() if k[0] != step}
+
+    # -- lifetime
+
+    def close(self) -> None:
+        """Wait for the save in flight (re-raising its error) and release the writer thread."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            _live.discard(self)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException as e:  # noqa: BLE001 - the exception already propagating matters more
+            log.error("%s: the pending save failed while handling another error: %s", self.directory, e)
