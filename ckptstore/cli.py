@@ -1,4 +1,4 @@
-"""The ckptstore command line: ls, info, verify, gc.
+"""The ckptstore command line: ls, info, verify, prune, gc.
 
 Exit status: 0 when all is well, 1 when a verify finds a problem (or the
 operation failed), 2 for usage errors.
@@ -115,6 +115,26 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .manager import CheckpointManager
+    policy = dict(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every,
+                  max_age=args.max_age)
+    if all(v is None for v in policy.values()):
+        return _usage_error("prune needs a policy: --keep-last, --keep-best, --keep-every and/or --max-age")
+    if args.keep_best is not None and not args.best_metric:
+        return _usage_error("--keep-best needs --best-metric")
+    try:
+        mgr = CheckpointManager(args.dir, best_metric=args.best_metric, best_mode=args.best_mode,
+                                storage_options=_options(args.option), _probe=not args.dry_run, **policy)
+    except ValueError as e:
+        return _usage_error(str(e))
+    steps = mgr._plan_prune() if args.dry_run else mgr.prune()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(steps)} step(s){': ' + ', '.join(map(str, steps)) if steps else ''}")
+    print(f"kept: {', '.join(str(s) for s in mgr.steps() if not args.dry_run or s not in steps) or 'none'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckptstore",
@@ -140,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", cmd_verify, "check a checkpoint's commit and sizes; --deep re-reads every byte")
     sp.add_argument("uri", metavar="URI")
     sp.add_argument("--deep", action="store_true", help="re-read every byte and check its CRC-32C")
+    sp = add("prune", cmd_prune, "remove the steps of a CheckpointManager directory that a retention "
+                                 "policy does not keep (never the newest, the best, or anything uncommitted)")
+    sp.add_argument("dir", metavar="DIR")
+    sp.add_argument("--keep-last", type=int, metavar="N", help="keep the N most recently committed steps")
+    sp.add_argument("--keep-best", type=int, metavar="N", help="keep the N best steps by --best-metric")
+    sp.add_argument("--best-metric", metavar="NAME", help="the metric saved with each step to rank by")
+    sp.add_argument("--best-mode", choices=("min", "max"), default="min", help="lower or higher is better")
+    sp.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
+    sp.add_argument("--max-age", type=float, metavar="SECONDS", help="keep steps committed less than this ago")
+    sp.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     sp = add("gc", cmd_gc, "remove what interrupted or superseded saves left behind")
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--grace", type=float, default=None, metavar="SECONDS",

@@ -227,7 +227,7 @@ class CheckpointManager:
     def __init__(self, directory: Any, *, keep_last: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
                  max_age: float | None = None, async_save: bool = False,
-                 storage_options: Mapping[str, Any] | None = None):
+                 storage_options: Mapping[str, Any] | None = None, _probe: bool = True):
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive whole number or None, got {v!r}")
@@ -250,7 +250,8 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closed = False
-        self._probe()
+        if _probe:
+            self._probe()
         _live.add(self)
 
     # -- setup
@@ -449,6 +450,16 @@ class CheckpointManager:
 
     def prune(self) -> list[int]:
         """Remove the steps the retention policy does not keep; returns them."""
+        removed = []
+        for step in self._plan_prune():
+            self._remove_step(step)
+            removed.append(step)
+        if removed:
+            log.info("%s: retention removed steps %s", self.directory, removed)
+        return removed
+
+    def _plan_prune(self) -> list[int]:
+        """The committed steps the policy would remove now, ascending."""
         if self.keep_last is None and self.keep_best is None and self.keep_every is None \
                 and self.max_age is None:
             return []
@@ -458,15 +469,7 @@ class CheckpointManager:
         keep = to_keep(records, now=time.time(), keep_last=self.keep_last, keep_best=self.keep_best,
                        best_metric=self.best_metric, best_mode=self.best_mode, keep_every=self.keep_every,
                        max_age=self.max_age, in_flight=in_flight)
-        removed = []
-        for r in records:
-            if r.step in keep or not r.committed:
-                continue
-            self._remove_step(r.step)
-            removed.append(r.step)
-        if removed:
-            log.info("%s: retention removed steps %s", self.directory, removed)
-        return removed
+        return [r.step for r in records if r.committed and r.step not in keep]
 
     def _remove_step(self, step: int) -> None:
         """Commit records first, then data: a half-removed step is never taken as committed.

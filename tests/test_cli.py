@@ -131,3 +131,27 @@ def test_gc_of_a_directory_without_leftovers_changes_nothing(run_dir):
     assert done.returncode == 0, done.stderr
     assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before
     assert ckptstore.load(str(run_dir / "step-20"))["step"] == 20
+
+
+def test_prune_applies_a_retention_policy_to_a_manager_directory(tmp_path):
+    run = str(tmp_path / "run")
+    mgr = ckptstore.CheckpointManager(run)
+    for s, loss in enumerate([3.0, 1.0, 4.0, 5.0, 6.0]):
+        mgr.save(s, {"w": torch.full((3,), float(s))}, metrics={"loss": loss})
+    dry = subprocess.run([sys.executable, "-m", "ckptstore", "prune", run, "--keep-last", "2",
+                          "--best-metric", "loss", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove 2 step(s): 0, 2" in dry.stdout
+    assert mgr.steps() == [0, 1, 2, 3, 4]
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "prune", run, "--keep-last", "2",
+                           "--best-metric", "loss"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert mgr.steps() == [1, 3, 4]          # the best (loss 1.0) and the two newest
+
+
+@pytest.mark.parametrize("args", [[], ["--keep-best", "1"], ["--keep-last", "0"]])
+def test_prune_without_a_valid_policy_is_a_usage_error(tmp_path, args):
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "prune", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
