@@ -20,11 +20,13 @@ from .errors import (  # noqa: E402
     UnsupportedObjectError,
 )
 from .api import CheckpointInfo, VerifyReport, exists, load, save, verify  # noqa: E402
+from .manager import CheckpointManager  # noqa: E402
+from .rng import capture_rng_state, restore_rng_state  # noqa: E402
 
 __all__ = [
     "__version__",
     "save", "load", "verify", "exists",
-    "CheckpointInfo", "VerifyReport",
+    "CheckpointInfo", "VerifyReport", "CheckpointManager", "capture_rng_state", "restore_rng_state",
     "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "UnsafeCheckpointError",
     "UnsupportedObjectError", "CheckpointExistsError", "InsufficientSpaceError", "StorageError",
 ]

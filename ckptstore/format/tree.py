@@ -272,6 +272,8 @@ def restore_location(storage: torch.UntypedStorage, location: str, map_location)
     device = torch.device(target)
     if device.type == "cpu":
         return storage
+    if device.type == "meta":
+        return torch.UntypedStorage(storage.nbytes(), device="meta")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"the checkpoint holds tensors saved on {location}, but CUDA is not available here; "
