@@ -278,7 +278,7 @@ class S3Store(ObjectStore):
         # Seconds without a byte of the answer once a request is sent (an
         # upload in progress does not count): a silent endpoint fails in
         # max_attempts x this, not minutes.
-        config.setdefault("read_timeout", 6)
+        config.setdefault("read_timeout", 4)
         # botocore's standard mode retries throttling (503 SlowDown), 5xx,
         # timeouts and dropped connections with exponential backoff and jitter;
         # transient() below adds two more tries for all but timeouts.
