@@ -375,7 +375,217 @@ def op_roundtrip(spec: dict) -> dict:
     return result
 
 
-OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip}
+# --- CheckpointManager: async stall and training under a background save ------
+
+def storage_clone(state: Any) -> list[torch.UntypedStorage]:
+    """``UntypedStorage.clone()`` of every distinct storage: the copy an async
+    save has to make before it may return (what ``CheckpointManager``'s
+    snapshot does for CPU tensors), with nothing else around it."""
+    return [s.clone() for s in unique_storages(state)]
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand the allocator's free pages back to the kernel.
+
+    Copies freed by an earlier measurement in the same process stay resident
+    in the malloc heap; the next copy would reuse them without raising RSS
+    and its extra memory would read low. ``malloc_trim`` (glibc) returns
+    them, so every measurement's RSS-before is the state plus the
+    interpreter, as in a fresh process.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the figures may read low, as the docstring says
+
+
+def _timed_with_peak(fn: Callable[[], Any]) -> tuple[dict, Any]:
+    _release_free_memory()
+    reset_peak_rss()
+    rss_before = current_rss()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "extra_rss": peak_rss() - rss_before}, out
+
+
+def _clear_dir(path: Path) -> None:
+    """Untimed: remove a checkpoint and sync, so no measurement pays for
+    writing back or discarding an earlier one."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+def _stall_section(state: Any, nbytes: int, root: Path, rnd: int) -> dict:
+    """How long saving blocks the training loop, against copying the state.
+
+    Measures, in an order rotated by the round: the storage clone (the
+    floor for an async save, which must copy before returning),
+    ``CheckpointManager(async_save=True).save`` until it returns (the stall)
+    and on until the background write is committed (its peak RSS is taken
+    over that whole span), ``CheckpointManager(async_save=False).save`` and
+    ``torch.save`` + fsync. An untimed clone first pays the process's first
+    touch of fresh pages, which on a VM can cost several times a copy into
+    recycled ones and would otherwise fall on whichever goes first.
+    """
+    import ckptstore
+
+    warm = storage_clone(state)
+    del warm
+
+    def clone() -> dict:
+        result, copies = _timed_with_peak(lambda: storage_clone(state))
+        del copies
+        return result
+
+    def async_save() -> dict:
+        mgr = ckptstore.CheckpointManager(root / "async", async_save=True)
+        _release_free_memory()
+        reset_peak_rss()
+        rss_before = current_rss()
+        start = time.perf_counter()
+        handle = mgr.save(1, state)
+        stall = time.perf_counter() - start
+        stall_rss = peak_rss() - rss_before
+        info = handle.result()
+        committed = time.perf_counter() - start
+        result = {"seconds": stall, "committed_seconds": committed,
+                  "extra_rss": peak_rss() - rss_before, "stall_extra_rss": stall_rss,
+                  "strategy": str(info.strategy)}
+        mgr.close()
+        _clear_dir(root / "async")
+        return result
+
+    def sync_save() -> dict:
+        mgr = ckptstore.CheckpointManager(root / "sync", async_save=False)
+        result, info = _timed_with_peak(lambda: mgr.save(1, state))
+        result["strategy"] = str(info.strategy)
+        mgr.close()
+        _clear_dir(root / "sync")
+        return result
+
+    def torch_save() -> dict:
+        path = root / "state.pt"
+        result, _ = _timed_with_peak(lambda: _torch_saver({"uri": str(path)})(state))
+        path.unlink()
+        os.sync()
+        return result
+
+    steps = [("clone", clone), ("async", async_save), ("sync", sync_save), ("torch", torch_save)]
+    k = rnd % len(steps)
+    steps = steps[k:] + steps[:k]
+    out: dict[str, Any] = {"order": [name for name, _ in steps]}
+    for name, fn in steps:
+        out[name] = fn()
+    return out
+
+
+def _training_loop(seed: int = 0) -> Callable[[], None]:
+    """One step of a small CPU training run: a 3-layer MLP (512 -> 1024 ->
+    1024 -> 512, 1.6 M parameters), batch 256, cross-entropy, AdamW. About
+    25 ms a step on 2 idle cores with torch's default threads, 40-50 ms with
+    one; fixed, never tuned to the save."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.GELU(),
+        torch.nn.Linear(1024, 1024), torch.nn.GELU(),
+        torch.nn.Linear(1024, 512))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(256, 512, generator=gen)
+    y = torch.randint(0, 512, (256,), generator=gen)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _steps_until(step: Callable[[], None], done: Callable[[], bool]) -> tuple[int, float]:
+    """Training steps (at least one) until ``done()``; returns (steps, seconds)."""
+    start = time.perf_counter()
+    n = 0
+    while True:
+        step()
+        n += 1
+        if done():
+            return n, time.perf_counter() - start
+
+
+def _train_section(state: Any, nbytes: int, root: Path, rnd: int, settings: list[int]) -> dict:
+    """Training steps/s while an async save of the state runs, and without.
+
+    For each thread setting (0: torch's default), in an order rotated by the
+    round: warm up; call ``CheckpointManager(async_save=True).save`` and,
+    once it returns, run training steps until the save is committed; run the
+    same number of steps with nothing else going on; then, as a reference
+    for what the machine allows, run steps while ``dd conv=fsync`` (another
+    process, no checksums, no Python) writes the same byte count. The save's
+    writer runs in a thread of this process, as it does for a user.
+    """
+    import ckptstore
+
+    step = _training_loop()
+    default_threads = torch.get_num_threads()
+    k = rnd % len(settings)
+    out: dict[str, Any] = {"default_threads": default_threads}
+    for i, threads in enumerate(settings[k:] + settings[:k]):
+        torch.set_num_threads(threads or default_threads)
+        for _ in range(10):
+            step()
+        mgr = ckptstore.CheckpointManager(root / f"train-{i}", async_save=True)
+        start = time.perf_counter()
+        handle = mgr.save(1, state)
+        stall = time.perf_counter() - start
+        n, with_save = _steps_until(step, handle.done)
+        handle.result()  # raises if the save failed
+        mgr.close()
+        _clear_dir(root / f"train-{i}")
+
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        without = time.perf_counter() - t0
+
+        target = root / "dd.bin"
+        dd = subprocess.Popen(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={nbytes}",
+                               "iflag=count_bytes", "conv=fsync", "status=none"])
+        n_dd, with_dd = _steps_until(step, lambda: dd.poll() is not None)
+        if dd.wait() != 0:
+            raise RuntimeError(f"dd exited with status {dd.returncode}")
+        target.unlink()
+        os.sync()
+        out[str(threads)] = {
+            "threads": torch.get_num_threads(), "steps": n, "with_save_seconds": with_save,
+            "without_seconds": without, "stall_seconds": stall, "save_seconds": stall + with_save,
+            "dd_steps": n_dd, "with_dd_seconds": with_dd}
+    torch.set_num_threads(default_threads)
+    return out
+
+
+def op_manager(spec: dict) -> dict:
+    """``CheckpointManager`` on local disk, one round: the stall figures,
+    then training throughput during a background save (see the two
+    sections). Both share one process and one built state; every
+    measurement frees what it made and hands it back to the kernel first."""
+    root = Path(spec["dir"])
+    root.mkdir(parents=True, exist_ok=True)
+    state = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+    nbytes = state_nbytes(state)
+    rnd = spec.get("round", 0)
+    return {"state_bytes": nbytes,
+            "stall": _stall_section(state, nbytes, root, rnd),
+            "train": _train_section(state, nbytes, root, rnd, list(spec["threads"]))}
+
+
+OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager}
 
 
 def main(argv: list[str]) -> int:
