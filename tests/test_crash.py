@@ -9,16 +9,14 @@ version they write is distinguishable, so a mix of two saves cannot pass.
 """
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import ckptstore
-from helpers.crash import bytes_under, interrupt_a_save
+from helpers.crash import bytes_under, interrupt_a_save, kill_at_random_instants
 from helpers.save_loop import check_state, make_state
 
 MEGABYTES = 24  # per version; large enough that a save takes a while, small enough to stay fast
@@ -52,45 +50,9 @@ def test_sigkill_at_random_instants_leaves_exactly_one_written_version(writers, 
     ckptstore.save(make_state(0, MEGABYTES), uri)
     clean_footprint = bytes_under(run_dir)  # what clean overwrites leave on disk
 
-    rng = random.Random(f"ckptstore-crash-{commit}")
-    current = 0  # the version the checkpoint holds now
-    rounds_without_commit = rounds_with_commit = 0
-    kill_window = None  # seconds after a writer starts in which kills are spread
-    for r in range(ROUNDS):
-        first = (r + 1) * 100  # rounds write a handful of versions each; int16 tensors hold them
-        pid = writers.start_writer(uri, first, MEGABYTES)
-        started = time.monotonic()
-        if kill_window is None:
-            # Calibration round: time the writer's commit cadence, then spread
-            # later kills over before, around and between commits.
-            commit_times = []
-            while len(commit_times) < 4:
-                if len(writers.committed_so_far(pid)) > len(commit_times):
-                    commit_times.append(time.monotonic())
-                assert time.monotonic() - started < 30, "writer too slow to calibrate"
-                time.sleep(0.0005)
-            period = min(b - a for a, b in zip(commit_times, commit_times[1:]))
-            kill_window = 3 * period
-        elif r % 6 == 5:
-            # Kill right after a commit is reported: the next save (and any
-            # cleanup of the one just committed) is at its very start.
-            while not writers.committed_so_far(pid):
-                assert time.monotonic() - started < 30, "writer never committed"
-                time.sleep(0.0005)
-        else:
-            time.sleep(rng.uniform(0.0, kill_window))
-        committed = writers.kill_writer(pid)
-
-        assert ckptstore.exists(uri), f"round {r}: no checkpoint after kill (committed {committed})"
-        version = check_state(ckptstore.load(uri))
-        allowed = {committed[-1], committed[-1] + 1} if committed else {current, first}
-        assert version in allowed, f"round {r}: loaded version {version}, expected one of {sorted(allowed)}"
-        assert ckptstore.verify(uri, deep=True).ok
-        current = version
-        if committed:
-            rounds_with_commit += 1
-        else:
-            rounds_without_commit += 1
+    current, rounds_with_commit, rounds_without_commit = kill_at_random_instants(
+        writers, uri, rounds=ROUNDS, seed=f"ckptstore-crash-{commit}", megabytes=MEGABYTES, start_version=0,
+        calibrate_commits=4, window_periods=3.0, after_commit_every=6)
 
     # The seeded delays must really have spread the kills around commits.
     assert rounds_without_commit >= 2 and rounds_with_commit >= 2, (rounds_without_commit, rounds_with_commit)

@@ -37,7 +37,6 @@ if any(os.environ.get(v) for v in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "h
 import atexit  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -372,29 +371,12 @@ class GcsEmulator(_ServerProcess):
 # --- rclone FUSE mount --------------------------------------------------------------------
 
 
-_OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
-
-
-def _unescape_mountinfo(field: str) -> str:
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
-
-
 def fuse_mounts() -> dict[str, str]:
-    """{mount point: filesystem type} of every FUSE mount this process sees."""
-    found = {}
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) < 5 or not right:
-                    continue
-                fstype = right.split()[0]
-                if fstype == "fuse" or fstype.startswith("fuse."):
-                    found[_unescape_mountinfo(fields[4])] = fstype
-    except OSError:
-        pass
-    return found
+    """{mount point: filesystem type} of every FUSE mount this process sees
+    (from the same /proc/self/mountinfo reader ckptstore uses to pick a commit strategy)."""
+    from ckptstore.stores.mounts import _mounts
+
+    return {point: fstype for point, fstype in _mounts() if fstype == "fuse" or fstype.startswith("fuse.")}
 
 
 class RcloneMount:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -139,3 +140,56 @@ def interrupt_a_save(server: WriterServer, uri: str, directory: Path, first_vers
     finally:
         committed = server.kill_writer(pid)
     return committed
+
+
+def kill_at_random_instants(server: WriterServer, uri: str, *, rounds: int, seed: str, megabytes: float,
+                            start_version: int, calibrate_commits: int = 4, window_periods: float = 3.0,
+                            after_commit_every: int = 0) -> tuple[int, int, int]:
+    """SIGKILL ``rounds`` writers overwriting ``uri`` at seeded random instants.
+
+    The first round times the writer's commit cadence; later kills are spread
+    over ``window_periods`` commit periods from the writer's start, and every
+    ``after_commit_every``-th round kills right after a commit is reported.
+    After each kill, what a reader finds must be exactly one written version:
+    the last one committed or the one after it (or, with none committed, the
+    one before or the writer's first). Returns (the version the checkpoint
+    holds at the end, rounds with a commit, rounds without).
+    """
+    import ckptstore
+    from helpers.save_loop import check_state
+
+    rng = random.Random(seed)
+    current, window = start_version, None
+    with_commit = without_commit = 0
+    for r in range(rounds):
+        first = (r + 1) * 100  # rounds write a handful of versions each; int16 tensors hold them
+        pid = server.start_writer(uri, first, megabytes)
+        started = time.monotonic()
+        if window is None:
+            commit_times: list[float] = []
+            while len(commit_times) < calibrate_commits:
+                if len(server.committed_so_far(pid)) > len(commit_times):
+                    commit_times.append(time.monotonic())
+                assert time.monotonic() - started < 120, "writer too slow to calibrate"
+                time.sleep(0.0005)
+            window = window_periods * min(b - a for a, b in zip(commit_times, commit_times[1:]))
+        elif after_commit_every and r % after_commit_every == after_commit_every - 1:
+            # The next save (and any cleanup of the one just committed) is at its very start.
+            while not server.committed_so_far(pid):
+                assert time.monotonic() - started < 60, "writer never committed"
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, window))
+        committed = server.kill_writer(pid)
+
+        assert ckptstore.exists(uri), f"round {r}: no checkpoint after the kill (committed {committed})"
+        version = check_state(ckptstore.load(uri))
+        allowed = {committed[-1], committed[-1] + 1} if committed else {current, first}
+        assert version in allowed, f"round {r}: loaded version {version}, expected one of {sorted(allowed)}"
+        assert ckptstore.verify(uri, deep=True).ok
+        current = version
+        if committed:
+            with_commit += 1
+        else:
+            without_commit += 1
+    return current, with_commit, without_commit
