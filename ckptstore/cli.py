@@ -1,4 +1,4 @@
-"""The ckptstore command line: ls, info, verify, prune, gc.
+"""The ckptstore command line: ls, info, verify, cp, prune, gc, bench.
 
 Exit status: 0 when all is well, 1 when a verify finds a problem (or the
 operation failed), 2 for usage errors.
@@ -44,28 +44,42 @@ def _when(ts: float) -> str:
 
 
 def cmd_ls(args) -> int:
+    from . import commit
     from .reader import find_commit
     from .stores import open_store
     root = open_store(args.dir, _options(args.option))
+    strategy = commit.choose(root, root.location.commit).name
+    header = ("NAME", "STEP", "SIZE", "COMMITTED", "STRATEGY", "METRICS", "STATUS")
     rows = []
-    candidates = [("", root)] + [(n, root.child(n)) for n in root.subdirs()]
-    for name, s in candidates:
-        listing = s.list()
+    tree = root.tree()
+    candidates = [("", root, root.list())] + [(n, root.child(n), tree[n]) for n in sorted(tree)]
+    for name, s, listing in candidates:
         if not listing:
             continue
         found = find_commit(s, listing)
         if found.manifest is None and not found.records:
             continue
         m = found.manifest
-        rows.append((name or ".", _size(m.nbytes) if m else "-", _when(m.created) if m else "-",
+        meta = m.meta if m else {}
+        metrics = meta.get("metrics") or {}
+        rows.append((name or ".", str(meta.get("step", "-")), _size(m.nbytes) if m else "-",
+                     _when(m.created) if m else "-", strategy,
+                     " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+                     or "-",
                      "ok" if m else "damaged: " + "; ".join(found.problems)[:80]))
     if not rows:
         print(f"no checkpoints in {root.uri}")
         return 0
-    w = [max(len(r[i]) for r in rows + [("NAME", "SIZE", "COMMITTED", "STATUS")]) for i in range(3)]
-    print(f"{'NAME':<{w[0]}}  {'SIZE':>{w[1]}}  {'COMMITTED':<{w[2]}}  STATUS")
+
+    def step_key(r):
+        return (0, int(r[1]), r[0]) if r[1].isdigit() else (1, 0, r[0])
+
+    rows.sort(key=step_key)
+    w = [max(len(r[i]) for r in rows + [header]) for i in range(len(header) - 1)]
+    print("  ".join(h.ljust(w[i]) if i < len(w) else h for i, h in enumerate(header)).rstrip())
     for r in rows:
-        print(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+        print("  ".join((c.rjust(w[i]) if i in (1, 2) else c.ljust(w[i])) if i < len(w) else c
+                        for i, c in enumerate(r)).rstrip())
     return 0
 
 
@@ -115,6 +129,91 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_cp(args) -> int:
+    from .api import load, save
+    from .copy import copy_checkpoint
+    from .stores import open_store
+    common = _options(args.option)
+    src = open_store(args.src, {**common, **_options(args.src_option)})
+    dst_options = {**common, **_options(args.dst_option)}
+    dst = open_store(args.dst, dst_options)
+    progress = args.progress or (args.progress is None and sys.stderr.isatty())
+    if src.is_file():
+        # A torch.save or safetensors file: loaded safely, saved in ckptstore's format.
+        state = load(args.src, storage_options={**common, **_options(args.src_option)})
+        info = save(state, args.dst, storage_options=dst_options, overwrite=not args.no_overwrite,
+                    progress=progress)
+        print(f"converted {src.uri} -> {info.uri} ({_size(info.nbytes)}, {info.strategy} commit, verified)")
+        return 0
+    m = copy_checkpoint(src, dst, overwrite=not args.no_overwrite, progress=progress)
+    print(f"copied {src.uri} -> {dst.uri} ({_size(m.nbytes)} in {len(m.files)} data file(s), "
+          "verified at the destination)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Save and load a synthetic state at URI, against writing and reading the same bytes raw."""
+    import time
+
+    import torch
+
+    from .api import load, save
+    from .stores import open_store
+    from .url import parse_size
+    try:
+        total = parse_size(args.size)
+    except ValueError as e:
+        return _usage_error(str(e))
+    if total < 1 << 20:
+        return _usage_error("--size must be at least 1MiB")
+    options = _options(args.option)
+    root = open_store(args.uri, options)
+    n = max(1, total // (8 << 20))
+    g = torch.Generator().manual_seed(0)
+    state = {f"t{i}": torch.randn((total // n) // 4, generator=g) for i in range(n)}
+    raw = b"".join(t.numpy().tobytes() for t in state.values()) if not args.no_baseline else b""
+    ck, blob = root.child("ckptstore-bench"), root.child("ckptstore-bench-raw")
+    rows = []
+
+    def best(fn, before=None):
+        times = []
+        for _ in range(args.repeat):
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    try:
+        save_s = best(lambda: save(state, ck.location.uri, storage_options=options))
+        load_s = best(lambda: [t.sum() for t in load(ck.location.uri, storage_options=options).values()])
+        if not args.no_baseline:
+            blob.makedirs()
+            put_s = best(lambda: blob.put("state.raw", raw), before=lambda: blob.remove(["state.raw"]))
+            get_s = best(lambda: blob.get("state.raw"))
+            rows = [("ckptstore.save", save_s, "raw write", put_s), ("ckptstore.load", load_s, "raw read", get_s)]
+        else:
+            rows = [("ckptstore.save", save_s, "-", None), ("ckptstore.load", load_s, "-", None)]
+    finally:
+        if not args.keep:
+            for s in (ck, blob):
+                try:
+                    s.remove(sorted((s.list() or {}), key=lambda n: not n.endswith(".commit")))
+                    s.remove_dir()
+                except CheckpointError:
+                    pass
+    print(f"{root.uri}: {_size(total)} in {n} tensors, best of {args.repeat}")
+    print(f"{'operation':<16}{'seconds':>9}{'MB/s':>9}  {'baseline':<10}{'seconds':>9}{'ratio':>7}")
+    for op, t, base, bt in rows:
+        ratio = f"{bt / t:7.2f}" if bt else "      -"
+        bts = f"{bt:9.3f}" if bt else "        -"
+        print(f"{op:<16}{t:9.3f}{total / t / 1e6:9.0f}  {base:<10}{bts}{ratio}")
+    print("ratio = baseline seconds / ckptstore seconds (1.0: as fast as writing or reading the bytes raw, "
+          "which checks nothing and commits nothing)")
+    return 0
+
+
 def cmd_prune(args) -> int:
     from .manager import CheckpointManager
     policy = dict(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every,
@@ -160,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("verify", cmd_verify, "check a checkpoint's commit and sizes; --deep re-reads every byte")
     sp.add_argument("uri", metavar="URI")
     sp.add_argument("--deep", action="store_true", help="re-read every byte and check its CRC-32C")
+    sp = add("cp", cmd_cp, "copy a checkpoint between any two backends, verified at the destination "
+                           "(a torch.save or .safetensors file is converted)")
+    sp.add_argument("src", metavar="SRC")
+    sp.add_argument("dst", metavar="DST")
+    sp.add_argument("--src-option", action="append", metavar="KEY=VALUE", help="a storage option for SRC only")
+    sp.add_argument("--dst-option", action="append", metavar="KEY=VALUE", help="a storage option for DST only")
+    sp.add_argument("--no-overwrite", action="store_true", help="fail if DST already holds a checkpoint")
+    sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="show a progress bar (default: when stderr is a terminal)")
     sp = add("prune", cmd_prune, "remove the steps of a CheckpointManager directory that a retention "
                                  "policy does not keep (never the newest, the best, or anything uncommitted)")
     sp.add_argument("dir", metavar="DIR")
@@ -170,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
     sp.add_argument("--max-age", type=float, metavar="SECONDS", help="keep steps committed less than this ago")
     sp.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    sp = add("bench", cmd_bench, "time save and load of a synthetic state at URI against writing and "
+                                 "reading the same bytes raw there (the repository's `make bench` compares "
+                                 "every backend)")
+    sp.add_argument("uri", metavar="URI", help="a directory to benchmark in (subdirectories ckptstore-bench*)")
+    sp.add_argument("--size", default="256MiB", help="state size (default: 256MiB)")
+    sp.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown (default: 3)")
+    sp.add_argument("--no-baseline", action="store_true", help="skip the raw write/read baseline")
+    sp.add_argument("--keep", action="store_true", help="leave the benchmark's checkpoint in place")
     sp = add("gc", cmd_gc, "remove what interrupted or superseded saves left behind")
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--grace", type=float, default=None, metavar="SECONDS",

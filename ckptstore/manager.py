@@ -212,7 +212,7 @@ def _finish_pending_at_exit() -> None:
 # concurrent.futures refuses new ones once its exit hook has run. Hooks
 # registered with threading run in reverse order, before atexit's: registered
 # after concurrent.futures.thread's, this one runs first.
-import concurrent.futures.thread  # noqa: E402,F401
+import concurrent.futures.thread as _cf_thread  # noqa: E402,F401 - its exit hook must be registered first
 if hasattr(threading, "_register_atexit"):
     threading._register_atexit(_finish_pending_at_exit)
 else:  # pragma: no cover - every supported Python has it

@@ -155,3 +155,82 @@ def test_prune_without_a_valid_policy_is_a_usage_error(tmp_path, args):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_cp_copies_between_backends_verified_at_the_destination(tmp_path, s3_store, memory_store):
+    state = {"w": torch.randn(300, 200), "tied": None, "step": 9}
+    state["tied"] = state["w"]
+    src = str(tmp_path / "src")
+    ckptstore.save(state, src)
+    dst = s3_store.uri("copied")
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "cp", src, dst], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "verified at the destination" in done.stdout
+    assert ckptstore.verify(dst, deep=True).ok
+    out = ckptstore.load(dst)
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 9
+    assert out["tied"].untyped_storage().data_ptr() == out["w"].untyped_storage().data_ptr()
+    # and on to a third backend, from the object store
+    again = subprocess.run([sys.executable, "-m", "ckptstore", "cp", dst, str(tmp_path / "back")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert torch.equal(ckptstore.load(str(tmp_path / "back"))["w"], state["w"])
+
+
+def test_cp_refuses_a_corrupt_source_and_commits_nothing(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ckptstore.save({"w": torch.randn(1000)}, str(src))
+    data = next(p for p in src.iterdir() if p.suffix == ".bin")
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.write_bytes(bytes(raw))
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "cp", str(src), str(dst)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "CRC-32C" in done.stderr
+    assert not ckptstore.exists(str(dst))
+    assert not dst.exists() or not any(dst.iterdir())
+
+
+def test_cp_converts_a_torch_save_file(tmp_path):
+    pt = tmp_path / "model.pt"
+    torch.save({"w": torch.arange(10)}, pt)
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "cp", str(pt), str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(ckptstore.load(str(tmp_path / "ck"))["w"], torch.arange(10))
+
+
+def test_ls_shows_a_manager_runs_steps_with_size_time_metrics_and_strategy(tmp_path):
+    run = str(tmp_path / "run")
+    mgr = ckptstore.CheckpointManager(run)
+    for s in (10, 2):
+        mgr.save(s, {"w": torch.ones(1000)}, metrics={"loss": 0.25, "acc": 0.5})
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "ls", run], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STEP", "SIZE", "COMMITTED", "STRATEGY", "METRICS", "STATUS"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["step-2", "step-10"]     # by step, not by name
+    for ln in lines[1:]:
+        assert "rename" in ln and "loss=0.25" in ln and "acc=0.5" in ln and ln.endswith("ok")
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_bench_times_save_and_load_against_raw_bytes_and_cleans_up(tmp_path, memory_store, where):
+    uri = str(tmp_path / "bench") if where == "local" else memory_store.uri("bench")
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "bench", uri, "--size", "2MiB", "--repeat", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = {ln.split()[0]: ln.split() for ln in done.stdout.splitlines() if ln.startswith("ckptstore.")}
+    assert set(rows) == {"ckptstore.save", "ckptstore.load"}
+    assert all(float(r[1]) > 0 for r in rows.values())
+    if where == "local":
+        assert not any((tmp_path / "bench").rglob("*")), "bench left files behind"
+
+
+def test_bench_rejects_a_bad_size(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ckptstore", "bench", str(tmp_path), "--size", "lots"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
