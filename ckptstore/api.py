@@ -62,8 +62,13 @@ def save(obj: Any, uri: Any, *, storage_options: Mapping[str, Any] | None = None
         done = writer.write_checkpoint(
             store, strategy, obj, overwrite=overwrite, verify=verify, allow_pickle=allow_pickle,
             progress=progress, meta=_meta, has_commit=_has_commit)
+    log.debug("saved %s (%d bytes, %s, %.3fs)", store.uri, done.manifest.nbytes, done.strategy, done.seconds)
+    return info_of(store, done)
+
+
+def info_of(store, done) -> CheckpointInfo:
+    """The CheckpointInfo of a save ``writer.write_checkpoint`` finished."""
     m = done.manifest
-    log.debug("saved %s (%d bytes, %s, %.3fs)", store.uri, m.nbytes, done.strategy, done.seconds)
     return CheckpointInfo(uri=store.uri, nbytes=m.nbytes, seconds=done.seconds, strategy=done.strategy,
                           generation=m.generation, created=m.created, files=len(m.files), meta=dict(m.meta))
 

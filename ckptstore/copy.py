@@ -12,12 +12,11 @@ from __future__ import annotations
 import crc32c
 
 from . import commit
-from .checksum import stored_crc32c
 from .errors import CheckpointExistsError, CorruptCheckpointError
 from .format.manifest import FileName, Manifest, commit_name, crc_hex, data_name, new_generation
 from .reader import open_commit
 from .stores.base import CHUNK, Store
-from .writer import retire_older
+from .writer import _check_stored, _discard, retire_older
 
 
 def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress: bool = False) -> Manifest:
@@ -43,22 +42,14 @@ def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress:
         for old, new in zip(m.files, files):
             written.append(new["name"])
             _copy_file(src, old, dst, new["name"], buf, bar)
-        for f in files:
-            stored = stored_crc32c(dst, f["name"], int(f["nbytes"]))
-            if crc_hex(stored) != f["crc32c"]:
-                raise CorruptCheckpointError(
-                    f"{dst.uri}/{f['name']}: stored with CRC-32C {crc_hex(stored)}, copied as {f['crc32c']}; "
-                    "nothing was committed", dst.uri)
+        _check_stored(dst, files, [None] * len(files))
         copied = Manifest(generation=gen, files=files, blobs=m.blobs, nodes=m.nodes, meta=m.meta,
                           writer=m.writer, created=m.created)
         record = commit_name(gen)
         written.append(record)
         commit.choose(dst, dst.location.commit).publish(dst, record, copied.to_bytes())
     except BaseException:
-        try:
-            dst.remove(list(reversed(written)))
-        except BaseException:  # noqa: BLE001 - the original error matters more
-            pass
+        _discard(dst, written)
         raise
     finally:
         if bar is not None:

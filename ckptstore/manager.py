@@ -14,6 +14,7 @@ commit records first, so a half-removed step is never taken as committed.
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures as cf
 import logging
 import math
@@ -24,10 +25,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from . import commit, reader, writer
-from .api import CheckpointInfo, _has_commit
+from .api import CheckpointInfo, _has_commit, info_of
 from .errors import (
     CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
 )
@@ -103,7 +105,7 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
         keep.update(r.step for r in committed if r.step % keep_every == 0)
     if max_age is not None:
         keep.update(r.step for r in committed if now - r.time < max_age)
-    return keep & every | (set(in_flight) & every)
+    return keep & every
 
 
 # ---------------------------------------------------------------- async copies
@@ -150,8 +152,6 @@ def snapshot(state: Any) -> tuple[Any, dict]:
         return out
 
     def walk(obj: Any) -> Any:
-        import collections
-        import numpy as np
         if isinstance(obj, torch.Tensor):
             return copy_tensor(obj)
         if isinstance(obj, np.ndarray):
@@ -395,10 +395,7 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._in_flight.discard(step)
-        m = done.manifest
-        info = CheckpointInfo(uri=store.uri, nbytes=m.nbytes, seconds=done.seconds, strategy=done.strategy,
-                              generation=m.generation, created=m.created, files=len(m.files),
-                              meta=dict(m.meta))
+        info = info_of(store, done)
         try:
             self.prune()
         except CheckpointError as e:

@@ -213,9 +213,6 @@ class ObjectStore(FsspecStore):
         with self.errors("remove"):
             self.attempt(self.fs.rm, [self.join(n) for n in names])
 
-    def _path(self, name: str) -> str:
-        return self.join(name)
-
     def transient(self, e: BaseException) -> bool:
         return False
 
@@ -298,7 +295,7 @@ class S3Store(ObjectStore):
                         or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"), None)
 
     def _bucket_key(self, name: str) -> tuple[str, str]:
-        bucket, key, _ = self.fs.split_path(self._path(name))
+        bucket, key, _ = self.fs.split_path(self.join(name))
         return bucket, key
 
     def _put(self, name: str, pieces: list, crc: int | None, **kw) -> dict:
@@ -309,7 +306,7 @@ class S3Store(ObjectStore):
                 crc = crc32c.crc32c(piece, crc)
         body = PiecesFile(pieces)
         # chunksize past the size: always one PUT, whatever the part size.
-        return self.fs.pipe_file(self._path(name), body, chunksize=len(body) + 1,
+        return self.fs.pipe_file(self.join(name), body, chunksize=len(body) + 1,
                                  ChecksumAlgorithm="CRC32C", ChecksumCRC32C=crc_to_b64(crc), **kw) or {}
 
     def put_part(self, name: str, pieces: list, crc: int) -> int | None:
@@ -443,12 +440,12 @@ class GCSStore(ObjectStore):
         n = sum(len(p) for p in pieces)
         if n == 0:
             with self.errors("write", name):
-                self.fs.pipe_file(self._path(name), b"")
+                self.fs.pipe_file(self.join(name), b"")
             return self.reported_crc32c(name)
         from fsspec.asyn import sync
         from gcsfs.core import initiate_upload
 
-        bucket, key, _ = self.fs.split_path(self._path(name))
+        bucket, key, _ = self.fs.split_path(self.join(name))
         payload = _slices_payload(pieces, n)
 
         async def upload():
@@ -468,14 +465,14 @@ class GCSStore(ObjectStore):
     def create_exclusive(self, name: str, data: bytes) -> bool:
         with self.errors("create", name):
             try:
-                self.fs.pipe_file(self._path(name), data, mode="create")
+                self.fs.pipe_file(self.join(name), data, mode="create")
             except FileExistsError:
                 return False
         return True
 
     def reported_crc32c(self, name: str) -> int | None:
         with self.errors("stat", name):
-            info = self.fs.info(self._path(name))
+            info = self.fs.info(self.join(name))
         return crc_from_b64(info.get("crc32c"))
 
     def explain(self, e: BaseException, action: str, where: str) -> StorageError | None:
