@@ -9,7 +9,8 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("boto3", "botocore", "aiobotocore", "s3fs", "gcsfs", "google")
+HEAVY = ("boto3", "botocore", "aiobotocore", "s3fs", "gcsfs", "google", "lightning", "pytorch_lightning",
+         "transformers", "accelerate")
 
 
 def modules_after(code: str) -> list[str]:
