@@ -60,19 +60,21 @@ class Plan:
         return 0, start
 
 
-def plan(blobs: list[tree.Blob], part_bytes: int | None) -> Plan:
+def plan(blobs: list[tree.Blob], part_bytes: int | None, pad_end: bool = False) -> Plan:
     """Lay blobs out at aligned offsets in one stream, then cut it into files.
 
     With ``part_bytes`` the stream is cut into files of exactly that size (the
     last one shorter), uploaded in parallel; a blob may continue from one file
-    into the next. Without, the stream is one file.
+    into the next. Without, the stream is one file. ``pad_end`` pads the
+    stream with zeros to a multiple of the alignment, so that another stream
+    can follow it (one per rank in a distributed save).
     """
     placed, pos = [], 0
     for i, b in enumerate(blobs):
         start = -(-pos // ALIGN) * ALIGN
         placed.append(_Planned(i, b, start))
         pos = start + b.nbytes
-    total = pos
+    total = -(-pos // ALIGN) * ALIGN if pad_end else pos
     if part_bytes and total > part_bytes:
         sizes = [part_bytes] * (total // part_bytes)
         if total % part_bytes:
@@ -83,12 +85,19 @@ def plan(blobs: list[tree.Blob], part_bytes: int | None) -> Plan:
 
 
 def blob_chunks(blob: tree.Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
-    """The blob's bytes as memoryviews of at most ``chunk`` bytes, without copying CPU data."""
+    """The blob's bytes as memoryviews of at most ``chunk`` bytes, without copying CPU data.
+
+    A storage blob's source is an ``UntypedStorage`` or a contiguous tensor
+    (whose own bytes are the blob: a shard written by a distributed save).
+    """
     if blob.nbytes == 0:
         return
     if blob.kind == tree.STORAGE:
-        storage: torch.UntypedStorage = blob.source
-        u8 = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        storage = blob.source
+        if isinstance(storage, torch.Tensor):
+            u8 = storage.detach().reshape(-1).view(torch.uint8)
+        else:
+            u8 = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         if storage.device.type == "cpu":
             flat = u8.numpy()
             for o in range(0, blob.nbytes, chunk):
@@ -132,6 +141,8 @@ def _stream(p: Plan) -> Iterator[tuple[int, memoryview, bool]]:
         for chunk in blob_chunks(q.blob):
             yield q.index, chunk, volatile
             pos += len(chunk)
+    if p.total > pos:
+        yield -1, memoryview(_ZEROS)[: p.total - pos], False
 
 
 def _files(p: Plan) -> Iterator[tuple[int, int, memoryview, bool]]:

@@ -1,0 +1,587 @@
+"""Storage for ``torch.distributed.checkpoint`` (DCP) on any ckptstore backend.
+
+    import torch.distributed.checkpoint as dcp
+    from ckptstore.integrations.dcp import StoreReader, StoreWriter
+
+    dcp.save(state, storage_writer=StoreWriter("s3://bucket/run1/step-100"))
+    dcp.load(state, storage_reader=StoreReader("s3://bucket/run1/step-100"))
+
+The result is an ordinary ckptstore checkpoint (docs/format.md), written by
+all ranks together:
+
+1. The coordinator picks one generation id while DCP plans the save and
+   hands it, with a slot number, to every rank.
+2. Each rank streams its own items (tensor shards, and the few values DCP
+   serializes itself) into its own data files, ``<gen>-<n>.bin`` with ``n``
+   from ``slot * 10**6``, computing CRC-32Cs on the way, and checks what the
+   backend stored (read back, or the CRC the backend reports) before it
+   reports success.
+3. Only when every rank has reported does DCP call ``finish`` on the
+   coordinator, which checks that every data file is present with its size
+   and then commits one record listing them all, with the backend's commit
+   strategy (rename or marker). A rank that dies or fails before that leaves
+   data files no record vouches for: leftovers ``ckptstore gc`` removes; the
+   previous checkpoint at the URI stays the committed one.
+
+DCP's metadata (which chunk of which tensor lives where) is stored as JSON in
+the commit record, never pickled. The node table holds every item, so
+``ckptstore.verify`` checks the result like any checkpoint, and
+``ckptstore.load`` returns a flat dict: ``"<fqn>"`` for a tensor saved whole,
+``"<fqn>@<o0>,<o1>,..."`` for a shard at those offsets, and ``bytes`` for
+values DCP serialized with ``torch.save``.
+
+Those ``bytes`` values are the one place DCP itself unpickles: its default
+load planner calls ``torch.load(..., weights_only=False)`` on them. The
+reader therefore first loads each such value with torch's weights-only
+unpickler and refuses, with ``UnsafeCheckpointError``, any that needs more,
+unless it was built with ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import crc32c
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from .. import __version__, commit, reader, writer
+from ..errors import (
+    CheckpointError, CorruptCheckpointError, UnsafeCheckpointError,
+    UnsupportedObjectError,
+)
+from ..format import tree
+from ..format.manifest import FileName, Manifest, commit_name, crc_hex, data_name, new_generation
+from ..stores import open_store
+from ..stores.base import Store
+
+__all__ = ["StoreWriter", "StoreReader"]
+
+# Rank slot s numbers its data files from s * SLOT_FILES; a rank may write
+# fewer files than that (16 TiB at the default part size of object stores).
+SLOT_FILES = 10 ** 6
+# What the commit record's ``meta`` says about a DCP checkpoint.
+META_KEY = "dcp"
+
+
+def _location(checkpoint_id: Any) -> str:
+    if isinstance(checkpoint_id, os.PathLike):
+        return os.fspath(checkpoint_id)
+    if not isinstance(checkpoint_id, str):
+        raise TypeError(f"a checkpoint id must be a path or a URL string, not {type(checkpoint_id).__name__}")
+    return checkpoint_id
+
+
+# ---------------------------------------------------------------- what travels between ranks
+
+@dataclass(frozen=True)
+class _Slot:
+    """The coordinator's word to one rank: the generation, and where its file numbers start."""
+
+    generation: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a rank put one item (the ``storage_data`` of its WriteResult)."""
+
+    slot: int
+    file: int          # index among this rank's files
+    offset: int
+    nbytes: int
+    crc32c: str
+    kind: str          # tree.STORAGE for tensors, tree.BYTES for serialized values
+    dtype: str | None  # tensor items: dtype name and chunk shape
+    shape: tuple | None
+    files: tuple       # this rank's data files: ({"name", "nbytes", "crc32c"}, ...), shared by its items
+
+
+# ---------------------------------------------------------------- DCP metadata <-> JSON
+
+def _encode_value(v: Any, where: str) -> Any:
+    """Planner data as JSON with tuples, lists and dicts told apart; nothing else."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return {"i": str(v)}
+    if isinstance(v, float):
+        return {"f": repr(v)}
+    if isinstance(v, tuple):
+        return {"t": [_encode_value(x, where) for x in v]}
+    if isinstance(v, list):
+        return {"l": [_encode_value(x, where) for x in v]}
+    if isinstance(v, dict):
+        return {"d": [[_encode_value(k, where), _encode_value(x, where)] for k, x in v.items()]}
+    raise UnsupportedObjectError(
+        f"{where} holds a {type(v).__module__}.{type(v).__qualname__}; StoreWriter stores planner data "
+        "made of None, bool, int, float, str, tuple, list and dict only")
+
+
+def _decode_value(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "i":
+            return int(x)
+        if tag == "f":
+            return float(x)
+        if tag == "t":
+            return tuple(_decode_value(y) for y in x)
+        if tag == "l":
+            return [_decode_value(y) for y in x]
+        if tag == "d":
+            return {_decode_value(k): _decode_value(y) for k, y in x}
+    raise CorruptCheckpointError(f"malformed DCP planner data in the commit record: {v!r:.80}")
+
+
+def _torch_attr(name: str, kind: type) -> Any:
+    value = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(value, kind):
+        raise CorruptCheckpointError(f"unknown torch {kind.__name__} {name!r} in the commit record")
+    return value
+
+
+def _encode_metadata(md: Metadata, index_of: dict[MetadataIndex, int]) -> dict:
+    entries = {}
+    for fqn, item in md.state_dict_metadata.items():
+        if isinstance(item, BytesStorageMetadata):
+            entries[fqn] = {"kind": "bytes"}
+            continue
+        p = item.properties
+        entries[fqn] = {
+            "kind": "tensor", "dtype": tree.dtype_name(p.dtype), "layout": str(p.layout),
+            "requires_grad": bool(p.requires_grad), "memory_format": str(p.memory_format),
+            "pin_memory": bool(p.pin_memory), "size": list(item.size),
+            "chunks": [[list(c.offsets), list(c.sizes)] for c in item.chunks],
+        }
+    storage = [[i.fqn, None if i.offset is None else list(i.offset), i.index, blob]
+               for i, blob in index_of.items()]
+    sm = md.storage_meta
+    return {
+        "version": md.version,
+        "state_dict": entries,
+        "planner_data": _encode_value(md.planner_data, "the DCP planner data"),
+        "storage": storage,
+        "save_id": sm.save_id if sm is not None else None,
+        "modules": list(sm.modules) if sm is not None else [],
+    }
+
+
+def _decode_metadata(doc: dict, generation: str) -> Metadata:
+    try:
+        entries: dict[str, Any] = {}
+        for fqn, e in doc["state_dict"].items():
+            if e["kind"] == "bytes":
+                entries[fqn] = BytesStorageMetadata()
+                continue
+            props = TensorProperties(
+                dtype=tree.dtype_from_name(e["dtype"]), layout=_torch_attr(e["layout"], torch.layout),
+                requires_grad=bool(e["requires_grad"]),
+                memory_format=_torch_attr(e["memory_format"], torch.memory_format),
+                pin_memory=bool(e["pin_memory"]))
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in e["chunks"]]
+            entries[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(e["size"]), chunks=chunks)
+        storage = {}
+        for fqn, offset, index, blob in doc["storage"]:
+            key = MetadataIndex(fqn=fqn, offset=None if offset is None else torch.Size(offset), index=index)
+            storage[key] = (generation, int(blob))
+        md = Metadata(state_dict_metadata=entries, planner_data=_decode_value(doc.get("planner_data")),
+                      storage_data=storage)
+        md.storage_meta = StorageMeta(save_id=doc.get("save_id"), modules=list(doc.get("modules") or []))
+        if doc.get("version") is not None:
+            md.version = doc["version"]
+        return md
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"malformed DCP metadata in the commit record: {e}") from None
+
+
+def _item_key(index: MetadataIndex, full: bool) -> str:
+    """The key of an item in the state ``ckptstore.load`` returns."""
+    if full or index.offset is None:
+        return index.fqn
+    return f"{index.fqn}@{','.join(str(int(o)) for o in index.offset)}"
+
+
+# ---------------------------------------------------------------- the writer
+
+class StoreWriter(StorageWriter):
+    """DCP ``StorageWriter`` over a ckptstore URL (local path, ``s3://``, ``gs://``, FUSE mount, ...).
+
+    ``uri`` may be overridden by ``dcp.save(..., checkpoint_id=...)``.
+    ``storage_options`` configure the backend like those of
+    ``ckptstore.save``; ``verify=True`` has each rank check what the backend
+    stored before it reports success. Saving again to the same URI commits a
+    new generation and retires the old one, as ``ckptstore.save`` does.
+    """
+
+    def __init__(self, uri: str | os.PathLike | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None, verify: bool = True) -> None:
+        super().__init__()
+        self.uri = None if uri is None else _location(uri)
+        self.storage_options = dict(storage_options or {})
+        self.verify = verify
+        self.is_coordinator = False
+        self.save_id = uuid.uuid4().hex
+        self._store: Store | None = None
+        self._listing: dict | None = None
+        self._generation: str | None = None
+
+    # --- DCP protocol
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.uri = _location(checkpoint_id)
+        self._store, self._listing, self._generation = None, None, None
+        self.save_id = uuid.uuid4().hex
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.store.uri, save_id=self.save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Coordinator: one generation for everyone, and a file-number slot per rank."""
+        store = self.store
+        if store.is_file():
+            raise CheckpointError(f"{store.uri} is a file, not a ckptstore checkpoint directory", store.uri)
+        self._listing = store.list() or {}
+        store.makedirs()
+        self._generation = new_generation(
+            [f.gen for f in map(FileName.parse, self._listing) if f is not None])
+        return [dataclasses.replace(p, storage_data=_Slot(self._generation, i)) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        slot: _Slot = plan.storage_data
+        if not isinstance(slot, _Slot):
+            raise CheckpointError("StoreWriter.write_data: the plan was not prepared by a StoreWriter coordinator")
+        store = self.store
+        items = list(plan.items)
+        blobs, shapes = [], []
+        for item in items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
+                blobs.append(tree.Blob(tree.BYTES, len(raw), raw))
+                shapes.append((None, None))
+                continue
+            t = data.detach()
+            if not t.is_contiguous():
+                t = t.contiguous()  # the projection only, one tensor at a time
+            blobs.append(tree.Blob(tree.STORAGE, t.numel() * t.element_size(), t, str(t.device)))
+            shapes.append((tree.dtype_name(t.dtype), tuple(t.shape)))
+        fut: Future = Future()
+        if not blobs:
+            fut.set_result([])
+            return fut
+        p = writer.plan(blobs, store.part_bytes, pad_end=True)
+        if len(p.sizes) >= SLOT_FILES:
+            raise CheckpointError(f"{store.uri}: one rank's share needs {len(p.sizes)} data files; "
+                                  f"raise part_size (at most {SLOT_FILES - 1} files per rank)", store.uri)
+        names = [data_name(slot.generation, slot.slot * SLOT_FILES + j) for j in range(len(p.sizes))]
+        written: list[str] = []
+        try:
+            blob_crcs: dict[int, int] = {}
+            if store.part_bytes and store.concurrency > 1:
+                crcs, reported = writer._write_parallel(store, names, p, blob_crcs, None, written)
+            else:
+                crcs = writer._write_sequential(store, names, p, blob_crcs, None, written)
+                reported = [None] * len(names)
+            files = tuple({"name": names[k], "nbytes": p.sizes[k], "crc32c": crc_hex(crcs[k])}
+                          for k in range(len(names)))
+            if self.verify:
+                writer._check_stored(store, list(files), reported)
+        except BaseException:
+            writer._discard(store, written)
+            raise
+        results = []
+        for q, item, (dtype, shape) in zip(p.blobs, items, shapes):
+            k, off = p.locate(q.start)
+            stored = _Stored(slot.slot, k, off, q.blob.nbytes, crc_hex(blob_crcs.get(q.index, 0)), q.blob.kind,
+                             dtype, shape, files)
+            results.append(WriteResult(index=item.index, size_in_bytes=q.blob.nbytes, storage_data=stored))
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Coordinator, once every rank has written and checked its files: the commit."""
+        store = self.store
+        gen = self._generation
+        if gen is None:
+            raise CheckpointError("StoreWriter.finish: called without prepare_global_plan")
+        by_slot: dict[int, tuple] = {}
+        flat: list[WriteResult] = []
+        for rank_results in results:
+            for r in rank_results:
+                s: _Stored = r.storage_data
+                by_slot.setdefault(s.slot, s.files)
+                flat.append(r)
+        files, first = [], {}
+        for slot in sorted(by_slot):
+            first[slot] = len(files)
+            files.extend(dict(f) for f in by_slot[slot])
+        if not files:
+            # Nothing to store at all (an empty state): one empty data file keeps the format's shape.
+            empty = data_name(gen, 0)
+            store.put(empty, b"")
+            files.append({"name": empty, "nbytes": 0, "crc32c": crc_hex(0)})
+
+        listing = store.list() or {}
+        missing = reader.shallow_problems(Manifest(gen, files, [], []), listing)
+        if missing:
+            raise CheckpointError(f"{store.uri}: not committing, " + "; ".join(missing), store.uri)
+
+        blobs: list[dict] = []
+        index_of: dict[MetadataIndex, int] = {}
+        nodes: list = [["dict", []]]
+        keys = nodes[0][1]
+        sizes = {fqn: md.size for fqn, md in metadata.state_dict_metadata.items()
+                 if isinstance(md, TensorStorageMetadata)}
+        for r in sorted(flat, key=lambda r: (r.index.fqn, tuple(r.index.offset or ()))):
+            s: _Stored = r.storage_data
+            b = len(blobs)
+            blobs.append({"file": first[s.slot] + s.file, "offset": s.offset, "nbytes": s.nbytes,
+                          "crc32c": s.crc32c, "kind": s.kind, "device": "cpu"})
+            index_of[r.index] = b
+            full = s.shape is not None and tuple(sizes.get(r.index.fqn, ())) == tuple(s.shape)
+            keys.append(len(nodes))
+            nodes.append(["str", _item_key(r.index, full)])
+            keys.append(len(nodes))
+            if s.kind == tree.BYTES:
+                nodes.append(["bytes", b])
+            else:
+                stride, acc = [], 1
+                for d in reversed(s.shape):
+                    stride.append(acc)
+                    acc *= max(int(d), 1)
+                nodes.append(["tensor", {"dtype": s.dtype, "shape": list(s.shape), "stride": stride[::-1],
+                                         "offset": 0, "storage": b, "requires_grad": False,
+                                         "parameter": False, "device": "cpu"}])
+        manifest = Manifest(
+            generation=gen, files=files, blobs=blobs, nodes=nodes,
+            meta={META_KEY: _encode_metadata(metadata, index_of)},
+            writer={"ckptstore": __version__, "torch": torch.__version__.split("+")[0],
+                    "via": "torch.distributed.checkpoint"},
+        )
+        manifest.check()
+        strategy = commit.choose(store, store.location.commit)
+        record = commit_name(gen)
+        try:
+            strategy.publish(store, record, manifest.to_bytes())
+        except BaseException:
+            writer._discard(store, [record])
+            raise
+        try:
+            writer.retire_older(store, gen, self._listing or {})
+        except CheckpointError:
+            pass  # committed; what is older is garbage for `ckptstore gc`
+
+    # --- helpers
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if self.uri is None:
+                raise CheckpointError("StoreWriter: no URI (give one, or pass checkpoint_id to dcp.save)")
+            self._store = open_store(self.uri, self.storage_options)
+        return self._store
+
+
+# ---------------------------------------------------------------- the reader
+
+class StoreReader(StorageReader):
+    """DCP ``StorageReader`` for checkpoints written by :class:`StoreWriter`.
+
+    Each rank reads only the items its load plan needs, with range reads,
+    ``concurrency`` of the backend at a time, and checks each item's CRC-32C
+    before handing it to the planner (``verify=False`` skips that).
+    Serialized (non-tensor) values must pass torch's weights-only unpickler
+    unless ``allow_pickle=True``.
+    """
+
+    def __init__(self, uri: str | os.PathLike | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None, verify: bool = True,
+                 allow_pickle: bool = False) -> None:
+        super().__init__()
+        self.uri = None if uri is None else _location(uri)
+        self.storage_options = dict(storage_options or {})
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self.load_id = uuid.uuid4().hex
+        self._store: Store | None = None
+        self._manifest: Manifest | None = None
+        self._storage: dict[MetadataIndex, tuple[str, int]] = {}
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None:
+            self.uri = _location(checkpoint_id)
+        self._store, self._manifest = None, None
+        self.load_id = uuid.uuid4().hex
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    def read_metadata(self, *args: Any) -> Metadata:
+        # No **kwargs: DCP then never asks for per-rank metadata, which these checkpoints do not have.
+        m, _ = reader.open_commit(self.store)
+        doc = m.meta.get(META_KEY)
+        if not isinstance(doc, dict):
+            raise CheckpointError(
+                f"{self.store.uri} was not written by torch.distributed.checkpoint through StoreWriter; "
+                "load it with ckptstore.load", self.store.uri)
+        self._manifest = m
+        md = _decode_metadata(doc, m.generation)
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._storage = dict(metadata.storage_data or {})
+        gens = {v[0] for v in self._storage.values()}
+        if len(gens) > 1:
+            raise CorruptCheckpointError(f"{self.store.uri}: DCP metadata names several generations")
+        if gens and (self._manifest is None or self._manifest.generation not in gens):
+            # Metadata read elsewhere: take the very generation it describes.
+            gen = gens.pop()
+            self._manifest = Manifest.from_bytes(self.store.get(commit_name(gen)),
+                                                 f"{self.store.uri}/{commit_name(gen)}")
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        m = self._manifest
+        if m is None:
+            raise CheckpointError("StoreReader.read_data: called before read_metadata")
+        store = self.store
+        shapes = _tensor_shapes(m)
+        by_blob: dict[int, list[ReadItem]] = {}
+        for req in plan.items:
+            where = self._storage.get(req.storage_index)
+            if where is None:
+                raise CorruptCheckpointError(f"{store.uri}: no stored item for {req.storage_index.fqn}", store.uri)
+            by_blob.setdefault(where[1], []).append(req)
+
+        starts = m.file_starts()
+        order = sorted(by_blob, key=lambda b: (starts[int(m.blobs[b]["file"])] + int(m.blobs[b]["offset"])))
+        readers = reader._Readers(store, m)
+        pool = cf.ThreadPoolExecutor(max(1, store.concurrency), thread_name_prefix="ckptstore-dcp-read")
+        try:
+            pending: list = []
+            nxt = 0
+            # At most `concurrency` items are read ahead of the one being placed.
+            while nxt < len(order) or pending:
+                while nxt < len(order) and len(pending) < max(1, store.concurrency):
+                    b = order[nxt]
+                    pending.append((b, pool.submit(self._read_blob, readers, m, b)))
+                    nxt += 1
+                b, fut = pending.pop(0)
+                buf = fut.result()
+                for req in by_blob[b]:
+                    self._place(req, b, buf, shapes, planner)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            readers.close()
+        fut: Future = Future()
+        fut.set_result(None)
+        return fut
+
+    # --- helpers
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if self.uri is None:
+                raise CheckpointError("StoreReader: no URI (give one, or pass checkpoint_id to dcp.load)")
+            self._store = open_store(self.uri, self.storage_options)
+        return self._store
+
+    def _read_blob(self, readers, m: Manifest, b: int) -> bytearray:
+        """One item's bytes (which may span data files), checked against its CRC-32C."""
+        blob = m.blobs[b]
+        n = int(blob["nbytes"])
+        starts = m.file_starts()
+        pos = starts[int(blob["file"])] + int(blob["offset"])
+        buf = bytearray(n)
+        view = memoryview(buf)
+        done = 0
+        k = int(blob["file"])
+        while done < n:
+            while starts[k + 1] <= pos:
+                k += 1
+            take = min(n - done, starts[k + 1] - pos)
+            got = readers.get(k).readinto(pos - starts[k], view[done:done + take])
+            if got < take:
+                raise CorruptCheckpointError(f"{self.store.uri}/{m.files[k]['name']}: file ends early (truncated)",
+                                             self.store.uri)
+            done += take
+            pos += take
+        if self.verify and crc_hex(crc32c.crc32c(view)) != blob["crc32c"]:
+            raise CorruptCheckpointError(
+                f"{self.store.uri}: CRC-32C mismatch in blob {b} ({n} bytes); the checkpoint is corrupt",
+                self.store.uri)
+        return buf
+
+    def _place(self, req: ReadItem, b: int, buf: bytearray, shapes: dict, planner: LoadPlanner) -> None:
+        if req.type == LoadItemType.BYTE_IO:
+            raw = bytes(buf)
+            if not self.allow_pickle:
+                try:
+                    torch.load(io.BytesIO(raw), weights_only=True)
+                except Exception as e:  # noqa: BLE001 - any refusal means: not plain data
+                    raise UnsafeCheckpointError(
+                        f"{self.store.uri}: the value {req.storage_index.fqn!r} needs the full unpickler "
+                        f"({type(e).__name__}); pass allow_pickle=True to StoreReader if you trust this "
+                        "checkpoint") from None
+            planner.load_bytes(req, io.BytesIO(raw))
+            return
+        dtype, shape = shapes[b]
+        src = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+        t = src.view(dtype).reshape(shape)
+        for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths)):
+            t = t.narrow(dim, int(start), int(length))
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != t.size():
+            raise CorruptCheckpointError(
+                f"{self.store.uri}: {req.storage_index.fqn}: stored chunk is {tuple(t.size())}, "
+                f"the load plan wants {tuple(target.size())}")
+        target.copy_(t)
+        planner.commit_tensor(req, target)
+
+
+def _tensor_shapes(m: Manifest) -> dict[int, tuple[torch.dtype, tuple]]:
+    """blob -> (dtype, shape) of the tensor node stored in it."""
+    out = {}
+    for node in m.nodes:
+        if node[0] == "tensor" and node[1].get("storage") is not None:
+            info = node[1]
+            out[int(info["storage"])] = (tree.dtype_from_name(info["dtype"]), tuple(int(d) for d in info["shape"]))
+    return out
