@@ -356,18 +356,22 @@ class StoreWriter(StorageWriter):
         if missing:
             raise CheckpointError(f"{store.uri}: not committing, " + "; ".join(missing), store.uri)
 
+        # Blobs in stream order (slot by slot), as the format lays them out;
+        # the state's keys in name order.
         blobs: list[dict] = []
         index_of: dict[MetadataIndex, int] = {}
+        for r in sorted(flat, key=lambda r: (r.storage_data.slot, r.storage_data.file, r.storage_data.offset)):
+            s: _Stored = r.storage_data
+            index_of[r.index] = len(blobs)
+            blobs.append({"file": first[s.slot] + s.file, "offset": s.offset, "nbytes": s.nbytes,
+                          "crc32c": s.crc32c, "kind": s.kind, "device": "cpu"})
         nodes: list = [["dict", []]]
         keys = nodes[0][1]
         sizes = {fqn: md.size for fqn, md in metadata.state_dict_metadata.items()
                  if isinstance(md, TensorStorageMetadata)}
         for r in sorted(flat, key=lambda r: (r.index.fqn, tuple(r.index.offset or ()))):
-            s: _Stored = r.storage_data
-            b = len(blobs)
-            blobs.append({"file": first[s.slot] + s.file, "offset": s.offset, "nbytes": s.nbytes,
-                          "crc32c": s.crc32c, "kind": s.kind, "device": "cpu"})
-            index_of[r.index] = b
+            s = r.storage_data
+            b = index_of[r.index]
             full = s.shape is not None and tuple(sizes.get(r.index.fqn, ())) == tuple(s.shape)
             keys.append(len(nodes))
             nodes.append(["str", _item_key(r.index, full)])
