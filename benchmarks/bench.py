@@ -955,6 +955,9 @@ def pick_workdir_parent() -> Path:
     return REPO  # last resort; the scratch dir is removed at the end anyway
 
 
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gib", type=float, default=1.0,
@@ -965,7 +968,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3, help="repeats per figure; best is reported (default 3)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help=f"comma-separated, from: {', '.join(BACKENDS)} (default: all)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="where latest.json, latest.md and latest.png go (default benchmarks/results)")
     p.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT_S,
                    help=f"seconds one measurement may take before it counts as hung "
@@ -1126,6 +1129,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     write_atomic(args.out / "latest.md", "\n".join(md))
     ctx.log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
+    if args.out.resolve() == DEFAULT_OUT.resolve() and set(args.backends) == set(ALL_BACKENDS):
+        from . import readme
+        if readme.update(REPO / "README.md", result):
+            ctx.log("updated the benchmark table in README.md")
     return 0
 
 
