@@ -505,10 +505,15 @@ class StoreReader(StorageReader):
             while nxt < len(order) or pending:
                 while nxt < len(order) and len(pending) < max(1, store.concurrency):
                     b = order[nxt]
-                    pending.append((b, pool.submit(self._read_blob, readers, m, b)))
+                    target = _direct_target(by_blob[b], shapes.get(b), planner)
+                    into = None if target is None else _bytes_of(target)
+                    pending.append((b, target, pool.submit(self._read_blob, readers, m, b, into)))
                     nxt += 1
-                b, fut = pending.pop(0)
+                b, target, fut = pending.pop(0)
                 buf = fut.result()
+                if target is not None:
+                    planner.commit_tensor(by_blob[b][0], target)
+                    continue
                 for req in by_blob[b]:
                     self._place(req, b, buf, shapes, planner)
         finally:
@@ -528,13 +533,19 @@ class StoreReader(StorageReader):
             self._store = open_store(self.uri, self.storage_options)
         return self._store
 
-    def _read_blob(self, readers, m: Manifest, b: int) -> bytearray:
-        """One item's bytes (which may span data files), checked against its CRC-32C."""
+    def _read_blob(self, readers, m: Manifest, b: int, into: memoryview | None = None) -> bytearray | memoryview:
+        """One item's bytes (which may span data files), checked against its CRC-32C.
+
+        Read into ``into`` (the destination tensor's memory) when given, else into a new buffer.
+        """
         blob = m.blobs[b]
         n = int(blob["nbytes"])
         starts = m.file_starts()
         pos = starts[int(blob["file"])] + int(blob["offset"])
-        buf = bytearray(n)
+        if into is not None and len(into) != n:
+            raise CorruptCheckpointError(f"{self.store.uri}: blob {b} has {n} bytes, its tensor {len(into)}",
+                                         self.store.uri)
+        buf = bytearray(n) if into is None else into
         view = memoryview(buf)
         done = 0
         k = int(blob["file"])
@@ -579,6 +590,29 @@ class StoreReader(StorageReader):
                 f"the load plan wants {tuple(target.size())}")
         target.copy_(t)
         planner.commit_tensor(req, target)
+
+
+def _direct_target(reqs: list[ReadItem], stored: tuple | None, planner: LoadPlanner) -> torch.Tensor | None:
+    """The destination tensor, when one stored chunk goes whole into contiguous CPU memory of its dtype.
+
+    Then the bytes are read straight into it: no buffer, no copy. Anything
+    else (a slice of the chunk, another dtype or device, a strided view of
+    a resharded destination) goes through a buffer.
+    """
+    if len(reqs) != 1 or reqs[0].type != LoadItemType.TENSOR or stored is None:
+        return None
+    req, (dtype, shape) = reqs[0], stored
+    if any(int(o) for o in req.storage_offsets) or tuple(int(n) for n in req.lengths) != tuple(shape):
+        return None
+    target = planner.resolve_tensor(req).detach()
+    if (target.device.type != "cpu" or target.dtype != dtype or tuple(target.shape) != tuple(shape)
+            or not target.is_contiguous() or target.numel() == 0):
+        return None
+    return target
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _tensor_shapes(m: Manifest) -> dict[int, tuple[torch.dtype, tuple]]:
