@@ -1,0 +1,253 @@
+"""A Lightning ``CheckpointIO`` that saves, loads and removes through ckptstore.
+
+    from ckptstore.integrations.lightning import StoreCheckpointIO
+    trainer = lightning.Trainer(plugins=[StoreCheckpointIO()],
+                                callbacks=[ModelCheckpoint(dirpath="s3://bucket/run1")])
+
+Every checkpoint Lightning writes (``ModelCheckpoint``, ``trainer.save_checkpoint``,
+``fabric.save``) becomes a ckptstore checkpoint: a *directory* at the path
+Lightning chose (``.../epoch=0-step=100.ckpt/``) holding a commit record and
+data files, committed atomically and verified before the commit. Resuming
+(``trainer.fit(ckpt_path=...)``) loads it with every byte checked.
+
+Lightning's checkpoint dict is saved as it is, with one exception: Lightning's
+``AttributeDict`` (a ``dict`` subclass that only adds attribute access, used
+for hyperparameters) is stored as a plain ``dict``. Anything else the safe
+format cannot hold raises ``UnsupportedObjectError`` naming where it sits,
+before anything is written; nothing is dropped and nothing is pickled unless
+``allow_pickle=True``.
+
+Works with the ``lightning`` package and the standalone ``pytorch_lightning``
+(whichever are installed; with both, the plugin is a ``CheckpointIO`` of each).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Mapping, Optional, Union
+
+from .. import api
+from ..errors import UnsupportedObjectError
+from ..format.manifest import FileName
+from ..stores import open_location, open_store
+from ..stores.base import Store
+from ..url import redact
+
+log = logging.getLogger("ckptstore")
+
+_PATH = Union[str, "os.PathLike[str]"]
+
+
+def _checkpoint_io_classes() -> list[type]:
+    """Lightning's ``CheckpointIO`` base of every installed flavour: the unified
+    ``lightning`` package first, then the standalone ``lightning_fabric`` (what
+    ``pytorch_lightning`` checks plugins against). They are distinct classes."""
+    found = []
+    for module in ("lightning.fabric.plugins.io", "lightning_fabric.plugins.io"):
+        try:
+            found.append(importlib.import_module(module).CheckpointIO)
+        except ImportError:
+            continue
+    if not found:
+        raise ImportError("ckptstore.integrations.lightning needs Lightning: pip install 'ckptstore[lightning]'")
+    return found
+
+
+_BASES = _checkpoint_io_classes()
+
+# Lightning keeps hyperparameters in these; they add attribute access to a dict
+# and no state of their own (``__setattr__`` writes items), so a plain dict of
+# the same items loses nothing. The modules are looked up, not imported: an
+# object of a class from a module that was never imported cannot be in a checkpoint.
+_ATTRIBUTE_DICT_MODULES = (
+    "lightning.fabric.utilities.data", "lightning.pytorch.utilities.parsing",
+    "lightning_fabric.utilities.data", "pytorch_lightning.utilities.parsing",
+)
+
+_LIGHTNING_HINT = ("With Lightning: give the value a supported type (a hyperparameter can be left out with "
+                   "self.save_hyperparameters(ignore=[...])), or use StoreCheckpointIO(allow_pickle=True) "
+                   "if the checkpoints will only be loaded from trusted storage.")
+
+
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
+
+
+def _attribute_dict_types() -> tuple[type, ...]:
+    types = []
+    for name in _ATTRIBUTE_DICT_MODULES:
+        cls = getattr(sys.modules.get(name), "AttributeDict", None)
+        if isinstance(cls, type) and issubclass(cls, dict):
+            types.append(cls)
+    return tuple(types)
+
+
+def _safe_tree(obj: Any) -> Any:
+    """``obj`` with every Lightning ``AttributeDict`` replaced by a plain ``dict`` of the same items.
+
+    Only containers on the way to a replaced one are copied; everything else
+    (tensors above all) is the very same object, and ``obj`` itself is never
+    modified: Lightning's hooks may still hold it. Values of any other type are
+    left for the encoder to accept or refuse, so nothing is converted that is
+    not listed here. A container that holds itself is left as it is: the
+    encoder reports the cycle.
+    """
+    convert = _attribute_dict_types()
+    if not convert:
+        return obj
+    open_ids: set[int] = set()
+
+    def walk(o: Any) -> Any:
+        t = type(o)
+        if t not in convert and t not in _CONTAINERS:
+            return o   # leaves and other types: the encoder accepts or refuses them
+        if id(o) in open_ids:
+            return o
+        open_ids.add(id(o))
+        try:
+            if t is list or t is tuple:
+                items = [walk(v) for v in o]
+                if all(a is b for a, b in zip(items, o)):
+                    return o
+                return items if t is list else tuple(items)
+            pairs = [(k, walk(v)) for k, v in o.items()]
+            if t in _CONTAINERS and all(new is o[k] for k, new in pairs):
+                return o
+            if t is collections.OrderedDict:
+                out = collections.OrderedDict(pairs)
+                if hasattr(o, "_metadata"):
+                    out._metadata = o._metadata   # module versions load_state_dict needs
+                return out
+            return dict(pairs)
+        finally:
+            open_ids.discard(id(o))
+
+    return walk(obj)
+
+
+def _remove_single_file(store: Store) -> None:
+    """Remove the one file at ``store``'s location (a ``torch.save`` checkpoint an earlier
+    run left where ModelCheckpoint now prunes), through the store of its directory."""
+    loc = store.location
+    parent_path, _, name = loc.path.rstrip("/").rpartition("/")
+    parent_uri = loc.uri.rstrip("/").rpartition("/")[0]
+    parent = open_location(dataclasses.replace(loc, path=parent_path or "/", uri=parent_uri))
+    parent.remove([name])
+
+
+class StoreCheckpointIO(_BASES[0]):
+    """Lightning ``CheckpointIO`` plugin: every checkpoint is a verified, atomically
+    committed ckptstore checkpoint at the path Lightning gives, on any fsspec URL.
+
+    ``storage_options`` (endpoint, credentials, ...) apply to every save, load
+    and remove; options passed to ``trainer.save_checkpoint(..., storage_options=)``
+    are merged over them. ``allow_pickle`` stores and loads values the safe
+    format cannot hold by pickling them (only for checkpoints from trusted
+    storage). ``verify`` checks what was stored before each commit and every
+    byte read on load.
+    """
+
+    def __init__(self, storage_options: Optional[Mapping[str, Any]] = None, *, allow_pickle: bool = False,
+                 verify: bool = True):
+        super().__init__()
+        self.storage_options: dict[str, Any] = dict(_mapping("storage_options", storage_options))
+        self.allow_pickle = allow_pickle
+        self.verify = verify
+
+    def __repr__(self) -> str:
+        # storage_options may hold credentials: never shown.
+        return f"StoreCheckpointIO(allow_pickle={self.allow_pickle}, verify={self.verify})"
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Save ``checkpoint`` as a ckptstore checkpoint at ``path`` (replacing one that is there).
+
+        A value the safe format cannot hold raises ``UnsupportedObjectError``
+        naming it, before anything is written.
+        """
+        options = {**self.storage_options, **_mapping("storage_options", storage_options)}
+        try:
+            info = api.save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
+                            allow_pickle=self.allow_pickle)
+        except UnsupportedObjectError as e:
+            raise UnsupportedObjectError(f"{e}. {_LIGHTNING_HINT}", e.uri) from None
+        log.debug("lightning checkpoint saved to %s (%d bytes)", info.uri, info.nbytes)
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        """Load the checkpoint at ``path``: a ckptstore checkpoint, or a single
+        ``torch.save`` / safetensors file (as ``ckptstore.load`` does).
+
+        ``map_location=None`` loads every tensor into CPU memory, as Lightning's
+        own ``TorchCheckpointIO`` does; the strategy moves the state to its
+        device. ``weights_only=True`` never unpickles, even with ``allow_pickle``.
+        A missing checkpoint raises ``CheckpointNotFoundError`` (a ``FileNotFoundError``).
+        """
+        state = api.load(path, map_location="cpu" if map_location is None else map_location,
+                         storage_options=self.storage_options, verify=self.verify,
+                         allow_pickle=self.allow_pickle and not weights_only)
+        if not isinstance(state, dict):
+            raise TypeError(f"{_shown(path)} holds a {type(state).__name__}, not a Lightning checkpoint dict")
+        return state
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Remove the checkpoint directory at ``path``; nothing there is not an error.
+
+        Commit records go first, so a checkpoint removed halfway is never
+        taken as committed; then every other file in it, then the directory.
+        A single file at ``path`` (a ``torch.save`` checkpoint) is removed too.
+        """
+        store = open_store(path, self.storage_options)
+        with store.errors("remove"):
+            if _is_local_link(store):
+                # ModelCheckpoint(save_last="link") makes last.ckpt a symlink to a
+                # checkpoint directory: removing it removes the link, not the target.
+                os.unlink(store.location.path)
+                return
+            if store.is_file():
+                _remove_single_file(store)
+                return
+            listing = store.list()
+            if listing:
+                records = [n for n in listing if _is_record(n)]
+                store.remove(sorted(records))
+                store.remove(sorted(n for n in listing if n not in records))
+            store.remove_dir()
+        log.debug("lightning checkpoint removed: %s", store.uri)
+
+    def teardown(self) -> None:
+        """Nothing to release: every save is finished and committed before ``save_checkpoint`` returns."""
+
+
+for _other in _BASES[1:]:
+    # pytorch_lightning checks plugins against its own CheckpointIO; the plugin
+    # implements that interface in full, so it is registered as one.
+    _other.register(StoreCheckpointIO)
+
+
+def _is_local_link(store: Store) -> bool:
+    return store.location.protocol == "file" and os.path.islink(store.location.path)
+
+
+def _is_record(name: str) -> bool:
+    f = FileName.parse(name)
+    return f is not None and f.role in ("commit", "tmp")
+
+
+def _mapping(what: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping (e.g. {{'endpoint_url': ...}}) or None, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _shown(path: _PATH) -> str:
+    return redact(os.fspath(path))
+
+
+__all__ = ["StoreCheckpointIO"]
