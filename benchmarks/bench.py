@@ -93,7 +93,7 @@ TRAIN_THREADS = (0, 1)
 # A worker that takes longer than this has hung (or the disk is failing).
 WORKER_TIMEOUT_S = 600
 
-ALL_BACKENDS = ("local", "memory", "manager", "fuse", "s3", "gcs")
+ALL_BACKENDS = ("local", "memory", "manager", "dcp", "fuse", "s3", "gcs")
 BUCKET = "bench"
 
 # gcsfs probes every bucket over gRPC first and waits 60 s for that to time
@@ -677,6 +677,44 @@ def bench_memory(ctx: Context) -> list[Row]:
     ]
 
 
+def bench_dcp(ctx: Context) -> list[Row]:
+    """torch.distributed.checkpoint on the local disk, one process: ckptstore's
+    StoreWriter/StoreReader against DCP's own FileSystemWriter/Reader.
+
+    Both sides save the same state with dcp.save and load it in place with
+    dcp.load into freshly allocated tensors (counted as the state, not as
+    extra memory); FileSystemWriter fsyncs its files (its default), and
+    StoreWriter also reads what it stored back before committing.
+    """
+    base = ctx.workdir / "dcp"
+    base.mkdir()
+    dirs = {"dcp_fs": base / "fs", "dcp_store": base / "store"}
+    s = {k: Series() for k in ("dcp_fs_save", "dcp_store_save", "dcp_fs_load", "dcp_store_load")}
+    n = ctx.state_bytes
+    save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
+    for r in range(ctx.repeat):
+        ctx.log(f"dcp: save round {r + 1}/{ctx.repeat}")
+        for impl, where in dirs.items():
+            remove(where)
+            s[f"{impl}_save"].add(lambda: ctx.run({**save, "impl": impl, "uri": str(where)}))
+    load = {"op": "load", "size_bytes": ctx.size_bytes, "state_bytes": n, "cold": ctx.cold}
+    for r in range(ctx.repeat):
+        ctx.log(f"dcp: load round {r + 1}/{ctx.repeat}")
+        for impl, where in dirs.items():
+            if s[f"{impl}_save"].seconds:
+                s[f"{impl}_load"].add(lambda: ctx.run({**load, "impl": impl, "uri": str(where)}))
+            elif not s[f"{impl}_load"].error:
+                s[f"{impl}_load"].fail("nothing saved to load (the save failed)")
+    remove(base)
+    cache = "cold" if ctx.cold else "warm cache"
+    return [
+        compare("dcp", "dcp.save, StoreWriter (1 process)", s["dcp_store_save"], "dcp.save, FileSystemWriter",
+                s["dcp_fs_save"], n, note="durable on both sides; StoreWriter also verifies by read-back"),
+        compare("dcp", f"dcp.load, StoreReader ({cache})", s["dcp_store_load"], "dcp.load, FileSystemReader",
+                s["dcp_fs_load"], n, note=_load_note(s["dcp_store_load"], n, ctx.cold)),
+    ]
+
+
 def bench_manager(ctx: Context) -> list[Row]:
     """``CheckpointManager`` on the local disk: what a save costs the training loop.
 
@@ -785,6 +823,7 @@ BACKENDS: dict[str, Callable[[Context], list[Row]]] = {
     "local": bench_local,
     "memory": bench_memory,
     "manager": bench_manager,
+    "dcp": bench_dcp,
     "fuse": bench_fuse,
     "s3": bench_s3,
     "gcs": bench_gcs,
@@ -855,7 +894,7 @@ def notes_for(rows: list[Row], ctx: Context, cold_note: str) -> list[str]:
     if remote:
         notes.append(
             f"{', '.join(remote)} rows use a {ctx.remote_state_bytes / GIB:.2f} GiB state "
-            f"(--remote-size-gib), local, memory and manager {ctx.state_bytes / GIB:.2f} GiB.")
+            f"(--remote-size-gib), local, memory, manager and dcp {ctx.state_bytes / GIB:.2f} GiB.")
     if "manager" in backends:
         notes.append(
             f"manager: ratios are against a clone of every tensor storage (stall rows; target: the "
@@ -961,7 +1000,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--size-gib", type=float, default=1.0,
-                   help="state size in GiB for local, memory and manager (default 1.0)")
+                   help="state size in GiB for local, memory, manager and dcp (default 1.0)")
     p.add_argument("--remote-size-gib", type=float, default=0.5,
                    help="state size in GiB for fuse, s3 and gcs, which move ~50-300 MB/s "
                         "here (default 0.5)")

@@ -29,7 +29,7 @@ def summary(result: dict) -> str:
         "|---|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in result["rows"]:
-        ours = r["operation"].startswith("ckptstore.") and r.get("ratio") is not None
+        ours = (r["operation"].startswith("ckptstore.") or r["backend"] == "dcp") and r.get("ratio") is not None
         if r.get("target") is None and not ours:
             continue
         meets = {True: "yes", False: "**no**", None: "error"}[r.get("meets_target")]

@@ -288,10 +288,63 @@ def _fsspec_cat_loader(spec: dict) -> Callable[[], Any]:
     return run
 
 
+# torch.distributed.checkpoint in one process (no process group): ckptstore's
+# StoreWriter/StoreReader against DCP's own FileSystemWriter/Reader (which
+# fsyncs its files by default, so both sides are durable).
+
+def _dcp_storage(spec: dict, role: str):
+    import warnings
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    import torch.distributed.checkpoint as dcp
+    if spec["impl"] == "dcp_store":
+        from ckptstore.integrations import dcp as ours
+        return dcp, (ours.StoreWriter if role == "writer" else ours.StoreReader)(spec["uri"])
+    return dcp, (dcp.FileSystemWriter if role == "writer" else dcp.FileSystemReader)(spec["uri"])
+
+
+def _dcp_saver(spec: dict) -> Callable[[Any], dict]:
+    def run(state: Any) -> dict:
+        dcp, writer = _dcp_storage(spec, "writer")
+        dcp.save(state, storage_writer=writer)
+        return {}
+
+    return run
+
+
+def _materialize(meta: Any, made: dict) -> Any:
+    """Empty CPU tensors in the structure of ``meta`` (tied tensors stay one tensor)."""
+    if isinstance(meta, torch.Tensor):
+        if id(meta) not in made:
+            made[id(meta)] = torch.empty(meta.shape, dtype=meta.dtype)
+        return made[id(meta)]
+    if isinstance(meta, dict):
+        return type(meta)((k, _materialize(v, made)) for k, v in meta.items())
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(_materialize(v, made) for v in meta)
+    return meta
+
+
+def _dcp_loader(spec: dict) -> Callable[[], Any]:
+    # DCP loads in place: the state to fill has the saved structure, built on
+    # the meta device before the clock starts and allocated (untouched) in it.
+    with torch.device("meta"):
+        meta = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+
+    def run() -> Any:
+        target = _materialize(meta, {})
+        dcp, reader = _dcp_storage(spec, "reader")
+        dcp.load(target, storage_reader=reader)
+        return target
+
+    return run
+
+
 SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver,
-          "boto3_upload": _boto3_upload_saver, "fsspec_pipe": _fsspec_pipe_saver}
+          "boto3_upload": _boto3_upload_saver, "fsspec_pipe": _fsspec_pipe_saver,
+          "dcp_store": _dcp_saver, "dcp_fs": _dcp_saver}
 LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader,
-           "boto3_download": _boto3_download_loader, "fsspec_cat": _fsspec_cat_loader}
+           "boto3_download": _boto3_download_loader, "fsspec_cat": _fsspec_cat_loader,
+           "dcp_store": _dcp_loader, "dcp_fs": _dcp_loader}
 # Their memory is another process's, and what they "load" is no state.
 BASELINES = {"dd", "cat"}
 
