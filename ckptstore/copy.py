@@ -16,7 +16,7 @@ from .errors import CheckpointExistsError, CorruptCheckpointError
 from .format.manifest import FileName, Manifest, commit_name, crc_hex, data_name, new_generation
 from .reader import open_commit
 from .stores.base import CHUNK, Store
-from .writer import _check_stored, _discard, retire_older
+from .writer import check_stored, discard, retire_older
 
 
 def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress: bool = False) -> Manifest:
@@ -42,14 +42,14 @@ def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress:
         for old, new in zip(m.files, files):
             written.append(new["name"])
             _copy_file(src, old, dst, new["name"], buf, bar)
-        _check_stored(dst, files, [None] * len(files))
+        check_stored(dst, files, [None] * len(files))
         copied = Manifest(generation=gen, files=files, blobs=m.blobs, nodes=m.nodes, meta=m.meta,
                           writer=m.writer, created=m.created)
         record = commit_name(gen)
         written.append(record)
         commit.choose(dst, dst.location.commit).publish(dst, record, copied.to_bytes())
     except BaseException:
-        _discard(dst, written)
+        discard(dst, written)
         raise
     finally:
         if bar is not None:

@@ -300,6 +300,28 @@ def retire_older(store: Store, gen: str, listing: dict) -> None:
     store.remove(sorted(rest))
 
 
+def write_files(store: Store, names: list[str], p: Plan, *, verify: bool, written: list[str],
+                bar=None) -> tuple[list[dict], dict[int, int]]:
+    """Write the planned data files under ``names`` and check what was stored.
+
+    Parallel uploads where the store cuts the stream into parts, one
+    streaming write otherwise. Returns the ``files`` entries of the commit
+    record and each blob's CRC-32C (by blob index). Every name is added to
+    ``written`` before its file is started, so a caller that fails can
+    discard exactly what exists.
+    """
+    blob_crcs: dict[int, int] = {}
+    if store.part_bytes and store.concurrency > 1:
+        crcs, reported = _write_parallel(store, names, p, blob_crcs, bar, written)
+    else:
+        crcs = _write_sequential(store, names, p, blob_crcs, bar, written)
+        reported = [None] * len(names)
+    entries = [{"name": names[k], "nbytes": p.sizes[k], "crc32c": crc_hex(crcs[k])} for k in range(len(names))]
+    if verify:
+        check_stored(store, entries, reported)
+    return entries, blob_crcs
+
+
 @dataclass
 class Written:
     manifest: Manifest
@@ -341,16 +363,7 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"saving {store.uri}", leave=False)
     try:
-        blob_crcs: dict[int, int] = {}
-        reported: list[int | None] = [None] * len(names)
-        if store.part_bytes and store.concurrency > 1:
-            crcs, reported = _write_parallel(store, names, p, blob_crcs, bar, written)
-        else:
-            crcs = _write_sequential(store, names, p, blob_crcs, bar, written)
-        file_entries = [{"name": names[k], "nbytes": p.sizes[k], "crc32c": crc_hex(crcs[k])}
-                        for k in range(len(names))]
-        if verify:
-            _check_stored(store, file_entries, reported)
+        file_entries, blob_crcs = write_files(store, names, p, verify=verify, bar=bar, written=written)
         blob_entries = []
         for q in p.blobs:
             k, off = p.locate(q.start)
@@ -372,7 +385,7 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
         written.append(record)
         strategy.publish(store, record, manifest.to_bytes())
     except BaseException:
-        _discard(store, written + ([CLAIM_NAME] if claimed else []))
+        discard(store, written + ([CLAIM_NAME] if claimed else []))
         raise
     finally:
         if bar is not None:
@@ -387,7 +400,7 @@ def write_checkpoint(store: Store, strategy, state: Any, *, overwrite: bool, ver
     return Written(manifest, strategy.name, time.perf_counter() - t0)
 
 
-def _check_stored(store: Store, entries: list[dict], reported: list[int | None]) -> None:
+def check_stored(store: Store, entries: list[dict], reported: list[int | None]) -> None:
     """The verifier: what the backend stored has the CRC-32C computed while writing.
 
     The backend's own checksum of the stored object stands in for reading
@@ -442,7 +455,7 @@ def _claim(store: Store, gen: str, has_commit) -> None:
         f"{store.uri}: another writer is committing a checkpoint here (overwrite=False)", store.uri)
 
 
-def _discard(store: Store, names: list[str]) -> None:
+def discard(store: Store, names: list[str]) -> None:
     try:
         store.remove(list(reversed(names)) + [n + TMP_SUFFIX for n in names if n.endswith(COMMIT_SUFFIX)])
     except BaseException:  # noqa: BLE001 - the original error matters more

@@ -306,19 +306,11 @@ class StoreWriter(StorageWriter):
         names = [data_name(slot.generation, slot.slot * SLOT_FILES + j) for j in range(len(p.sizes))]
         written: list[str] = []
         try:
-            blob_crcs: dict[int, int] = {}
-            if store.part_bytes and store.concurrency > 1:
-                crcs, reported = writer._write_parallel(store, names, p, blob_crcs, None, written)
-            else:
-                crcs = writer._write_sequential(store, names, p, blob_crcs, None, written)
-                reported = [None] * len(names)
-            files = tuple({"name": names[k], "nbytes": p.sizes[k], "crc32c": crc_hex(crcs[k])}
-                          for k in range(len(names)))
-            if self.verify:
-                writer._check_stored(store, list(files), reported)
+            entries, blob_crcs = writer.write_files(store, names, p, verify=self.verify, written=written)
         except BaseException:
-            writer._discard(store, written)
+            writer.discard(store, written)
             raise
+        files = tuple(entries)
         results = []
         for q, item, (dtype, shape) in zip(p.blobs, items, shapes):
             k, off = p.locate(q.start)
@@ -398,7 +390,7 @@ class StoreWriter(StorageWriter):
         try:
             strategy.publish(store, record, manifest.to_bytes())
         except BaseException:
-            writer._discard(store, [record])
+            writer.discard(store, [record])
             raise
         try:
             writer.retire_older(store, gen, self._listing or {})
@@ -507,7 +499,7 @@ class StoreReader(StorageReader):
                     b = order[nxt]
                     target = _direct_target(by_blob[b], shapes.get(b), planner)
                     into = None if target is None else _bytes_of(target)
-                    pending.append((b, target, pool.submit(self._read_blob, readers, m, b, into)))
+                    pending.append((b, target, pool.submit(self._read_blob, readers, m, starts, b, into)))
                     nxt += 1
                 b, target, fut = pending.pop(0)
                 buf = fut.result()
@@ -533,14 +525,14 @@ class StoreReader(StorageReader):
             self._store = open_store(self.uri, self.storage_options)
         return self._store
 
-    def _read_blob(self, readers, m: Manifest, b: int, into: memoryview | None = None) -> bytearray | memoryview:
+    def _read_blob(self, readers, m: Manifest, starts: list[int], b: int,
+                   into: memoryview | None = None) -> bytearray | memoryview:
         """One item's bytes (which may span data files), checked against its CRC-32C.
 
         Read into ``into`` (the destination tensor's memory) when given, else into a new buffer.
         """
         blob = m.blobs[b]
         n = int(blob["nbytes"])
-        starts = m.file_starts()
         pos = starts[int(blob["file"])] + int(blob["offset"])
         if into is not None and len(into) != n:
             raise CorruptCheckpointError(f"{self.store.uri}: blob {b} has {n} bytes, its tensor {len(into)}",
