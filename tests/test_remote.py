@@ -269,3 +269,36 @@ def test_refused_keys_are_reported_as_a_credentials_problem(moto_with_auth):
     with pytest.raises(ckptstore.StorageError, match="credentials were refused") as e:
         ckptstore.save(small_state(), _guarded_uri(server, "AKIANOSUCHKEY0000000", secret))
     assert secret not in str(e.value) and secret not in repr(e.value)
+
+
+def test_local_listing_survives_files_vanishing_while_it_scans(tmp_path):
+    """A listing races other writers' renames and removals; a vanished file is simply not listed.
+
+    Another process's commit renames its .tmp, and a losing writer discards
+    its files, between this listing's readdir and its stat of the entry:
+    that must not make the directory look missing (CheckpointNotFoundError).
+    """
+    from ckptstore.stores import open_store
+
+    store = open_store(str(tmp_path))
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            p = tmp_path / f"{i % 64:02d}.tmp"
+            p.write_bytes(b"x")
+            p.unlink()
+            i += 1
+
+    for i in range(64):
+        (tmp_path / f"keep-{i}").write_bytes(b"k")
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(3000):
+            listing = store.list()
+            assert all(f"keep-{i}" in listing for i in range(64))
+    finally:
+        stop.set()
+        t.join()

@@ -142,9 +142,14 @@ class LocalStore(Store):
             out = {}
             with it:
                 for e in it:
-                    if e.is_file(follow_symlinks=False):
-                        st = e.stat(follow_symlinks=False)
-                        out[e.name] = Entry(e.name, st.st_size, st.st_mtime)
+                    try:
+                        if e.is_file(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            out[e.name] = Entry(e.name, st.st_size, st.st_mtime)
+                    except FileNotFoundError:
+                        # Renamed or removed by another writer between readdir and
+                        # stat (a commit's .tmp, a discarded save): not there now.
+                        continue
             return out
 
     def is_file(self) -> bool:
