@@ -292,7 +292,9 @@ class StoreWriter(StorageWriter):
                 continue
             t = data.detach()
             if not t.is_contiguous():
-                t = t.contiguous()  # the projection only, one tensor at a time
+                # Only the projection is stored: a compact copy of this view,
+                # held until the rank's files are written (as FileSystemWriter does).
+                t = t.contiguous()
             blobs.append(tree.Blob(tree.STORAGE, t.numel() * t.element_size(), t, str(t.device)))
             shapes.append((tree.dtype_name(t.dtype), tuple(t.shape)))
         fut: Future = Future()
