@@ -87,15 +87,17 @@ def plan(blobs: list[tree.Blob], part_bytes: int | None, pad_end: bool = False) 
 def blob_chunks(blob: tree.Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
     """The blob's bytes as memoryviews of at most ``chunk`` bytes, without copying CPU data.
 
-    A storage blob's source is an ``UntypedStorage`` or a contiguous tensor
-    (whose own bytes are the blob: a shard written by a distributed save).
+    A storage blob's source is an ``UntypedStorage`` or a tensor whose
+    elements, in row-major order, are the blob (a shard written by a
+    distributed save). A non-contiguous tensor is compacted here, when its
+    turn comes, so one such copy at a time exists while files are written.
     """
     if blob.nbytes == 0:
         return
     if blob.kind == tree.STORAGE:
         storage = blob.source
         if isinstance(storage, torch.Tensor):
-            u8 = storage.detach().reshape(-1).view(torch.uint8)
+            u8 = storage.detach().contiguous().reshape(-1).view(torch.uint8)
         else:
             u8 = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         if storage.device.type == "cpu":

@@ -221,3 +221,18 @@ def test_reader_says_what_to_do_with_a_plain_checkpoint(tmp_path):
     # DCP reports the reader's error inside its own: the message is what reaches the user.
     assert "not written by torch.distributed.checkpoint through StoreWriter" in str(e.value)
     assert "ckptstore.load" in str(e.value)
+
+
+def test_non_contiguous_views_store_only_their_elements(memory_store):
+    uri = memory_store.uri("views")
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    state = {"t": base.t(), "every_other": base[:, ::2], "row": base[2]}
+    dcp.save(state, storage_writer=StoreWriter(uri))
+    flat = ckptstore.load(uri)
+    for k, v in state.items():
+        assert torch.equal(flat[k], v) and flat[k].is_contiguous()
+    target = {k: torch.zeros(v.shape) for k, v in state.items()}
+    dcp.load(target, storage_reader=StoreReader(uri))
+    assert all(torch.equal(target[k], v) for k, v in state.items())
+    # Only the views' elements were written, not their 48-element base three times.
+    assert ckptstore.verify(uri).nbytes < 3 * 48 * 4

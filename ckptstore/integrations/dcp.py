@@ -290,11 +290,9 @@ class StoreWriter(StorageWriter):
                 blobs.append(tree.Blob(tree.BYTES, len(raw), raw))
                 shapes.append((None, None))
                 continue
+            # Only the projection is stored; a non-contiguous view is compacted
+            # by the writer when its turn comes (writer.blob_chunks).
             t = data.detach()
-            if not t.is_contiguous():
-                # Only the projection is stored: a compact copy of this view,
-                # held until the rank's files are written (as FileSystemWriter does).
-                t = t.contiguous()
             blobs.append(tree.Blob(tree.STORAGE, t.numel() * t.element_size(), t, str(t.device)))
             shapes.append((tree.dtype_name(t.dtype), tuple(t.shape)))
         fut: Future = Future()
