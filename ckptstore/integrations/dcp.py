@@ -220,9 +220,41 @@ def _item_key(index: MetadataIndex, full: bool) -> str:
     return f"{index.fqn}@{','.join(str(int(o)) for o in index.offset)}"
 
 
+# ---------------------------------------------------------------- what writer and reader share
+
+class _OnStore:
+    """The URL a DCP storage works on, its options, and the store opened from them on first use."""
+
+    _call = "dcp.save"   # named in the error for a missing URI
+
+    def __init__(self, uri: str | os.PathLike | None, storage_options: Mapping[str, Any] | None) -> None:
+        self.uri = None if uri is None else _location(uri)
+        self.storage_options = dict(storage_options or {})
+        self._store: Store | None = None
+
+    def _reset_uri(self, checkpoint_id: str | os.PathLike | None) -> None:
+        """DCP's ``reset``: a new checkpoint, perhaps at another URI; the store is reopened."""
+        if checkpoint_id is not None:
+            self.uri = _location(checkpoint_id)
+        self._store = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if self.uri is None:
+                raise CheckpointError(f"{type(self).__name__}: no URI (give one, or pass checkpoint_id to "
+                                      f"{self._call})")
+            self._store = open_store(self.uri, self.storage_options)
+        return self._store
+
+
 # ---------------------------------------------------------------- the writer
 
-class StoreWriter(StorageWriter):
+class StoreWriter(_OnStore, StorageWriter):
     """DCP ``StorageWriter`` over a ckptstore URL (local path, ``s3://``, ``gs://``, FUSE mount, ...).
 
     ``uri`` may be overridden by ``dcp.save(..., checkpoint_id=...)``.
@@ -234,33 +266,24 @@ class StoreWriter(StorageWriter):
 
     def __init__(self, uri: str | os.PathLike | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, verify: bool = True) -> None:
-        super().__init__()
-        self.uri = None if uri is None else _location(uri)
-        self.storage_options = dict(storage_options or {})
+        super().__init__(uri, storage_options)
         self.verify = verify
-        self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
-        self._store: Store | None = None
         self._listing: dict | None = None
         self._generation: str | None = None
 
     # --- DCP protocol
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.uri = _location(checkpoint_id)
-        self._store, self._listing, self._generation = None, None, None
+        self._reset_uri(checkpoint_id)
+        self._listing, self._generation = None, None
         self.save_id = uuid.uuid4().hex
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.store.uri, save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.is_coordinator = is_coordinator
+        pass  # the coordinator's part is prepare_global_plan and finish, which DCP calls on it alone
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
@@ -397,20 +420,10 @@ class StoreWriter(StorageWriter):
         except CheckpointError:
             pass  # committed; what is older is garbage for `ckptstore gc`
 
-    # --- helpers
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            if self.uri is None:
-                raise CheckpointError("StoreWriter: no URI (give one, or pass checkpoint_id to dcp.save)")
-            self._store = open_store(self.uri, self.storage_options)
-        return self._store
-
 
 # ---------------------------------------------------------------- the reader
 
-class StoreReader(StorageReader):
+class StoreReader(_OnStore, StorageReader):
     """DCP ``StorageReader`` for checkpoints written by :class:`StoreWriter`.
 
     Each rank reads only the items its load plan needs, with range reads,
@@ -423,25 +436,19 @@ class StoreReader(StorageReader):
     def __init__(self, uri: str | os.PathLike | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, verify: bool = True,
                  allow_pickle: bool = False) -> None:
-        super().__init__()
-        self.uri = None if uri is None else _location(uri)
-        self.storage_options = dict(storage_options or {})
+        super().__init__(uri, storage_options)
         self.verify = verify
         self.allow_pickle = allow_pickle
         self.load_id = uuid.uuid4().hex
-        self._store: Store | None = None
         self._manifest: Manifest | None = None
         self._storage: dict[MetadataIndex, tuple[str, int]] = {}
 
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None:
-            self.uri = _location(checkpoint_id)
-        self._store, self._manifest = None, None
-        self.load_id = uuid.uuid4().hex
+    _call = "dcp.load"
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        self._reset_uri(checkpoint_id)
+        self._manifest = None
+        self.load_id = uuid.uuid4().hex
 
     def read_metadata(self, *args: Any) -> Metadata:
         # No **kwargs: DCP then never asks for per-rank metadata, which these checkpoints do not have.
@@ -516,14 +523,6 @@ class StoreReader(StorageReader):
         return fut
 
     # --- helpers
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            if self.uri is None:
-                raise CheckpointError("StoreReader: no URI (give one, or pass checkpoint_id to dcp.load)")
-            self._store = open_store(self.uri, self.storage_options)
-        return self._store
 
     def _read_blob(self, readers, m: Manifest, starts: list[int], b: int,
                    into: memoryview | None = None) -> bytearray | memoryview:
