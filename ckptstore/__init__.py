@@ -7,26 +7,26 @@
 See docs/ for the format, the guarantees and the backends.
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    FormatTooNewError,
     InsufficientSpaceError,
     StorageError,
     UnsafeCheckpointError,
     UnsupportedObjectError,
 )
-from .api import CheckpointInfo, VerifyReport, exists, load, save, verify  # noqa: E402
-from .manager import CheckpointManager  # noqa: E402
-from .rng import capture_rng_state, restore_rng_state  # noqa: E402
+from .api import CheckpointInfo, VerifyReport, exists, load, save, verify
+from .manager import CheckpointManager
+from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [
     "__version__",
     "save", "load", "verify", "exists",
     "CheckpointInfo", "VerifyReport", "CheckpointManager", "capture_rng_state", "restore_rng_state",
-    "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "UnsafeCheckpointError",
+    "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "FormatTooNewError", "UnsafeCheckpointError",
     "UnsupportedObjectError", "CheckpointExistsError", "InsufficientSpaceError", "StorageError",
 ]

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Sequence
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 
 
@@ -44,11 +44,12 @@ def _when(ts: float) -> str:
 
 
 def cmd_ls(args) -> int:
-    from . import commit
-    from .reader import find_commit
+    from .commit import choose
+    from .errors import FormatTooNewError
+    from .reader import Found, find_commit
     from .stores import open_store
     root = open_store(args.dir, _options(args.option))
-    strategy = commit.choose(root, root.location.commit).name
+    strategy = choose(root, root.location.commit).name
     header = ("NAME", "STEP", "SIZE", "COMMITTED", "STRATEGY", "METRICS", "STATUS")
     rows = []
     tree = root.tree()
@@ -56,8 +57,11 @@ def cmd_ls(args) -> int:
     for name, s, listing in candidates:
         if not listing:
             continue
-        found = find_commit(s, listing)
-        if found.manifest is None and not found.records:
+        try:
+            found = find_commit(s, listing)
+        except FormatTooNewError:
+            found = Found(None, ["written by a newer ckptstore; upgrade"], 1)
+        if found.manifest is None and not found.record_count:
             continue
         m = found.manifest
         meta = m.meta if m else {}
@@ -160,6 +164,7 @@ def cmd_bench(args) -> int:
     from .api import load, save
     from .stores import open_store
     from .url import parse_size
+    from .writer import remove_files
     try:
         total = parse_size(args.size)
     except ValueError as e:
@@ -199,7 +204,7 @@ def cmd_bench(args) -> int:
         if not args.keep:
             for s in (ck, blob):
                 try:
-                    s.remove(sorted((s.list() or {}), key=lambda n: not n.endswith(".commit")))
+                    remove_files(s, s.list() or {})
                     s.remove_dir()
                 except CheckpointError:
                     pass
@@ -227,7 +232,7 @@ def cmd_prune(args) -> int:
                                 storage_options=_options(args.option), _probe=not args.dry_run, **policy)
     except ValueError as e:
         return _usage_error(str(e))
-    steps = mgr._plan_prune() if args.dry_run else mgr.prune()
+    steps = mgr.prune(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(steps)} step(s){': ' + ', '.join(map(str, steps)) if steps else ''}")
     print(f"kept: {', '.join(str(s) for s in mgr.steps() if not args.dry_run or s not in steps) or 'none'}")

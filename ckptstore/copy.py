@@ -1,82 +1,61 @@
 """Copy a committed checkpoint from one store to another, verified at the destination.
 
-The data files are streamed in chunks (memory stays at one chunk, whatever the
-checkpoint's size), checked against the commit record's CRC-32C on the way in,
-checked again as stored at the destination, and only then committed there with
-the destination's own strategy. A single-file checkpoint (torch.save,
-safetensors) is converted: loaded safely and saved in ckptstore's format.
+The data files are streamed in chunks through the source's range reader
+(memory stays at three 8 MiB chunks, whatever the checkpoint's size), checked
+against the commit record's CRC-32C on the way in, checked again as stored
+at the destination, and only then committed there, through the same
+generation transaction as a save (the ``overwrite=False`` claim and the
+space check included). A single-file checkpoint (torch.save, safetensors)
+is converted by the CLI: loaded safely and saved in ckptstore's format.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import crc32c
 
-from . import commit
-from .errors import CheckpointExistsError, CorruptCheckpointError
-from .format.manifest import FileName, Manifest, commit_name, crc_hex, data_name, new_generation
+from .datafiles import check_stored
+from .errors import CorruptCheckpointError
+from .format.manifest import FileEntry, Manifest
+from .ranges import READ_BACK, Range, StreamReader
 from .reader import open_commit
-from .stores.base import CHUNK, Store
-from .writer import check_stored, discard, retire_older
+from .stores.base import Store
+from .writer import Generation, progress_bar
 
 
 def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress: bool = False) -> Manifest:
     """Copy the checkpoint committed at ``src`` to ``dst``; returns the manifest committed there."""
     m, _ = open_commit(src)
-    if dst.is_file():
-        raise CheckpointExistsError(f"{dst.uri} is a file, not a checkpoint directory", dst.uri)
-    listing = dst.list() or {}
-    from .api import _has_commit
-    if not overwrite and listing and _has_commit(dst, listing):
-        raise CheckpointExistsError(f"{dst.uri}: a checkpoint is already committed here", dst.uri)
-    dst.makedirs()
-    gen = new_generation([f.gen for f in map(FileName.parse, listing) if f is not None])
-    files = [dict(f, name=data_name(gen, k)) for k, f in enumerate(m.files)]
-    written: list[str] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=m.nbytes, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=f"copying to {dst.uri}", leave=False)
-    try:
-        buf = memoryview(bytearray(min(CHUNK, max(1, max((f["nbytes"] for f in m.files), default=1)))))
-        for old, new in zip(m.files, files):
-            written.append(new["name"])
-            _copy_file(src, old, dst, new["name"], buf, bar)
+    with Generation.begin(dst, overwrite=overwrite, nbytes=m.nbytes) as gen, \
+            progress_bar(progress, m.nbytes, f"copying to {dst.uri}") as bar:
+        files = [dataclasses.replace(f, name=gen.data_name(k)) for k, f in enumerate(m.files)]
+        with StreamReader(src, m.files) as reader:
+            for k, new in enumerate(files):
+                gen.written.append(new.name)
+                _copy_file(reader, k, dst, new.name, bar)
         check_stored(dst, files, [None] * len(files))
-        copied = Manifest(generation=gen, files=files, blobs=m.blobs, nodes=m.nodes, meta=m.meta,
-                          writer=m.writer, created=m.created)
-        record = commit_name(gen)
-        written.append(record)
-        commit.choose(dst, dst.location.commit).publish(dst, record, copied.to_bytes())
-    except BaseException:
-        discard(dst, written)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    retire_older(dst, gen, listing)
+        copied = m.replace(generation=gen.id, files=files)
+        gen.commit(copied)
     return copied
 
 
-def _copy_file(src: Store, entry: dict, dst: Store, name: str, buf: memoryview, bar) -> None:
-    size, crc, pos = int(entry["nbytes"]), 0, 0
+def _copy_file(reader: StreamReader, k: int, dst: Store, name: str, bar) -> None:
+    entry: FileEntry = reader.files[k]
+    start, size, crc = reader.starts[k], entry.nbytes, 0
+    step = min(READ_BACK, max(size, 1))
     w = dst.open_writer(name)
     try:
-        with src.open_reader(entry["name"]) as r:
-            while pos < size:
-                n = r.readinto(pos, buf[: min(len(buf), size - pos)])
-                if n <= 0:
-                    raise CorruptCheckpointError(f"{src.uri}/{entry['name']}: file ends early (truncated)",
-                                                 src.uri)
-                crc = crc32c.crc32c(buf[:n], crc)
-                w.write(buf[:n])
-                pos += n
-                if bar is not None:
-                    bar.update(n)
-        if crc_hex(crc) != entry["crc32c"]:
+        for r, data in reader.fetch((Range(start + o, min(step, size - o)) for o in range(0, size, step)),
+                                    concurrency=2):
+            crc = crc32c.crc32c(data, crc)
+            w.write(data)
+            if bar is not None:
+                bar.update(r.nbytes)
+        if crc != entry.crc32c:
             raise CorruptCheckpointError(
-                f"{src.uri}/{entry['name']}: CRC-32C {crc_hex(crc)}, the commit record says {entry['crc32c']}; "
-                "the source is corrupt and nothing was copied", src.uri)
+                f"{reader.where(k)}: CRC-32C {crc:08x}, the commit record says {entry.crc32c:08x}; "
+                "the source is corrupt and nothing was copied", reader.store.uri)
         w.close()
     except BaseException:
         w.abort()

@@ -45,6 +45,14 @@ class CorruptCheckpointError(CheckpointError):
     """A checksum, size or structure check failed."""
 
 
+class FormatTooNewError(CheckpointError):
+    """The newest intact commit record has a format version newer than this ckptstore reads.
+
+    Not a ``CorruptCheckpointError``: nothing is wrong with the checkpoint, and
+    falling back to an older generation or step would silently resume the past.
+    """
+
+
 class UnsafeCheckpointError(CheckpointError):
     """The checkpoint holds pickled content and ``allow_pickle=True`` was not given."""
 
@@ -73,6 +81,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "FormatTooNewError",
     "UnsafeCheckpointError",
     "UnsupportedObjectError",
     "CheckpointExistsError",

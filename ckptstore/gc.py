@@ -11,12 +11,17 @@ not ours are never touched.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
+from .errors import FormatTooNewError
 from .format.manifest import FileName, generation_time
 from .reader import find_commit
 from .stores.base import Store
+from .writer import remove_files
+
+log = logging.getLogger("ckptstore")
 
 DEFAULT_GRACE = 3600.0  # seconds; longer than any single save is expected to take
 
@@ -43,7 +48,11 @@ def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None =
     ours = {n: f for n, f in ours.items() if f is not None}
     if not ours:
         return []
-    found = find_commit(store, listing)
+    try:
+        found = find_commit(store, listing)
+    except FormatTooNewError as e:
+        log.warning("%s: left alone: %s", store.uri, e)   # a newer ckptstore's files: nothing here is ours to judge
+        return []
     committed = found.manifest.generation if found.manifest else None
     out = []
     for name, f in sorted(ours.items()):
@@ -77,8 +86,5 @@ def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -
             continue
         found.extend(garbage)
         if not dry_run:
-            # Commit records go first, so a half-removed generation is never
-            # mistaken for a committed one.
-            names = [g.name for g in garbage]
-            s.remove(sorted(names, key=lambda n: FileName.parse(n).role != "commit"))
+            remove_files(s, [g.name for g in garbage])
     return found

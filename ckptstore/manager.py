@@ -14,7 +14,6 @@ commit records first, so a half-removed step is never taken as committed.
 from __future__ import annotations
 
 import atexit
-import collections
 import concurrent.futures as cf
 import logging
 import math
@@ -28,14 +27,16 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from . import commit, reader, writer
-from .api import CheckpointInfo, _has_commit, info_of
 from .errors import (
     CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
 )
 from .format.manifest import FileName, Manifest, commit_generations, commit_name, generation_time
+from .format.walk import transform
+from .info import CheckpointInfo
+from .reader import find_commit, load_committed
 from .stores import open_store
 from .stores.base import Store
+from .writer import remove_files, write_checkpoint
 
 log = logging.getLogger("ckptstore")
 
@@ -135,44 +136,29 @@ def snapshot(state: Any) -> tuple[Any, dict]:
             copies[key] = new
         return copies[key]
 
-    def copy_tensor(t: torch.Tensor) -> torch.Tensor:
-        data = t.detach()
-        if data.device.type == "meta":
-            out = data
-        else:
-            if data.is_conj() or data.is_neg():
-                data = data.resolve_conj().resolve_neg()
-            storage = copy_storage(data.untyped_storage())
-            out = torch.empty(0, dtype=data.dtype, device=storage.device)
-            out.set_(storage, data.storage_offset(), data.shape, data.stride())
-        if type(t) is torch.nn.Parameter:
-            return torch.nn.Parameter(out, requires_grad=t.requires_grad)
-        if t.requires_grad:
-            out.requires_grad_(True)
-        return out
-
-    def walk(obj: Any) -> Any:
+    def copy_leaf(obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            return copy_tensor(obj)
+            data = obj.detach()
+            if data.device.type == "meta":
+                out = data
+            else:
+                if data.is_conj() or data.is_neg():
+                    data = data.resolve_conj().resolve_neg()
+                storage = copy_storage(data.untyped_storage())
+                out = torch.empty(0, dtype=data.dtype, device=storage.device)
+                out.set_(storage, data.storage_offset(), data.shape, data.stride())
+            if type(obj) is torch.nn.Parameter:
+                return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+            if obj.requires_grad:
+                out.requires_grad_(True)
+            return out
         if isinstance(obj, np.ndarray):
             return obj.copy()
-        t = type(obj)
-        if t is dict:
-            return {k: walk(v) for k, v in obj.items()}
-        if t is collections.OrderedDict:
-            out = collections.OrderedDict((k, walk(v)) for k, v in obj.items())
-            if hasattr(obj, "_metadata"):
-                out._metadata = obj._metadata
-            return out
-        if t is list:
-            return [walk(v) for v in obj]
-        if t is tuple:
-            return tuple(walk(v) for v in obj)
-        if t is bytearray:
+        if type(obj) is bytearray:
             return bytes(obj)
         return obj   # immutable values; anything unsupported is refused by the encoder
 
-    out = walk(state)
+    out = transform(state, copy_leaf, copy=True)
     if devices and torch.cuda.is_available():
         torch.cuda.synchronize()   # the pinned copies are complete before save() returns
     return out, devices
@@ -311,7 +297,7 @@ class CheckpointManager:
     def _read_record(self, step: int, listing: dict) -> StepRecord:
         store = self._store.child(step_dir(step))
         try:
-            found = reader.find_commit(store, listing)
+            found = find_commit(store, listing)
         except CheckpointError as e:
             log.warning("%s: cannot read step %d: %s", self.directory, step, e)
             return StepRecord(step, False, None)
@@ -382,12 +368,9 @@ class CheckpointManager:
         with self._lock:
             self._in_flight.add(step)
         try:
-            strategy = commit.choose(store, store.location.commit)
             with store.errors("save to"):
-                done = writer.write_checkpoint(
-                    store, strategy, state, overwrite=force, verify=True, allow_pickle=False,
-                    progress=False, meta={"step": step, "metrics": metrics}, has_commit=_has_commit,
-                    devices=devices)
+                info = write_checkpoint(store, state, overwrite=force, meta={"step": step, "metrics": metrics},
+                                        devices=devices)
         except CheckpointExistsError as e:
             raise CheckpointExistsError(
                 f"{self.directory}: step {step} is already committed; pass force=True to replace it",
@@ -395,7 +378,6 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._in_flight.discard(step)
-        info = info_of(store, done)
         try:
             self.prune()
         except CheckpointError as e:
@@ -439,14 +421,17 @@ class CheckpointManager:
     def _load(self, step: int, map_location) -> Any:
         store = self._store.child(step_dir(step))
         with store.errors("restore"):
-            m, _ = reader.open_commit(store)
-            values = reader.read_blobs(store, m, verify=True)
-            return reader.build_state(m, values, map_location=map_location)
+            return load_committed(store, map_location=map_location)
 
     # -- retention
 
-    def prune(self) -> list[int]:
-        """Remove the steps the retention policy does not keep; returns them."""
+    def prune(self, *, dry_run: bool = False) -> list[int]:
+        """Remove the steps the retention policy does not keep; returns them.
+
+        ``dry_run=True`` only says which steps it would remove.
+        """
+        if dry_run:
+            return self._plan_prune()
         removed = []
         for step in self._plan_prune():
             self._remove_step(step)
@@ -480,15 +465,7 @@ class CheckpointManager:
         gens = commit_generations(listing)
         if not gens:
             return
-        newest = gens[0]
-        records, data = [], []
-        for name in listing:
-            f = FileName.parse(name)
-            if f is None or f.gen > newest:
-                continue
-            (records if f.role in ("commit", "tmp") else data).append(name)
-        store.remove(sorted(records))
-        store.remove(sorted(data))
+        remove_files(store, [n for n in listing if (f := FileName.parse(n)) is not None and f.gen <= gens[0]])
         store.remove_dir()
         self._records = {k: v for k, v in self._records.items() if k[0] != step}
 

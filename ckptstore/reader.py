@@ -1,18 +1,19 @@
-"""Load and verify: the mirror of the writer.
+"""Find the commit, read the blobs, rebuild the state, verify: the mirror of the writer.
 
-Finding the commit costs one listing and one small read. Loading reads each
-data file front to back in large chunks straight into freshly allocated
-tensor storage (or numpy/bytes buffers), checking every blob's CRC-32C and
-that the alignment gaps are zero, so every byte of the file is checked and no
-second copy of the state is ever held.
+Finding the commit costs one listing and one small read. Loading covers the
+data stream with *segments*: one large blob, or a run of small blobs with the
+padding between them. Each segment is one fresh buffer (on local disk, a
+private mapping of the file instead), filled by range reads of
+``Store.read_bytes`` through the shared ``StreamReader``; blobs are slices of
+it, so 10**5 small tensors cost a few hundred reads and no copies. Every
+blob's CRC-32C is checked and every padding byte must be zero, so every byte
+of the data files is checked, and no second copy of the state is ever held.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures as cf
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,14 @@ import crc32c
 import numpy as np
 import torch
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError
 from .format import tree
-from .format.manifest import FileName, Manifest, commit_generations, commit_name, crc_hex
+from .format.manifest import (
+    BYTES, NDARRAY, PICKLE, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name,
+)
+from .info import VerifyReport
+from .ranges import Range, StreamReader
 from .stores.base import Store
-from .checksum import stored_crc32c
 
 log = logging.getLogger("ckptstore")
 
@@ -33,38 +37,45 @@ log = logging.getLogger("ckptstore")
 class Found:
     manifest: Manifest | None            # the commit a reader takes, if any
     problems: list[str] = field(default_factory=list)  # why newer records were passed over
-    records: int = 0                      # commit records present, intact or not
+    record_count: int = 0                 # commit records present, intact or not
 
 
-def shallow_problems(m: Manifest, listing: dict) -> list[str]:
+def shallow_problems(files: list[FileEntry], listing: dict) -> list[str]:
     """Sizes and presence of the data files a commit record vouches for."""
     out = []
-    for f in m.files:
-        e = listing.get(f["name"])
+    for f in files:
+        e = listing.get(f.name)
         if e is None:
-            out.append(f"data file {f['name']} is missing")
-        elif e.size != f["nbytes"]:
-            out.append(f"data file {f['name']} has {e.size} bytes, the commit record says {f['nbytes']}")
+            out.append(f"data file {f.name} is missing")
+        elif e.size != f.nbytes:
+            out.append(f"data file {f.name} has {e.size} bytes, the commit record says {f.nbytes}")
     return out
 
 
 def find_commit(store: Store, listing: dict) -> Found:
-    """The newest generation whose commit record is intact and whose files are all there."""
+    """The newest generation whose commit record is intact and whose files are all there.
+
+    An intact newest record of a format this ckptstore does not know raises
+    FormatTooNewError: falling back past it would silently read an older state.
+    """
     found = Found(None)
     for gen in commit_generations(listing):
-        found.records += 1
+        found.record_count += 1
         name = commit_name(gen)
         try:
             m = Manifest.from_bytes(store.get(name), f"{store.uri}/{name}")
             if m.generation != gen:
-                raise CorruptCheckpointError(f"commit record {name} names generation {m.generation}")
+                raise CorruptCheckpointError(f"commit record {name} names generation {m.generation:.40}")
         except CheckpointNotFoundError:
             found.problems.append(f"commit record {name} vanished while reading")
             continue
         except CorruptCheckpointError as e:
             found.problems.append(str(e))
             continue
-        missing = shallow_problems(m, listing)
+        except FormatTooNewError as e:
+            e.uri = e.uri or store.uri
+            raise
+        missing = shallow_problems(m.files, listing)
         if missing:
             found.problems.append(f"generation {gen}: " + "; ".join(missing))
             continue
@@ -80,7 +91,7 @@ def open_commit(store: Store) -> tuple[Manifest, dict]:
         raise CheckpointNotFoundError(f"no checkpoint at {store.uri}{store.not_found_hint()}", store.uri)
     found = find_commit(store, listing)
     if found.manifest is None:
-        if found.records:
+        if found.record_count:
             raise CorruptCheckpointError(
                 f"checkpoint at {store.uri} is damaged: " + "; ".join(found.problems), store.uri)
         raise CheckpointNotFoundError(
@@ -92,299 +103,203 @@ def open_commit(store: Store) -> tuple[Manifest, dict]:
     return found.manifest, listing
 
 
-# ---------------------------------------------------------------- loading blobs
+# ---------------------------------------------------------------- segments
 
-def _alloc(kind: str, nbytes: int):
-    """(the value to keep, a writable uint8 memoryview over it)."""
-    if kind == tree.STORAGE:
-        storage = torch.UntypedStorage(nbytes)
-        if nbytes == 0:
-            return storage, memoryview(bytearray(0))
-        return storage, memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
-    if kind == tree.NDARRAY:
-        arr = np.empty(nbytes, dtype=np.uint8)
-        return arr, memoryview(arr)
-    buf = bytearray(nbytes)
-    return buf, memoryview(buf)
-
-
-# Reads (Store.read_bytes each) are issued Store.concurrency at a time ahead
-# of the checksum, so the disk (or the network) always has requests queued
-# while the CPU checks what has arrived and the kernel faults in fresh pages.
+SEGMENT = 8 << 20   # small blobs are gathered into segments of about this size
 
 
 @dataclass
-class _Window:
-    """One read: ``nbytes`` at ``offset`` of data file ``file``.
+class _Segment:
+    """Stream bytes [start, end) and the blobs wholly inside them, in stream order."""
 
-    ``blob >= 0``: the bytes go straight into that blob's buffer at
-    ``blob_offset``. Otherwise they are read into a scratch buffer and
-    ``pieces`` ((blob or -1 for padding, offset in blob, length)) say where
-    each part goes.
+    start: int
+    end: int
+    blobs: list[int]
+
+
+def segments(m: Manifest, size: int = SEGMENT) -> list[_Segment]:
+    """Cover the data stream, in order, with segments of whole blobs and the gaps after them.
+
+    A large blob is a segment of its own; small ones are gathered until the
+    segment would pass ``size``. Each segment ends where the next begins, the
+    last where the stream ends, so every byte belongs to exactly one.
     """
-    file: int
-    offset: int
-    nbytes: int
-    blob: int = -1
-    blob_offset: int = 0
-    pieces: list = field(default_factory=list)
-
-
-def _windows(m: Manifest, part: int) -> list[_Window]:
-    """Cover the data stream with reads of at most ``part`` bytes, in order.
-
-    Large blobs are read straight into their own memory; runs of small blobs
-    and the padding between them are gathered into one read each, so a state
-    of many small tensors costs few requests. No read crosses a file boundary.
-    """
-    starts = m.file_starts()
-    offsets = [starts[int(b["file"])] + int(b["offset"]) for b in m.blobs]
-    regions = []   # (stream start, stream end, blob or -1)
-    pos = 0
-    for i in sorted(range(len(m.blobs)), key=lambda i: (offsets[i], i)):
-        s, n = offsets[i], int(m.blobs[i]["nbytes"])
-        if s < pos:
-            raise CorruptCheckpointError("malformed checkpoint: blobs overlap")
-        if s > pos:
-            regions.append((pos, s, -1))
-        if n:
-            regions.append((s, s + n, i))
-        pos = s + n
-    if pos < starts[-1]:
-        regions.append((pos, starts[-1], -1))
-
-    out: list[_Window] = []
-    cur: _Window | None = None
-    k = 0
-    for a, b, i in regions:
-        region_start = a
-        while a < b:
-            while starts[k + 1] <= a:
-                k += 1
-                cur = None
-            end = min(b, starts[k + 1])
-            if i >= 0 and end - a >= part // 2:
-                cur = None
-                for o in range(a, end, part):
-                    out.append(_Window(k, o - starts[k], min(part, end - o), i, o - region_start))
-                a = end
-                continue
-            while a < end:
-                if cur is None or cur.nbytes >= part:
-                    cur = _Window(k, a - starts[k], 0)
-                    out.append(cur)
-                n = min(end - a, part - cur.nbytes)
-                cur.pieces.append((i, a - region_start, n))
-                cur.nbytes += n
-                a += n
+    t = m.blobs
+    out: list[_Segment] = []
+    prev_large = False
+    for i in np.argsort(t.starts, kind="stable").tolist():
+        s, n = int(t.starts[i]), int(t.sizes[i])
+        large = n >= size // 2
+        if not out or large or prev_large or s + n - out[-1].start > size:
+            out.append(_Segment(s if out else 0, s + n, [i]))
+        else:
+            out[-1].blobs.append(i)
+        prev_large = large
+    for a, b in zip(out, out[1:]):
+        a.end = b.start
+    stream_end = m.file_starts()[-1]
+    if out:
+        out[-1].end = max(out[-1].end, stream_end)
+    elif stream_end:
+        out.append(_Segment(0, stream_end, []))
     return out
 
 
-class _Readers:
-    """One Reader per data file, opened on first use, shared by the read threads."""
+def _check_padding(flat: np.ndarray, base: int, seg: _Segment, m: Manifest, where: str, uri: str) -> None:
+    """Every byte of ``seg`` that is not a blob's is zero (``flat`` holds the segment's bytes)."""
+    t = m.blobs
+    idx = np.asarray(seg.blobs, dtype=np.int64)
+    starts = t.starts[idx] - base if len(idx) else np.zeros(0, np.int64)
+    ends = starts + t.sizes[idx] if len(idx) else np.zeros(0, np.int64)
+    gap_starts = np.concatenate(([seg.start - base], ends))
+    gap_ends = np.concatenate((starts, [seg.end - base]))
+    lengths = gap_ends - gap_starts
+    if bool((lengths < 0).any()):
+        raise CorruptCheckpointError(f"{where}: blobs overlap", uri)
+    total = int(lengths.sum())
+    if not total:
+        return
+    # Every gap byte's position, without a Python loop over 10**5 gaps.
+    offsets = np.repeat(gap_starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+    bad = np.flatnonzero(flat[offsets])
+    if len(bad):
+        raise CorruptCheckpointError(f"{where}: padding at stream byte {base + int(offsets[bad[0]])} is not zero",
+                                     uri)
 
-    def __init__(self, store: Store, m: Manifest):
-        self.store, self.m = store, m
-        self.open: dict[int, Any] = {}
-        self.lock = threading.Lock()
 
-    def get(self, k: int):
-        with self.lock:
-            r = self.open.get(k)
-            if r is None:
-                r = self.open[k] = self.store.open_reader(self.m.files[k]["name"])
-            return r
-
-    def close(self) -> None:
-        for r in self.open.values():
-            r.close()
-
-
-def _read_stream(store: Store, m: Manifest, verify: bool, values: list, pool, readers: _Readers) -> None:
-    """Read every blob of a checkpoint, ``store.concurrency`` reads in flight."""
-    views: list = [None] * len(m.blobs)
-    for i, b in enumerate(m.blobs):
-        values[i], views[i] = _alloc(b.get("kind", tree.STORAGE), int(b["nbytes"]))
-    crcs = [0] * len(m.blobs)
-    done = [0] * len(m.blobs)
-
-    def where(w: _Window) -> str:
-        return f"{store.uri}/{m.files[w.file]['name']}"
-
-    def took(i: int, data: memoryview, w: _Window) -> None:
-        if verify:
-            crcs[i] = crc32c.crc32c(data, crcs[i])
-        done[i] += len(data)
-        if verify and done[i] == int(m.blobs[i]["nbytes"]) and crc_hex(crcs[i]) != m.blobs[i]["crc32c"]:
-            raise CorruptCheckpointError(
-                f"{where(w)}: CRC-32C mismatch in blob {i} ({m.blobs[i]['nbytes']} bytes); "
-                "the checkpoint is corrupt", store.uri)
-
-    def read(w: _Window):
-        if w.blob >= 0:
-            buf = views[w.blob][w.blob_offset:w.blob_offset + w.nbytes]
-        else:
-            buf = memoryview(bytearray(w.nbytes))
-        return buf, readers.get(w.file).readinto(w.offset, buf)
-
-    windows = _windows(m, store.read_bytes)
-    pending: collections.deque = collections.deque()
-    nxt = 0
-    try:
-        while nxt < len(windows) or pending:
-            while nxt < len(windows) and len(pending) < max(1, store.concurrency):
-                pending.append((windows[nxt], pool.submit(read, windows[nxt])))
-                nxt += 1
-            w, fut = pending.popleft()
-            buf, n = fut.result()
-            if n < w.nbytes:
-                raise CorruptCheckpointError(f"{where(w)}: file ends early (truncated)", store.uri)
-            if w.blob >= 0:
-                took(w.blob, buf, w)
-                continue
-            pos = 0
-            for i, off, n in w.pieces:
-                piece = buf[pos:pos + n]
-                if i < 0:
-                    if any(piece):
-                        raise CorruptCheckpointError(
-                            f"{where(w)}: padding at byte {w.offset + pos} is not zero", store.uri)
-                else:
-                    views[i][off:off + n] = piece
-                    took(i, piece, w)
-                pos += n
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        for _, fut in pending:
-            if not fut.cancelled():
-                fut.exception()  # wait, so no read lands in memory we no longer own
+def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, verify: bool, values: list,
+          where: str, uri: str) -> None:
+    """Check one filled segment and cut its blobs out of it (slices: no copy)."""
+    flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else np.zeros(0, np.uint8)
+    view = memoryview(flat)
+    t = m.blobs
     if verify:
-        for i, b in enumerate(m.blobs):
-            if int(b["nbytes"]) == 0 and b["crc32c"] != crc_hex(0):
-                raise CorruptCheckpointError(f"{store.uri}: CRC-32C mismatch in blob {i} (empty)", store.uri)
-    if not store.immutable_files:
-        # Nothing may follow the last byte the commit record vouches for.
-        for k, f in enumerate(m.files):
-            if readers.get(k).readinto(int(f["nbytes"]), memoryview(bytearray(1))) != 0:
-                raise CorruptCheckpointError(
-                    f"{store.uri}/{f['name']}: longer than the commit record says", store.uri)
+        _check_padding(flat, base, seg, m, where, uri)
+    kinds = t.kinds
+    for i in seg.blobs:
+        off, n = int(t.starts[i]) - base, int(t.sizes[i])
+        if verify and crc32c.crc32c(view[off:off + n]) != int(t.crcs[i]):
+            raise CorruptCheckpointError(
+                f"{where}: CRC-32C mismatch in blob {i} ({n} bytes at stream byte {off + base}); "
+                "the checkpoint is corrupt", uri)
+        kind = kinds[i]
+        if kind == "s":
+            values[i] = storage[off:off + n] if n else torch.UntypedStorage(0)
+        elif kind == "n":
+            values[i] = flat[off:off + n]
+        else:
+            values[i] = bytes(view[off:off + n])
 
 
 def read_blobs(store: Store, m: Manifest, verify: bool = True) -> list[Any]:
-    """Every blob of the manifest, read and checked, as allocated buffers (index-aligned)."""
+    """Every blob of the manifest, read and checked (index-aligned with the blob table)."""
     values: list[Any] = [None] * len(m.blobs)
-    pool = cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-read")
-    readers = _Readers(store, m)
-    try:
-        mapped = None
-        if len(m.files) == 1:
-            mapped = store.map_file(m.files[0]["name"], int(m.files[0]["nbytes"]))
-        if mapped is not None:
-            order = sorted(range(len(m.blobs)), key=lambda i: int(m.blobs[i]["offset"]))
-            _take_mapped(mapped, m, order, verify, values, f"{store.uri}/{m.files[0]['name']}",
-                         store.uri, pool)
-        else:
-            _read_stream(store, m, verify, values, pool, readers)
-    finally:
-        readers.close()
-        pool.shutdown(wait=True)
+    where = f"{store.uri}/{m.files[0].name}" if len(m.files) == 1 else store.uri
+    mapped = store.map_file(m.files[0].name, m.files[0].nbytes) if len(m.files) == 1 else None
+    if mapped is not None:
+        _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency)
+        return values
+    with StreamReader(store, m.files) as reader:
+        segs = segments(m)
+        storages = [torch.UntypedStorage(s.end - s.start) for s in segs]
+        ranges = []
+        for k, s in enumerate(segs):
+            flat = torch.empty(0, dtype=torch.uint8).set_(storages[k]).numpy() if s.end > s.start else None
+            for o in range(s.start, s.end, store.read_bytes):
+                n = min(store.read_bytes, s.end - o)
+                ranges.append(Range(o, n, memoryview(flat[o - s.start:o - s.start + n]), k))
+        left = [len(range(s.start, s.end, store.read_bytes)) for s in segs]
+        for r, _ in reader.fetch(ranges):
+            k = r.tag
+            left[k] -= 1
+            if not left[k]:
+                _take(segs[k], storages[k], segs[k].start, m, verify, values, where, store.uri)
+                storages[k] = None   # the blobs hold what they need of it
+        for k, s in enumerate(segs):
+            if storages[k] is not None:     # a segment of empty blobs only, read by no range
+                _take(s, storages[k], s.start, m, verify, values, where, store.uri)
+        reader.check_ends()
     return values
 
 
-def _take_mapped(big: torch.UntypedStorage, m: Manifest, order: list[int], verify: bool,
-                 values: list, where: str, uri: str, pool) -> None:
+def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: list, where: str, uri: str,
+                 workers: int) -> None:
     """Blobs as slices of a private (copy-on-write) mapping of a local data file.
 
     No allocation, no copy: the kernel reads the file into the page cache and
     the tensors use those pages until they are written to. Checking the CRCs
-    is what reads the file; without verify, pages load when first touched.
+    is what reads the file; segments are checked in parallel, so page faults
+    and CRCs proceed on every core at once. Without verify, pages load when
+    first touched.
     """
-    flat = torch.empty(0, dtype=torch.uint8).set_(big).numpy()
-    crcs = {}
-    if verify:
-        # Blobs are checked independently, so page faults and CRCs of
-        # different blobs proceed on every core at once.
-        def crc_of(i: int) -> int:
-            off, n = int(m.blobs[i]["offset"]), int(m.blobs[i]["nbytes"])
-            return crc32c.crc32c(memoryview(flat[off:off + n])) if 0 <= off <= off + n <= len(flat) else -1
-        crcs = dict(zip(order, pool.map(crc_of, order)))
-    pos = 0
-    for i in order:
-        b = m.blobs[i]
-        off, n = int(b["offset"]), int(b["nbytes"])
-        if off < pos:
-            raise CorruptCheckpointError(f"{where}: blobs overlap", uri)
-        if flat[pos:off].any():
-            raise CorruptCheckpointError(f"{where}: padding at byte {pos} is not zero", uri)
-        if off + n > len(flat):
-            raise CorruptCheckpointError(f"{where}: blob {i} lies past the end of the file", uri)
-        if verify and crc_hex(crcs[i]) != b["crc32c"]:
-            raise CorruptCheckpointError(
-                f"{where}: CRC-32C mismatch in bytes {off}..{off + n} (blob {i}); "
-                "the checkpoint is corrupt", uri)
-        kind = b.get("kind", tree.STORAGE)
-        if kind == tree.STORAGE:
-            values[i] = big[off:off + n]
-        elif kind == tree.NDARRAY:
-            values[i] = torch.empty(0, dtype=torch.uint8).set_(big[off:off + n]).numpy()
-        else:
-            values[i] = bytes(flat[off:off + n])
-        pos = off + n
-    if flat[pos:].any():
-        raise CorruptCheckpointError(f"{where}: padding at byte {pos} is not zero", uri)
+    segs = segments(m)
+    with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
+        for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri) for s in segs]:
+            fut.result()
+
+
+_KIND_OF_CODE = {"s": STORAGE, "n": NDARRAY, "b": BYTES, "p": PICKLE}
 
 
 def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False) -> Any:
     placed: dict[int, Any] = {}
+    t = m.blobs
 
-    def blob_value(i: Any) -> Any:
+    def blob_value(i: Any, kind: str) -> Any:
         if type(i) is not int or not (0 <= i < len(values)):
-            raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i!r} does not exist")
+            raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i!r:.40} does not exist")
+        if _KIND_OF_CODE[t.kinds[i]] != kind:
+            raise CorruptCheckpointError(
+                f"malformed checkpoint structure: blob {i} holds {_KIND_OF_CODE[t.kinds[i]]}, not {kind}")
         if i not in placed:
             v = values[i]
-            kind = m.blobs[i].get("kind")
-            if kind == tree.STORAGE:
-                v = tree.restore_location(v, m.blobs[i].get("device", "cpu"), map_location)
-            elif kind in (tree.BYTES, tree.PICKLE):
+            if kind == STORAGE:
+                if map_location is not None or len(t.devices) > 1 or t.devices[0] != "cpu":
+                    v = tree.restore_location(v, t.devices[0 if t.device is None else int(t.device[i])],
+                                              map_location)
+            elif kind != NDARRAY:
                 v = bytes(v)
             placed[i] = v
         return placed[i]
 
-    return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle)
+    return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=m.version[0])
+
+
+def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False) -> Any:
+    """The state committed at ``store``: commit found, pickles refused before any data is read, every byte checked."""
+    m, _ = open_commit(store)
+    if not allow_pickle and m.pickled:
+        tree.refuse_pickle(m.nodes)
+    values = read_blobs(store, m, verify=verify)
+    return build_state(m, values, map_location=map_location, allow_pickle=allow_pickle)
 
 
 # ---------------------------------------------------------------- verification
 
-@dataclass
-class Verified:
-    ok: bool
-    problems: list[str]
-    nbytes: int
-    manifest: Manifest | None
-
-
-def verify_store(store: Store, deep: bool) -> Verified:
+def verify_store(store: Store, deep: bool) -> VerifyReport:
     listing = store.list()
     if not listing or not commit_generations(listing):
         raise CheckpointNotFoundError(f"no committed checkpoint at {store.uri}", store.uri)
-    found = find_commit(store, listing)
+    try:
+        found = find_commit(store, listing)
+    except FormatTooNewError as e:
+        return VerifyReport(False, [str(e)], 0, uri=store.uri, deep=deep)
     if found.manifest is None:
-        return Verified(False, found.problems, 0, None)
+        return VerifyReport(False, found.problems, 0, uri=store.uri, deep=deep)
     m = found.manifest
     problems: list[str] = []
     if deep:
         # The file CRC covers every byte, padding included, in one pass.
-        for f in m.files:
-            try:
-                crc = stored_crc32c(store, f["name"], int(f["nbytes"]))
-            except CorruptCheckpointError as e:
-                problems.append(str(e))
-                continue
-            except CheckpointNotFoundError:
-                problems.append(f"data file {f['name']} is missing")
-                continue
-            if crc_hex(crc) != f["crc32c"]:
-                problems.append(f"data file {f['name']}: CRC-32C {crc_hex(crc)}, the commit record says {f['crc32c']}")
-    return Verified(not problems, problems, m.nbytes, m)
-
+        with StreamReader(store, m.files) as reader:
+            for k, f in enumerate(m.files):
+                try:
+                    crc = reader.file_crc(k)
+                except CorruptCheckpointError as e:
+                    problems.append(str(e))
+                    continue
+                except CheckpointNotFoundError:
+                    problems.append(f"data file {f.name} is missing")
+                    continue
+                if crc != f.crc32c:
+                    problems.append(f"data file {f.name}: CRC-32C {crc:08x}, the commit record says {f.crc32c:08x}")
+    return VerifyReport(not problems, problems, m.nbytes, uri=store.uri, deep=deep, generation=m.generation)

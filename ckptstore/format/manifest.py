@@ -1,10 +1,10 @@
-"""The commit record: the one file a reader trusts.
+"""The commit record: the one file a reader trusts, and the names of a checkpoint's files.
 
 A checkpoint directory holds data files and commit records. Each save is a
 *generation*; its files carry the generation id in their names:
 
     <gen>.commit          commit record (header line + JSON manifest)
-    <gen>-<k>.bin         data file k of that generation
+    <gen>-<n>.bin         data file n of that generation
     <gen>.commit.tmp      a commit record not yet renamed into place
 
 A reader takes the newest generation whose commit record is intact. Files
@@ -12,29 +12,39 @@ of any other generation are leftovers (an interrupted or superseded save)
 and are never read. The record lists every data file with its size and
 CRC-32C, and its own bytes are covered by the CRC in its header line, so a
 torn, truncated or bit-flipped record is never taken as a commit.
+
+Everything about the record's bytes lives here: ``FileEntry`` and
+``BlobTable`` are the typed entries the rest of the package reads, and no
+other module parses or builds the JSON. Version 2 stores the blob table as
+columns with implied offsets (about 15 bytes a blob instead of 90); version 1
+records, written by ckptstore 0.1, are still read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
 
 import crc32c
+import numpy as np
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, FormatTooNewError
 
 MAGIC = b"CKPTSTORE"
-FORMAT_MAJOR = 1
+FORMAT_MAJOR = 2          # what this ckptstore writes
 FORMAT_MINOR = 0
+READABLE_MAJORS = (1, 2)  # what it reads
 COMMIT_SUFFIX = ".commit"
 TMP_SUFFIX = ".tmp"
 DATA_SUFFIX = ".bin"
 CLAIM_NAME = "create.claim"  # taken by a save that must not replace a checkpoint (overwrite=False)
-ALIGN = 64  # blob offsets in data files are multiples of this
+ALIGN = 64  # blob offsets in the data stream are multiples of this
+_MAX_CREATED = 1e11  # seconds since the epoch (the year 5138): a later commit time is a lie
 
 # Generation ids sort in commit order: 16 hex digits of nanoseconds since
 # the epoch (bumped past any generation already present), then random bits
@@ -67,15 +77,26 @@ class FileName:
 
     gen: str
     role: str  # "commit", "tmp" or "data"
+    number: int = -1  # a data file's number
 
     @staticmethod
     def parse(name: str) -> "FileName | None":
-        m = _NAME.match(name)
+        m = _NAME.match(name) if isinstance(name, str) else None
         if not m:
             return None
         if m.group("commit"):
             return FileName(m.group("gen"), "tmp" if m.group("tmp") else "commit")
-        return FileName(m.group("gen"), "data")
+        return FileName(m.group("gen"), "data", int(m.group("k")))
+
+    @property
+    def is_record(self) -> bool:
+        """A commit record, committed or not: removed before any data file of its generation."""
+        return self.role in ("commit", "tmp")
+
+
+def generations(names) -> list[str]:
+    """Every generation some file in ``names`` belongs to, oldest first."""
+    return sorted({f.gen for f in map(FileName.parse, names) if f is not None})
 
 
 def commit_generations(names) -> list[str]:
@@ -92,47 +113,214 @@ def crc_hex(value: int) -> str:
     return f"{value:08x}"
 
 
-@dataclass
+def align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+# ---------------------------------------------------------------- typed entries
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One data file of a generation: its name, size and the CRC-32C of all its bytes."""
+
+    name: str
+    nbytes: int
+    crc32c: int
+
+
+# Blob kinds: how a blob's bytes become a Python value again.
+STORAGE = "storage"   # torch UntypedStorage, shared by the tensors that view it
+NDARRAY = "ndarray"   # one C-contiguous numpy array
+BYTES = "bytes"       # a bytes value
+PICKLE = "pickle"     # pickled value, only with allow_pickle=True
+KIND_CODES = {STORAGE: "s", NDARRAY: "n", BYTES: "b", PICKLE: "p"}
+KINDS = {c: k for k, c in KIND_CODES.items()}
+
+
+class BlobEntry(NamedTuple):
+    """One blob: ``nbytes`` bytes at stream offset ``start``, with their own CRC-32C."""
+
+    start: int
+    nbytes: int
+    crc32c: int
+    kind: str
+    device: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.nbytes
+
+
+class BlobTable:
+    """Every blob of a generation, as columns (a record may hold 10**5 of them).
+
+    ``starts`` and ``sizes`` are int64 arrays of stream offsets and lengths,
+    ``crcs`` uint32; ``kinds`` a str of one code letter per blob; ``device``
+    an index per blob into ``devices``. ``blob[i]`` gives one ``BlobEntry``.
+    """
+
+    __slots__ = ("starts", "sizes", "crcs", "kinds", "devices", "device")
+
+    def __init__(self, starts, sizes, crcs, kinds: str, devices: list[str], device=None):
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.crcs = np.asarray(crcs, dtype=np.uint32)
+        self.kinds = kinds
+        self.devices = list(devices) or ["cpu"]
+        self.device = None if device is None else np.asarray(device, dtype=np.int64)
+
+    @staticmethod
+    def sequential(sizes, crcs, kinds: str, devices: list[str], device=None) -> "BlobTable":
+        """Blobs laid out one after the other, each at the next multiple of ALIGN (the writer's layout)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        padded = -(-sizes // ALIGN) * ALIGN
+        starts = np.zeros(len(sizes), dtype=np.int64)
+        if len(sizes) > 1:
+            np.cumsum(padded[:-1], out=starts[1:])
+        return BlobTable(starts, sizes, crcs, kinds, devices, device)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> BlobEntry:
+        d = 0 if self.device is None else int(self.device[i])
+        return BlobEntry(int(self.starts[i]), int(self.sizes[i]), int(self.crcs[i]), KINDS[self.kinds[i]],
+                         self.devices[d])
+
+    def __iter__(self) -> Iterator[BlobEntry]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def kind(self, i: int) -> str:
+        return KINDS[self.kinds[i]]
+
+    @property
+    def end(self) -> int:
+        """Where the last blob ends in the stream (0 without blobs)."""
+        return int((self.starts + self.sizes).max()) if len(self) else 0
+
+    def is_sequential(self) -> bool:
+        if not len(self):
+            return True
+        return bool(np.array_equal(self.starts, BlobTable.sequential(self.sizes, self.crcs, "", []).starts))
+
+    def count(self) -> dict[str, int]:
+        return {KINDS[c]: self.kinds.count(c) for c in sorted(set(self.kinds))}
+
+
+def device_column(devices: list[str]) -> tuple[list[str], list[int] | None]:
+    """(table of distinct devices, an index per blob, or None when all share the first)."""
+    table: dict[str, int] = {}
+    index = [table.setdefault(d, len(table)) for d in devices]
+    return list(table) or ["cpu"], (index if len(table) > 1 else None)
+
+
+# ---------------------------------------------------------------- the record
+
+def _node_counts(nodes: list) -> tuple[int, bool]:
+    """(tensor nodes, whether any node is a pickle) of a node table."""
+    tensors, pickled = 0, False
+    for n in nodes:
+        if type(n) is list and n:
+            kind = n[0]
+            if kind == "tensor":
+                tensors += 1
+            elif kind == "pickle":
+                pickled = True
+    return tensors, pickled
+
+
 class Manifest:
-    generation: str
-    files: list[dict]        # [{"name", "nbytes", "crc32c"}]
-    blobs: list[dict]        # [{"file", "offset", "nbytes", "crc32c", "kind"}]
-    nodes: list
-    created: float = field(default_factory=time.time)
-    meta: dict = field(default_factory=dict)   # free-form JSON for callers (the manager)
-    version: tuple = (FORMAT_MAJOR, FORMAT_MINOR)
-    writer: dict = field(default_factory=dict)
+    """A commit record: what a generation holds and where.
+
+    Read from storage, the node table stays unparsed until ``nodes`` is first
+    used: finding, listing and shallow checks of a checkpoint of 10**5
+    tensors read only the record's first line. ``tensors`` and ``pickled``
+    come from that line (and are checked against the table when it is parsed).
+    """
+
+    def __init__(self, generation: str, files: list[FileEntry], blobs: BlobTable, nodes: list | None = None, *,
+                 created: float | None = None, meta: dict | None = None,
+                 version: tuple = (FORMAT_MAJOR, FORMAT_MINOR), writer: dict | None = None,
+                 raw_nodes: bytes | None = None, counts: tuple[int, bool] | None = None, where: str = ""):
+        self.generation, self.files, self.blobs = generation, files, blobs
+        self.created = time.time() if created is None else created
+        self.meta = meta if meta is not None else {}
+        self.version, self.writer = version, writer if writer is not None else {}
+        self._nodes, self._raw_nodes, self._where = nodes, raw_nodes, where
+        self._counts = counts
+
+    def replace(self, **changes: Any) -> "Manifest":
+        fields = dict(generation=self.generation, files=self.files, blobs=self.blobs, nodes=self._nodes,
+                      created=self.created, meta=self.meta, version=self.version, writer=self.writer,
+                      raw_nodes=self._raw_nodes, counts=self._counts, where=self._where)
+        fields.update(changes)
+        return Manifest(**fields)
+
+    @property
+    def nodes(self) -> list:
+        if self._nodes is None:
+            self._nodes = _parse_nodes(self._raw_nodes or b"", self._where, self._counts)
+        return self._nodes
+
+    @property
+    def tensors(self) -> int:
+        """How many tensor nodes the table has (from the record's first line when read)."""
+        return self._summary()[0]
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the table holds pickled values."""
+        return self._summary()[1]
+
+    def _summary(self) -> tuple[int, bool]:
+        if self._counts is None:
+            self._counts = _node_counts(self.nodes)
+        return self._counts
 
     @property
     def nbytes(self) -> int:
-        return sum(f["nbytes"] for f in self.files)
+        return sum(f.nbytes for f in self.files)
 
     def file_starts(self) -> list[int]:
         """Where each data file begins in the data stream, and (last) where the stream ends."""
         starts = [0]
         for f in self.files:
-            starts.append(starts[-1] + int(f["nbytes"]))
+            starts.append(starts[-1] + f.nbytes)
         return starts
 
     def to_bytes(self) -> bytes:
-        body = json.dumps({
+        """The record, in the version this manifest has (a copied 1.x checkpoint stays 1.x)."""
+        doc = {
             "format": "ckptstore",
             "version": list(self.version),
             "generation": self.generation,
             "created": self.created,
             "writer": self.writer,
             "nbytes": self.nbytes,
-            "files": self.files,
-            "blobs": self.blobs,
-            "nodes": self.nodes,
+            "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": crc_hex(f.crc32c)} for f in self.files],
             "meta": self.meta,
-        }, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-        header = b"%s %d %d %s\n" % (MAGIC, FORMAT_MAJOR, len(body), crc_hex(crc32c.crc32c(body)).encode())
+        }
+        dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+        if self.version[0] == 1:
+            doc["blobs"], doc["nodes"] = _blobs_v1(self), self.nodes
+            body = dump(doc).encode("ascii")
+        else:
+            tensors, pickled = self._summary()
+            doc["blobs"] = _blobs_v2(self.blobs)
+            doc["tensors"], doc["pickled"] = tensors, pickled
+            nodes = self._raw_nodes if self._nodes is None else dump(self._nodes).encode("ascii")
+            body = dump(doc).encode("ascii") + b"\n" + nodes
+        header = b"%s %d %d %s\n" % (MAGIC, self.version[0], len(body), crc_hex(crc32c.crc32c(body)).encode())
         return header + body
 
     @staticmethod
     def from_bytes(data: bytes, where: str = "") -> "Manifest":
-        """Parse and check a commit record; CorruptCheckpointError if it is not intact."""
+        """Parse and check a commit record (all but a version 2 node table, parsed on first use).
+
+        CorruptCheckpointError if it is not intact; FormatTooNewError if it is
+        intact but of a major version this ckptstore does not know.
+        """
         def bad(msg: str) -> CorruptCheckpointError:
             return CorruptCheckpointError(f"commit record {where} is not intact: {msg}")
 
@@ -142,86 +330,211 @@ class Manifest:
         parts = data[:nl].split(b" ")
         if len(parts) != 4 or parts[0] != MAGIC:
             raise bad("not a ckptstore commit record")
-        try:
-            major, length, crc = int(parts[1]), int(parts[2]), int(parts[3], 16)
-        except ValueError:
-            raise bad("malformed header line") from None
-        if major != FORMAT_MAJOR:
-            if major > FORMAT_MAJOR:
-                raise CorruptCheckpointError(
-                    f"checkpoint {where} uses format version {major}.x, newer than this ckptstore "
-                    f"reads ({FORMAT_MAJOR}.x): upgrade ckptstore to load it")
-            raise bad(f"unknown format version {major}")
+        if not all(re.fullmatch(rb"[0-9]{1,19}", p) for p in parts[1:3]) or \
+                not re.fullmatch(rb"[0-9a-f]{8}", parts[3]):
+            raise bad("malformed header line")
+        major, length, crc = int(parts[1]), int(parts[2]), int(parts[3], 16)
         body = data[nl + 1:]
         if len(body) != length:
             raise bad(f"{len(body)} bytes where the header says {length} (truncated or torn)")
         if crc32c.crc32c(body) != crc:
             raise bad("CRC-32C mismatch")
+        if major not in READABLE_MAJORS:
+            if major > FORMAT_MAJOR:
+                raise FormatTooNewError(
+                    f"checkpoint {where} was written by a newer ckptstore (format {major}.x; this one reads "
+                    f"up to {FORMAT_MAJOR}.x); upgrade ckptstore to load it")
+            raise bad(f"unknown format version {major}")
+        head, raw_nodes = body, None
+        if major >= 2:
+            cut = body.find(b"\n")
+            if cut < 0:
+                raise bad("no node table line")
+            head, raw_nodes = body[:cut], body[cut + 1:]
+        doc = _json(head, where, "")
         try:
-            doc = json.loads(body)
-        except ValueError as e:
-            raise bad(f"invalid JSON: {e}") from None
-        try:
-            version = tuple(int(v) for v in doc["version"])
-            if doc.get("format") != "ckptstore" or version[0] != FORMAT_MAJOR:
-                raise bad(f"format {doc.get('format')!r} version {version}")
-            m = Manifest(
-                generation=str(doc["generation"]),
-                files=list(doc["files"]),
-                blobs=list(doc["blobs"]),
-                nodes=list(doc["nodes"]),
-                created=float(doc["created"]),
-                meta=dict(doc.get("meta") or {}),
-                version=version,
-                writer=dict(doc.get("writer") or {}),
-            )
-            m.check()
-        except CorruptCheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise bad(f"missing or malformed field: {e}") from None
-        return m
-
-    def check(self) -> None:
-        """Structural sanity of the listing, so readers can trust offsets."""
-        sizes = []
-        if not self.files:
-            raise CorruptCheckpointError("no data files listed")
-        for f in self.files:
-            if not (isinstance(f["name"], str) and FileName.parse(f["name"]) == FileName(self.generation, "data")):
-                raise CorruptCheckpointError(f"data file name {f['name']!r} does not belong to generation {self.generation}")
-            int(f["crc32c"], 16)
-            if int(f["nbytes"]) < 0:
-                raise ValueError("negative size")
-            sizes.append(int(f["nbytes"]))
-        # The data files are one stream, in order; a blob starts in its file
-        # and may run on into the following ones.
-        starts = [0]
-        for n in sizes:
-            starts.append(starts[-1] + n)
-        for b in self.blobs:
-            k, off, n = int(b["file"]), int(b["offset"]), int(b["nbytes"])
-            int(b["crc32c"], 16)
-            if not (0 <= k < len(sizes)) or off < 0 or n < 0 or off > sizes[k] or \
-                    starts[k] + off + n > starts[-1]:
-                raise CorruptCheckpointError("a blob lies outside the data files")
+            return _parse(doc, major, raw_nodes, where)
+        except CorruptCheckpointError as e:
+            raise bad(str(e)) from None
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as e:
+            raise bad(f"missing or malformed field: {type(e).__name__}: {e}"[:300]) from None
 
 
-def describe(m: Manifest) -> dict[str, Any]:
-    """A summary fit for `ckptstore info`."""
-    kinds: dict[str, int] = {}
+def _parse_nodes(raw: bytes, where: str, counts: tuple[int, bool] | None) -> list:
+    """A version 2 node table, checked against the counts the record's first line gives."""
+    nodes = _json(raw, where, " in the node table")
+    if type(nodes) is not list or not nodes:
+        raise CorruptCheckpointError(f"commit record {where} is not intact: the node table is empty")
+    if counts is not None and _node_counts(nodes) != counts:
+        raise CorruptCheckpointError(f"commit record {where} is not intact: the node table does not match the "
+                                     "counts of the record's first line")
+    return nodes
+
+
+def _json(data: bytes, where: str, part: str) -> Any:
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise CorruptCheckpointError(f"commit record {where} is not intact: JSON{part} nested too deeply") from None
+    except ValueError as e:
+        raise CorruptCheckpointError(f"commit record {where} is not intact: invalid JSON{part}: {e}") from None
+
+
+def _blobs_v1(m: Manifest) -> list[dict]:
+    starts = m.file_starts()
+    out = []
     for b in m.blobs:
-        kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
-    tensors = sum(1 for n in m.nodes if n[0] == "tensor")
-    return {
-        "format": ".".join(map(str, m.version)),
-        "generation": m.generation,
-        "created": m.created,
-        "nbytes": m.nbytes,
-        "files": [{"name": f["name"], "nbytes": f["nbytes"], "crc32c": f["crc32c"]} for f in m.files],
-        "tensors": tensors,
-        "blobs": kinds,
-        "pickled": any(n[0] == "pickle" for n in m.nodes),
-        "writer": m.writer,
-        "meta": m.meta,
-    }
+        k = max(0, np.searchsorted(starts, b.start, side="right") - 1)
+        k = min(k, len(m.files) - 1)
+        out.append({"file": int(k), "offset": b.start - starts[k], "nbytes": b.nbytes, "crc32c": crc_hex(b.crc32c),
+                    "kind": b.kind, "device": b.device})
+    return out
+
+
+def _blobs_v2(t: BlobTable) -> dict:
+    if not t.is_sequential():
+        raise ValueError("version 2 blobs must be laid out sequentially")
+    doc: dict[str, Any] = {"nbytes": t.sizes.tolist(), "crc32c": t.crcs.astype(">u4").tobytes().hex(),
+                           "kind": t.kinds, "devices": t.devices}
+    if t.device is not None:
+        doc["device"] = t.device.tolist()
+    return doc
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = 2 ** 62) -> int:
+    """A JSON integer in [lo, hi]: bools, floats and huge values are lies."""
+    if type(v) is not int or not lo <= v <= hi:
+        raise CorruptCheckpointError(f"{what} is {v!r:.40}, not a whole number in [{lo}, {hi}]")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if type(v) is not str:
+        raise CorruptCheckpointError(f"{what} is not a string")
+    return v
+
+
+def _crc(v: Any, what: str) -> int:
+    if type(v) is not str or not re.fullmatch(r"[0-9a-f]{8}", v):
+        raise CorruptCheckpointError(f"{what} is not 8 lowercase hex digits")
+    return int(v, 16)
+
+
+def _parse(doc: Any, major: int, raw_nodes: bytes | None, where: str) -> Manifest:
+    if type(doc) is not dict or doc.get("format") != "ckptstore":
+        raise CorruptCheckpointError("not a ckptstore record body")
+    version = doc["version"]
+    if type(version) is not list or len(version) < 2 or version[0] != major:
+        raise CorruptCheckpointError(f"version {version!r:.40} does not match the header's {major}")
+    version = (major, _int(version[1], "minor version"))
+    gen = _str(doc["generation"], "generation")
+    created = doc["created"]
+    if type(created) not in (int, float) or not math.isfinite(created) or not 0 <= created <= _MAX_CREATED:
+        raise CorruptCheckpointError(f"commit time {created!r:.40} is not a plausible time")
+    meta, writer = doc.get("meta") or {}, doc.get("writer") or {}
+    if type(meta) is not dict or type(writer) is not dict:
+        raise CorruptCheckpointError("meta and writer must be objects")
+    nodes, counts = None, None
+    if major == 1:
+        nodes = doc["nodes"]
+        if type(nodes) is not list or not nodes:
+            raise CorruptCheckpointError("the node table is empty")
+    else:
+        tensors, pickled = doc["tensors"], doc["pickled"]
+        counts = (_int(tensors, "the tensor count"), pickled)
+        if type(pickled) is not bool:
+            raise CorruptCheckpointError("pickled must be true or false")
+    files = _files(doc["files"], gen)
+    stream = sum(f.nbytes for f in files)
+    blobs = _blobs_from_v1(doc["blobs"], files) if major == 1 else _blobs_from_v2(doc["blobs"])
+    _check_layout(blobs, stream, strict=major >= 2)
+    return Manifest(generation=gen, files=files, blobs=blobs, nodes=nodes, created=float(created), meta=meta,
+                    version=version, writer=writer, raw_nodes=raw_nodes, counts=counts, where=where)
+
+
+def _files(raw: Any, gen: str) -> list[FileEntry]:
+    if type(raw) is not list or not raw:
+        raise CorruptCheckpointError("no data files listed")
+    files, last = [], -1
+    for f in raw:
+        if type(f) is not dict:
+            raise CorruptCheckpointError("a data file entry is not an object")
+        name = f["name"]
+        parsed = FileName.parse(name)
+        if parsed is None or parsed.gen != gen or parsed.role != "data":
+            raise CorruptCheckpointError(f"data file name {name!r:.80} does not belong to generation {gen}")
+        if parsed.number <= last:
+            raise CorruptCheckpointError(f"data file {name} is out of order")
+        last = parsed.number
+        files.append(FileEntry(name, _int(f["nbytes"], f"size of {name}"), _crc(f["crc32c"], f"CRC of {name}")))
+    return files
+
+
+def _blobs_from_v1(raw: Any, files: list[FileEntry]) -> BlobTable:
+    if type(raw) is not list:
+        raise CorruptCheckpointError("blobs must be a list")
+    starts = [0]
+    for f in files:
+        starts.append(starts[-1] + f.nbytes)
+    s, n, c, kinds, devs = [], [], [], [], []
+    for b in raw:
+        if type(b) is not dict:
+            raise CorruptCheckpointError("a blob entry is not an object")
+        k = _int(b["file"], "a blob's file", 0, len(files) - 1)
+        s.append(starts[k] + _int(b["offset"], "a blob's offset", 0, files[k].nbytes))
+        n.append(_int(b["nbytes"], "a blob's size"))
+        c.append(_crc(b["crc32c"], "a blob's CRC"))
+        kind = b.get("kind", STORAGE)
+        if kind not in KIND_CODES:
+            raise CorruptCheckpointError(f"unknown blob kind {kind!r:.40}")
+        kinds.append(KIND_CODES[kind])
+        devs.append(_str(b.get("device", "cpu"), "a blob's device"))
+    table, index = device_column(devs)
+    return BlobTable(s, n, c, "".join(kinds), table, index)
+
+
+def _blobs_from_v2(raw: Any) -> BlobTable:
+    if type(raw) is not dict:
+        raise CorruptCheckpointError("blobs must be an object of columns")
+    sizes, crcs, kinds, devices = raw["nbytes"], raw["crc32c"], raw["kind"], raw["devices"]
+    count = len(sizes) if type(sizes) is list else -1
+    array = np.array(sizes) if count > 0 else np.zeros(0, np.int64)
+    if count < 0 or (count and (array.ndim != 1 or array.dtype.kind not in "iu" or array.min() < 0
+                                or array.max() > 2 ** 62)):
+        raise CorruptCheckpointError("blob sizes must be whole numbers")
+    if type(crcs) is not str or len(crcs) != 8 * count or not re.fullmatch(r"[0-9a-f]*", crcs):
+        raise CorruptCheckpointError("blob CRCs must be 8 hex digits per blob")
+    if type(kinds) is not str or len(kinds) != count or set(kinds) - set(KINDS):
+        raise CorruptCheckpointError("blob kinds must be one known letter per blob")
+    if type(devices) is not list or not devices or not all(type(d) is str for d in devices):
+        raise CorruptCheckpointError("devices must be a list of strings")
+    device = raw.get("device")
+    if device is not None:
+        if type(device) is not list or len(device) != count or \
+                not all(type(d) is int and 0 <= d < len(devices) for d in device):
+            raise CorruptCheckpointError("a blob's device index is out of range")
+    crc_array = np.frombuffer(bytes.fromhex(crcs), dtype=">u4").astype(np.uint32) if count else []
+    return BlobTable.sequential(array, crc_array, kinds, devices, device)
+
+
+def _check_layout(blobs: BlobTable, stream: int, strict: bool) -> None:
+    """Blobs lie inside the data stream, in order, without overlapping, and nothing but padding follows.
+
+    ``strict`` (version 2): the stream ends with the last blob or with its
+    padding to the next multiple of ALIGN.
+    """
+    if not len(blobs):
+        if strict and stream != 0:
+            raise CorruptCheckpointError(f"{stream} bytes of data files but no blobs")
+        return
+    ends = blobs.starts + blobs.sizes
+    if int(ends.max()) > stream:
+        raise CorruptCheckpointError("a blob lies outside the data files")
+    if len(blobs) > 1:
+        order = np.argsort(blobs.starts, kind="stable")
+        if bool((blobs.starts[order][1:] < ends[order][:-1]).any()):
+            raise CorruptCheckpointError("blobs overlap")
+    if bool((blobs.starts % ALIGN).any()):
+        raise CorruptCheckpointError("a blob does not start at a multiple of 64")
+    if strict and stream > align_up(blobs.end):
+        raise CorruptCheckpointError("the data files run on past the last blob's padding")

@@ -2,8 +2,9 @@
 
 A checkpoint's structure is a flat table of JSON nodes; node 0 is the root and
 every container names its children by index. Children always come after
-their parent, so decoding walks the table backwards and never recurses: a
-state nested ten thousand levels deep costs no more stack than a flat one.
+their parent, and each node has exactly one parent, so decoding walks the
+table backwards and never recurses: a state nested ten thousand levels deep
+costs no more stack than a flat one.
 
 Bulk data (tensor storages, numpy arrays, bytes, pickles) is not in the table:
 a node points at a *blob*, and blobs are written to data files by the writer.
@@ -11,46 +12,30 @@ Tensors that share a storage point at the same blob, which is how tied
 weights, views and transposes come back sharing memory.
 
 Nothing here unpickles unless the caller allowed it, and nothing here does
-I/O. The node kinds are specified in docs/format.md.
+I/O. The node kinds are specified in docs/format.md; this module is the only
+one that builds or reads them.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedObjectError
+from .dtypes import NAME_OF, dtype_from_name, dtype_name
+from .manifest import BYTES, NDARRAY, PICKLE, STORAGE, Manifest
+from .walk import DICT, LIST, ODICT, TUPLE, render_path, typename, walk
 
-# Blob kinds: how a blob's bytes become a Python value again.
-STORAGE = "storage"   # torch UntypedStorage, shared by the tensors that view it
-NDARRAY = "ndarray"   # one C-contiguous numpy array
-BYTES = "bytes"       # a bytes value
-PICKLE = "pickle"     # pickled value, only with allow_pickle=True
-
-_DTYPES: dict[str, torch.dtype] = {}
-for _name in dir(torch):
-    _obj = getattr(torch, _name)
-    if isinstance(_obj, torch.dtype):
-        _DTYPES[str(_obj).removeprefix("torch.")] = _obj
-# Quantized dtypes have no plain byte representation a reader could rebuild.
-_UNSAFE_TENSOR_DTYPES = {d for d in _DTYPES.values() if d.is_quantized} if hasattr(torch.dtype, "is_quantized") else set()
-_UNSAFE_TENSOR_DTYPES |= {_DTYPES[n] for n in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4") if n in _DTYPES}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: Any) -> torch.dtype:
-    if not isinstance(name, str) or name not in _DTYPES:
-        raise CorruptCheckpointError(f"unknown torch dtype {name!r} in the checkpoint; it may need a newer torch")
-    return _DTYPES[name]
+_MAX_JSON_INT = 2 ** 53          # dict keys up to this are written inline as JSON numbers
+_DECIMAL = re.compile(r"-?[0-9]{1,4300}")   # Python's int-from-str limit: longer is refused
+_HEX = re.compile(r"-?0x[0-9a-f]+")
 
 
 @dataclass
@@ -59,34 +44,80 @@ class Blob:
 
     kind: str
     nbytes: int
-    source: Any          # UntypedStorage | np.ndarray | bytes
+    source: Any          # UntypedStorage | np.ndarray | bytes (| a tensor, for a shard)
     device: str = "cpu"  # where a storage lives (cuda storages are staged through host memory)
 
 
+# ---------------------------------------------------------------- node builders
+
+def contiguous_strides(shape: list[int]) -> list[int]:
+    """The strides torch gives a contiguous tensor of ``shape``."""
+    out, acc = [0] * len(shape), 1
+    for i in range(len(shape) - 1, -1, -1):
+        out[i] = acc
+        acc *= max(shape[i], 1)
+    return out
+
+
+def tensor_node(blob: int | None, dtype: str, shape: list[int], stride: list[int] | None = None,
+                offset: int = 0, requires_grad: bool = False, parameter: bool = False) -> list:
+    """``["tensor", blob, dtype, shape]``, plus an object of whatever differs from the defaults."""
+    node = ["tensor", blob, dtype, shape]
+    extra: dict[str, Any] = {}
+    if stride is not None and stride != contiguous_strides(shape):
+        extra["stride"] = stride
+    if offset:
+        extra["offset"] = offset
+    if requires_grad:
+        extra["grad"] = True
+    if parameter:
+        extra["param"] = True
+    if extra:
+        node.append(extra)
+    return node
+
+
+def bytes_node(blob: int) -> list:
+    return ["bytes", blob]
+
+
+def _plain_str(s: str) -> bool:
+    """Whether ``s`` is valid Unicode (no lone surrogates), so any JSON parser reads it back."""
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def str_node(s: str) -> list:
+    return ["str", s] if _plain_str(s) else ["str", [ord(c) for c in s]]
+
+
+def inline_key(key: Any) -> bool:
+    """Keys written in a dict node itself; any other key is a node of its own."""
+    t = type(key)
+    return (t is str and _plain_str(key)) or (t is int and -_MAX_JSON_INT <= key <= _MAX_JSON_INT)
+
+
+def flat_dict_nodes(items: list[tuple[str, list]]) -> list:
+    """The node table of a dict whose values are leaf nodes: ``items`` of (key, node)."""
+    nodes: list = [["dict", [], []]]
+    keys, values = nodes[0][1], nodes[0][2]
+    for key, node in items:
+        if inline_key(key):
+            keys.append(key)
+        else:
+            keys.append([len(nodes)])
+            nodes.append(str_node(key))
+        values.append(len(nodes))
+        nodes.append(node)
+    return nodes
+
+
 # ---------------------------------------------------------------- encoding
-
-def _typename(obj: Any) -> str:
-    t = type(obj)
-    mod = t.__module__
-    return t.__qualname__ if mod == "builtins" else f"{mod}.{t.__qualname__}"
-
-
-def _render_path(path: tuple) -> str:
-    parts = []
-    while path:
-        path, piece = path
-        parts.append(piece)
-    return "state" + "".join(reversed(parts))
-
-
-_EXIT = object()
-
-
-def _key_repr(key: Any) -> str:
-    if type(key) is str:
-        return '["' + key.replace("\\", "\\\\").replace('"', '\\"') + '"]'
-    return f"[{key!r}]"
-
 
 class Encoder:
     """Turns a state tree into (nodes, blobs). One use per save."""
@@ -101,140 +132,118 @@ class Encoder:
         self._storages: dict = {}    # storage identity -> blob index
 
     def encode(self, root: Any) -> tuple[list, list[Blob]]:
-        nodes = self.nodes
-        # Stack entries: (obj, path, parent node, slot in parent's child list);
-        # (_EXIT, id) closes a container for the cycle check.
-        stack: list = [(root, (), None, 0)]
-        open_containers: set[int] = set()
-        while stack:
-            item = stack.pop()
-            if item[0] is _EXIT:
-                open_containers.discard(item[1])
-                continue
-            obj, path, parent, slot = item
-            index = len(nodes)
-            if parent is not None:
-                nodes[parent][1][slot] = index
-            children = self._node(obj, path)
-            if children is None:
-                continue
-            if id(obj) in open_containers:
-                raise UnsupportedObjectError(
-                    f"{_render_path(path)}: {_typename(obj)} contains itself; "
-                    "a checkpoint must be a tree, not a cycle")
-            open_containers.add(id(obj))
-            stack.append((_EXIT, id(obj)))
-            for slot_i in range(len(children) - 1, -1, -1):
-                child, piece = children[slot_i]
-                stack.append((child, (path, piece), index, slot_i))
-        return nodes, self.blobs
+        walk(root, self._enter)
+        return self.nodes, self.blobs
 
-    def _node(self, obj: Any, path: tuple):
-        """Append obj's node; return [(child, path piece)] for containers, else None."""
-        t = type(obj)
+    def _enter(self, obj: Any, kind: str | None, path: tuple, parent, slot: int):
         nodes = self.nodes
-        if obj is None:
-            nodes.append(["none"])
-        elif t is bool:
-            nodes.append(["bool", obj])
-        elif t is int:
-            nodes.append(["int", str(obj)])
-        elif t is float:
-            nodes.append(["float", obj if math.isfinite(obj) else repr(obj)])
-        elif t is str:
-            nodes.append(["str", obj])
-        elif t is bytes:
-            nodes.append(["bytes", self._add_blob(Blob(BYTES, len(obj), obj))])
-        elif t is torch.Tensor or t is torch.nn.Parameter:
-            nodes.append(["tensor", self._tensor(obj, path)])
-        elif t is np.ndarray:
-            nodes.append(["ndarray", self._ndarray(obj, path)])
-        elif isinstance(obj, np.generic) and self._plain_numpy_dtype(obj.dtype):
-            nodes.append(["npscalar", {"dtype": obj.dtype.str, "data": obj.tobytes().hex()}])
-        elif t is torch.Size:
-            nodes.append(["size", [int(d) for d in obj]])
-        elif t is torch.dtype:
-            nodes.append(["dtype", dtype_name(obj)])
-        elif t is torch.device:
-            nodes.append(["device", str(obj)])
-        elif t is dict or t is collections.OrderedDict:
-            items = list(obj.items())
-            children = []
-            for k, v in items:
-                children.append((k, f"<key {k!r}>"))
-                children.append((v, _key_repr(k)))
-            node = ["dict" if t is dict else "odict", [None] * len(children)]
-            meta = getattr(obj, "_metadata", None) if t is collections.OrderedDict else None
-            if meta is not None:
-                # nn.Module.state_dict() keeps per-module versions here, and
-                # load_state_dict() needs them to migrate old layouts.
-                children.append((meta, "._metadata"))
-                node[1].append(None)
-                node.append(True)
-            nodes.append(node)
-            return children
-        elif t is list or t is tuple:
-            nodes.append(["list" if t is list else "tuple", [None] * len(obj)])
-            return [(v, f"[{i}]") for i, v in enumerate(obj)]
-        elif self.allow_pickle:
-            nodes.append(["pickle", self._pickle(obj, path)])
+        if parent is not None:
+            pnode, pkind = parent
+            if pkind in (DICT, ODICT):
+                n_items = len(pnode[1])
+                if slot < 2 * n_items and slot % 2 == 0:        # a key
+                    if kind is None and inline_key(obj):
+                        pnode[1][slot // 2] = obj
+                        return None
+                    pnode[1][slot // 2] = [len(nodes)]
+                elif slot < 2 * n_items:
+                    pnode[2][slot // 2] = len(nodes)
+                else:
+                    pnode.append(len(nodes))                      # _metadata
+            else:
+                pnode[1][slot] = len(nodes)
+        if kind is None:
+            nodes.append(self._leaf(obj, path))
+            return None
+        if kind in (LIST, TUPLE):
+            node = [kind, [None] * len(obj)]
         else:
-            raise UnsupportedObjectError(
-                f"{_render_path(path)}: {_typename(obj)} is not supported by the safe format "
-                "(tensors, numpy arrays, numbers, str, bytes, None, torch.Size/dtype/device and "
-                "dict/OrderedDict/list/tuple of them); convert it, or pass allow_pickle=True "
-                "to store it pickled")
-        return None
+            node = [kind, [None] * len(obj), [None] * len(obj)]
+        nodes.append(node)
+        return node, kind
+
+    def _leaf(self, obj: Any, path: tuple) -> list:
+        t = type(obj)
+        if t is torch.Tensor or t is torch.nn.Parameter:
+            return self._tensor(obj, path)
+        if obj is None:
+            return ["none"]
+        if t is bool:
+            return ["bool", obj]
+        if t is int:
+            try:
+                return ["int", str(obj)]
+            except ValueError:   # past Python's int-to-str limit: hex has none
+                return ["int", hex(obj)]
+        if t is float:
+            return ["float", obj if math.isfinite(obj) else repr(obj)]
+        if t is str:
+            return str_node(obj)
+        if t is bytes:
+            return ["bytes", self._add_blob(Blob(BYTES, len(obj), obj))]
+        if t is np.ndarray:
+            return ["ndarray", self._ndarray(obj, path)]
+        if isinstance(obj, np.generic) and plain_numpy_dtype(obj.dtype):
+            return ["npscalar", {"dtype": obj.dtype.str, "data": obj.tobytes().hex()}]
+        if t is torch.Size:
+            return ["size", [int(d) for d in obj]]
+        if t is torch.dtype:
+            return ["dtype", dtype_name(obj, render_path(path))]
+        if t is torch.device:
+            return ["device", str(obj)]
+        if self.allow_pickle:
+            return ["pickle", self._pickle(obj, path)]
+        raise UnsupportedObjectError(
+            f"{render_path(path)}: {typename(obj)} is not supported by the safe format "
+            "(tensors, numpy arrays, numbers, str, bytes, None, torch.Size/dtype/device and "
+            "dict/OrderedDict/list/tuple of them); convert it, or pass allow_pickle=True "
+            "to store it pickled")
 
     def _add_blob(self, blob: Blob) -> int:
         self.blobs.append(blob)
         return len(self.blobs) - 1
 
-    @staticmethod
-    def _plain_numpy_dtype(dtype: np.dtype) -> bool:
-        return not dtype.hasobject and dtype.fields is None and dtype.subdtype is None
-
-    def _tensor(self, t: torch.Tensor, path: tuple) -> dict:
-        if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False) \
-                or t.dtype in _UNSAFE_TENSOR_DTYPES:
+    def _tensor(self, t: torch.Tensor, path: tuple) -> list:
+        # Called once per tensor (10**5 in an optimizer state): attribute reads only.
+        name = NAME_OF.get(t.dtype)
+        if name is None or t.layout is not torch.strided or t.is_quantized or t.is_nested:
             raise UnsupportedObjectError(
-                f"{_render_path(path)}: a {t.layout} {dtype_name(t.dtype)} tensor is not supported by "
-                "the safe format (dense strided tensors are); convert it (e.g. .to_dense()) "
-                "or pass allow_pickle=True")
-        info = {
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
-            "stride": list(t.stride()),
-            "offset": int(t.storage_offset()),
-            "requires_grad": bool(t.requires_grad),
-            "parameter": type(t) is torch.nn.Parameter,
-            "device": str(t.device),
-            "storage": None,
-        }
-        if self.devices and t.device.type == "cpu":
-            info["device"] = self.devices.get(t.untyped_storage().data_ptr(), info["device"])
-        data = t.detach()
-        if data.is_conj() or data.is_neg():
+                f"{render_path(path)}: a {t.layout} {str(t.dtype).removeprefix('torch.')} tensor is not "
+                "supported by the safe format (dense strided tensors of plain dtypes are); convert it "
+                "(e.g. .to_dense(), .dequantize()) or pass allow_pickle=True")
+        data = t
+        if t.is_conj() or t.is_neg():
             # The lazy bits live outside the storage; materialise the values.
-            data = data.resolve_conj().resolve_neg()
-            info["stride"], info["offset"] = list(data.stride()), int(data.storage_offset())
-        if data.device.type == "meta":
-            return info
-        storage = data.untyped_storage()
-        ptr = storage.data_ptr()
-        key = (str(storage.device), ptr, storage.nbytes()) if ptr else ("empty", id(storage))
-        index = self._storages.get(key)
-        if index is None:
-            device = self.devices.get(ptr, str(storage.device)) if ptr else str(storage.device)
-            index = self._add_blob(Blob(STORAGE, storage.nbytes(), storage, device))
-            self._storages[key] = index
-        info["storage"] = index
-        return info
+            data = t.detach().resolve_conj().resolve_neg()
+        shape = list(data.shape)
+        stride = list(data.stride())
+        if data.is_meta:
+            blob = None
+        else:
+            storage = data.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            # Addresses are unique across devices in one process (CUDA uses unified addressing).
+            key = (ptr, nbytes) if ptr else ("empty", id(storage))
+            blob = self._storages.get(key)
+            if blob is None:
+                device = self.devices.get(ptr) if self.devices else None
+                if device is None:
+                    device = "cpu" if data.is_cpu else str(storage.device)
+                blob = len(self.blobs)
+                self.blobs.append(Blob(STORAGE, nbytes, storage, device))
+                self._storages[key] = blob
+        node = ["tensor", blob, name, shape]
+        offset = data.storage_offset()
+        grad, param = t.requires_grad, type(t) is torch.nn.Parameter
+        contiguous = stride == [1] if len(shape) == 1 else stride == contiguous_strides(shape)
+        if offset or grad or param or not contiguous:
+            node = tensor_node(blob, name, shape, stride, offset, grad, param)
+        return node
 
     def _ndarray(self, a: np.ndarray, path: tuple) -> dict:
-        if not self._plain_numpy_dtype(a.dtype):
+        if not plain_numpy_dtype(a.dtype):
             raise UnsupportedObjectError(
-                f"{_render_path(path)}: numpy array of dtype {a.dtype} is not supported by the safe "
+                f"{render_path(path)}: numpy array of dtype {a.dtype} is not supported by the safe "
                 "format (object and structured dtypes are not); pass allow_pickle=True to store it pickled")
         blob = self._add_blob(Blob(NDARRAY, int(a.nbytes), a))
         return {"dtype": a.dtype.str, "shape": list(a.shape), "blob": blob}
@@ -242,16 +251,93 @@ class Encoder:
     def _pickle(self, obj: Any, path: tuple) -> int:
         import pickle
         try:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
         except Exception as e:
             raise UnsupportedObjectError(
-                f"{_render_path(path)}: {_typename(obj)} cannot be pickled: {e}") from e
+                f"{render_path(path)}: {typename(obj)} cannot be pickled: {e}") from e
         return self._add_blob(Blob(PICKLE, len(data), data))
+
+
+# A pickled value is Python's plain pickle at this protocol (5, Python 3.8+).
+PICKLE_PROTOCOL = 5
+
+
+def plain_numpy_dtype(dtype: np.dtype) -> bool:
+    return not dtype.hasobject and dtype.fields is None and dtype.subdtype is None
 
 
 def encode(state: Any, allow_pickle: bool = False, devices: dict | None = None) -> tuple[list, list[Blob]]:
     """Encode ``state``; raises UnsupportedObjectError before any I/O happens."""
     return Encoder(allow_pickle, devices).encode(state)
+
+
+# ---------------------------------------------------------------- reading the table
+
+class TensorNode(NamedTuple):
+    blob: int | None
+    dtype: str
+    shape: tuple
+    stride: tuple
+    offset: int
+    requires_grad: bool
+    parameter: bool
+
+
+def tensor_info(node: list, version: int) -> TensorNode:
+    """A tensor node's fields, in either version's form (not yet checked against its blob)."""
+    if version == 1:
+        info = node[1]
+        shape = tuple(info["shape"])
+        return TensorNode(info["storage"], info["dtype"], shape, tuple(info["stride"]), info["offset"],
+                          bool(info.get("requires_grad")), bool(info.get("parameter")))
+    if len(node) not in (4, 5):
+        raise _bad("a tensor node has 4 or 5 elements")
+    extra = node[4] if len(node) == 5 else {}
+    if type(extra) is not dict or type(node[3]) is not list:
+        raise _bad("malformed tensor node")
+    shape = tuple(node[3])
+    stride = extra.get("stride")
+    return TensorNode(node[1], node[2], shape,
+                      tuple(stride) if stride is not None else tuple(contiguous_strides(list(shape))),
+                      extra.get("offset", 0), extra.get("grad", False) is True, extra.get("param", False) is True)
+
+
+def tensors(m: Manifest) -> Iterator[tuple[int, TensorNode]]:
+    """(node index, fields) of every tensor node; a malformed one raises CorruptCheckpointError."""
+    for i, node in enumerate(m.nodes):
+        if type(node) is list and node and node[0] == "tensor":
+            try:
+                yield i, tensor_info(node, m.version[0])
+            except (TypeError, KeyError, IndexError, AttributeError) as e:
+                raise _bad(f"node {i} (tensor): {type(e).__name__}") from None
+
+
+def uses_pickle(nodes: list) -> bool:
+    return any(type(n) is list and n and n[0] == "pickle" for n in nodes)
+
+
+def refuse_pickle(nodes: list) -> None:
+    """UnsafeCheckpointError if the structure holds pickled values."""
+    if uses_pickle(nodes):
+        raise UnsafeCheckpointError(
+            "the checkpoint holds pickled objects, and unpickling can run arbitrary code; "
+            "load it with allow_pickle=True only if you trust where it came from")
+
+
+def describe(m: Manifest) -> dict[str, Any]:
+    """A summary fit for `ckptstore info`, from the record alone."""
+    return {
+        "format": ".".join(map(str, m.version)),
+        "generation": m.generation,
+        "created": m.created,
+        "nbytes": m.nbytes,
+        "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": f"{f.crc32c:08x}"} for f in m.files],
+        "tensors": m.tensors,
+        "blobs": m.blobs.count(),
+        "pickled": m.pickled,
+        "writer": m.writer,
+        "meta": m.meta,
+    }
 
 
 # ---------------------------------------------------------------- decoding
@@ -281,157 +367,224 @@ def restore_location(storage: torch.UntypedStorage, location: str, map_location)
     return storage.to(device=device)
 
 
-def uses_pickle(nodes: list) -> bool:
-    return any(isinstance(n, list) and n and n[0] == "pickle" for n in nodes)
-
-
-def refuse_pickle(nodes: list) -> None:
-    """UnsafeCheckpointError if the structure holds pickled values."""
-    if uses_pickle(nodes):
-        raise UnsafeCheckpointError(
-            "the checkpoint holds pickled objects, and unpickling can run arbitrary code; "
-            "load it with allow_pickle=True only if you trust where it came from")
-
-
 def _bad(msg: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"malformed checkpoint structure: {msg}")
 
 
-def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = False) -> Any:
+class _Table:
+    """The decoder's view of the node table: values built so far, and which nodes have a parent."""
+
+    def __init__(self, nodes: list, blob_value: Callable[[int], Any]):
+        self.nodes, self.blob_value = nodes, blob_value
+        self.values: list = [None] * len(nodes)
+        self.claimed = bytearray(len(nodes))
+
+    def child(self, i: int, c: Any) -> Any:
+        if type(c) is not int or not (i < c < len(self.nodes)):
+            raise _bad(f"node {i} refers to node {c!r:.40}")
+        if self.claimed[c]:
+            raise _bad(f"node {c} has two parents")
+        self.claimed[c] = 1
+        return self.values[c]
+
+
+def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = False, version: int = 2) -> Any:
     """Rebuild the state from ``nodes``.
 
-    ``blob_value(i)`` returns blob i as loaded: an UntypedStorage (already on
-    its final device) for storage blobs, a numpy array for ndarray blobs,
-    ``bytes`` for bytes and pickle blobs.
+    ``blob_value(i, kind)`` returns blob i as loaded, or raises
+    CorruptCheckpointError when there is no blob i or it is not of ``kind``:
+    an UntypedStorage (already on its final device) for storage blobs, a
+    numpy array for ndarray blobs, ``bytes`` for bytes and pickle blobs.
     """
     if not isinstance(nodes, list) or not nodes:
         raise _bad("empty node table")
     if not allow_pickle:
         refuse_pickle(nodes)
-    n = len(nodes)
-    values: list = [None] * n
+    table = _Table(nodes, blob_value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32 warns that it is experimental
+        _decode_all(nodes, table, version)
+    return table.values[0]
 
-    def child(i: int, c: Any) -> Any:
-        if type(c) is not int or not (i < c < n):
-            raise _bad(f"node {i} refers to node {c!r}")
-        return values[c]
 
-    for i in range(n - 1, -1, -1):
+def _decode_all(nodes: list, table: _Table, version: int) -> None:
+    for i in range(len(nodes) - 1, -1, -1):
         node = nodes[i]
-        if not isinstance(node, list) or not node or not isinstance(node[0], str):
+        if type(node) is not list or not node or type(node[0]) is not str:
             raise _bad(f"node {i} is not a tagged list")
         tag = node[0]
         try:
-            values[i] = _decode_node(i, tag, node, child, blob_value)
+            table.values[i] = _decode_node(i, tag, node, table, version)
         except (CorruptCheckpointError, UnsafeCheckpointError):
             raise
-        except (TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError) as e:
-            raise _bad(f"node {i} ({tag}): {e}") from e
-    return values[0]
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError, AttributeError) as e:
+            raise _bad(f"node {i} ({tag:.20}): {type(e).__name__}: {e}"[:300]) from None
 
 
-def _decode_node(i: int, tag: str, node: list, child, blob_value) -> Any:
-    if tag == "none":
-        return None
-    if tag == "bool":
-        if type(node[1]) is not bool:
-            raise _bad(f"node {i}: bool expected")
-        return node[1]
-    if tag == "int":
-        if not isinstance(node[1], str):
-            raise _bad(f"node {i}: int must be a decimal string")
-        return int(node[1])
-    if tag == "float":
-        v = node[1]
-        if isinstance(v, str):
-            if v not in ("nan", "inf", "-inf"):
-                raise _bad(f"node {i}: bad float {v!r}")
-            return float(v)
-        if type(v) not in (int, float):
-            raise _bad(f"node {i}: bad float")
-        return float(v)
-    if tag == "str":
-        if not isinstance(node[1], str):
-            raise _bad(f"node {i}: str expected")
-        return node[1]
+def _decode_node(i: int, tag: str, node: list, table: _Table, version: int) -> Any:
+    if tag in _SCALARS:
+        return _SCALARS[tag](i, node)
     if tag == "bytes":
-        return bytes(blob_value(node[1]))
+        return bytes(table.blob_value(node[1], BYTES))
     if tag == "tensor":
-        return _decode_tensor(node[1], blob_value)
+        return _decode_tensor(tensor_info(node, version), table.blob_value)
     if tag == "ndarray":
         info = node[1]
-        arr = blob_value(info["blob"])
         dtype = _numpy_dtype(info["dtype"])
         shape = tuple(int(d) for d in info["shape"])
+        arr = table.blob_value(info["blob"], NDARRAY)
+        if math.prod(shape) * dtype.itemsize != arr.nbytes or any(d < 0 for d in shape):
+            raise _bad(f"node {i}: ndarray of shape {shape} and dtype {dtype} in a blob of {arr.nbytes} bytes")
         return arr.view(dtype).reshape(shape)
-    if tag == "npscalar":
-        dtype = _numpy_dtype(node[1]["dtype"])
-        raw = bytes.fromhex(node[1]["data"])
-        if len(raw) != dtype.itemsize:
-            raise _bad(f"node {i}: numpy scalar of {len(raw)} bytes for {dtype}")
-        return np.frombuffer(raw, dtype=dtype)[0]
-    if tag == "size":
-        return torch.Size([int(d) for d in node[1]])
-    if tag == "dtype":
-        return dtype_from_name(node[1])
-    if tag == "device":
-        return torch.device(node[1])
-    if tag in ("dict", "odict"):
-        kids = node[1]
-        has_meta = len(node) > 2 and node[2] is True
-        pairs = kids[:-1] if has_meta else kids
-        if len(pairs) % 2:
-            raise _bad(f"node {i}: odd number of dict children")
-        out = {} if tag == "dict" else collections.OrderedDict()
-        for j in range(0, len(pairs), 2):
-            out[child(i, pairs[j])] = child(i, pairs[j + 1])
-        if has_meta:
-            out._metadata = child(i, kids[-1])
-        return out
-    if tag == "list":
-        return [child(i, c) for c in node[1]]
-    if tag == "tuple":
-        return tuple(child(i, c) for c in node[1])
+    if tag in (DICT, ODICT):
+        return (_decode_dict_v1 if version == 1 else _decode_dict)(i, tag, node, table)
+    if tag == LIST:
+        return [table.child(i, c) for c in node[1]]
+    if tag == TUPLE:
+        return tuple(table.child(i, c) for c in node[1])
     if tag == "pickle":
         import pickle
-        return pickle.loads(blob_value(node[1]))
-    raise _bad(f"node {i} has unknown kind {tag!r}; it may need a newer ckptstore")
+        return pickle.loads(table.blob_value(node[1], PICKLE))
+    raise _bad(f"node {i} has unknown kind {tag!r:.40}; it may need a newer ckptstore")
+
+
+def _decode_dict(i: int, tag: str, node: list, table: _Table) -> dict:
+    if len(node) not in (3, 4) or (len(node) == 4 and tag != ODICT):
+        raise _bad(f"node {i}: a {tag} node has 3 elements (4 with _metadata)")
+    keys, values = node[1], node[2]
+    if type(keys) is not list or type(values) is not list or len(keys) != len(values):
+        raise _bad(f"node {i}: keys and values must be lists of one length")
+    out = {} if tag == DICT else collections.OrderedDict()
+    for k, v in zip(keys, values):
+        t = type(k)
+        if t is list and len(k) == 1:
+            k = table.child(i, k[0])
+        elif not (t is str or (t is int and -_MAX_JSON_INT <= k <= _MAX_JSON_INT)):
+            raise _bad(f"node {i}: a key must be a string, an int or [node]")
+        out[k] = table.child(i, v)
+    if len(node) == 4:
+        out._metadata = table.child(i, node[3])
+    return out
+
+
+def _decode_dict_v1(i: int, tag: str, node: list, table: _Table) -> dict:
+    kids = node[1]
+    has_meta = len(node) > 2 and node[2] is True
+    pairs = kids[:-1] if has_meta else kids
+    if len(pairs) % 2:
+        raise _bad(f"node {i}: odd number of dict children")
+    out = {} if tag == DICT else collections.OrderedDict()
+    for j in range(0, len(pairs), 2):
+        out[table.child(i, pairs[j])] = table.child(i, pairs[j + 1])
+    if has_meta:
+        out._metadata = table.child(i, kids[-1])
+    return out
+
+
+def _decode_int(i: int, node: list) -> int:
+    s = node[1]
+    if type(s) is str and _DECIMAL.fullmatch(s):
+        return int(s)
+    if type(s) is str and _HEX.fullmatch(s):
+        return int(s, 16)
+    raise _bad(f"node {i}: an int is a decimal string of at most 4300 digits or a 0x hex string")
+
+
+def _decode_float(i: int, node: list) -> float:
+    v = node[1]
+    if type(v) is str and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if type(v) not in (int, float) or (type(v) is int and abs(v) > 2 ** 1024):
+        raise _bad(f"node {i}: bad float")
+    return float(v)
+
+
+def _decode_str(i: int, node: list) -> str:
+    v = node[1]
+    if type(v) is str:
+        return v
+    if type(v) is list and all(type(c) is int and 0 <= c <= 0x10FFFF for c in v):
+        return "".join(map(chr, v))
+    raise _bad(f"node {i}: str expected")
+
+
+def _decode_bool(i: int, node: list) -> bool:
+    if len(node) != 2 or type(node[1]) is not bool:
+        raise _bad(f"node {i}: bool expected")
+    return node[1]
+
+
+def _decode_npscalar(i: int, node: list) -> Any:
+    dtype = _numpy_dtype(node[1]["dtype"])
+    raw = bytes.fromhex(node[1]["data"])
+    if len(raw) != dtype.itemsize:
+        raise _bad(f"node {i}: numpy scalar of {len(raw)} bytes for {dtype}")
+    return np.frombuffer(raw, dtype=dtype)[0]
+
+
+def _decode_size(i: int, node: list) -> torch.Size:
+    if type(node[1]) is not list or not all(type(d) is int and 0 <= d < 2 ** 63 for d in node[1]):
+        raise _bad(f"node {i}: a size is a list of whole numbers")
+    return torch.Size(node[1])
+
+
+def _decode_device(i: int, node: list) -> torch.device:
+    if type(node[1]) is not str or len(node[1]) > 64:
+        raise _bad(f"node {i}: a device is a short string")
+    return torch.device(node[1])
+
+
+_SCALARS: dict[str, Callable[[int, list], Any]] = {
+    "none": lambda i, node: None,
+    "bool": _decode_bool,
+    "int": _decode_int,
+    "float": _decode_float,
+    "str": _decode_str,
+    "npscalar": _decode_npscalar,
+    "size": _decode_size,
+    "dtype": lambda i, node: dtype_from_name(node[1]),
+    "device": _decode_device,
+}
 
 
 def _numpy_dtype(s: Any) -> np.dtype:
-    if not isinstance(s, str):
-        raise _bad("numpy dtype must be a string")
+    if type(s) is not str or len(s) > 32:
+        raise _bad("numpy dtype must be a short string")
     dtype = np.dtype(s)
-    if not Encoder._plain_numpy_dtype(dtype):
+    if not plain_numpy_dtype(dtype):
         # An object dtype read from raw bytes would be raw pointers.
         raise _bad(f"numpy dtype {s!r} is not allowed")
     return dtype
 
 
-def _decode_tensor(info: dict, blob_value) -> torch.Tensor:
-    dtype = dtype_from_name(info["dtype"])
-    shape = [int(d) for d in info["shape"]]
-    stride = [int(d) for d in info["stride"]]
-    offset = int(info["offset"])
-    if len(shape) != len(stride) or any(d < 0 for d in shape) or offset < 0:
-        raise _bad("tensor shape, stride or offset is invalid")
-    if info["storage"] is None:
+def _whole(v: Any, what: str) -> int:
+    if type(v) is not int or not 0 <= v < 2 ** 62:
+        raise _bad(f"tensor {what} {v!r:.40} is not a whole number")
+    return v
+
+
+def _decode_tensor(info: TensorNode, blob_value) -> torch.Tensor:
+    dtype = dtype_from_name(info.dtype)
+    shape = [_whole(d, "size") for d in info.shape]
+    stride = [_whole(d, "stride") for d in info.stride]
+    offset = _whole(info.offset, "offset")
+    if len(shape) != len(stride):
+        raise _bad("tensor shape and stride differ in length")
+    if info.blob is None:
         t = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
     else:
-        storage = blob_value(info["storage"])
-        itemsize = dtype.itemsize
-        if any(s < 0 for s in stride):
-            raise _bad("negative tensor stride")
+        storage = blob_value(info.blob, STORAGE)
         if all(shape):
-            last = offset + sum((d - 1) * s for d, s in zip(shape, stride))
-            if (last + 1) * itemsize > storage.nbytes():
+            last = offset
+            for d, st in zip(shape, stride):
+                last += (d - 1) * st
+            if (last + 1) * dtype.itemsize > storage.nbytes():
                 raise _bad("tensor reaches past the end of its storage")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # complex32 warns that it is experimental
-            t = torch.empty(0, dtype=dtype, device=storage.device)
+        t = torch.empty(0, dtype=dtype, device=storage.device)
         t.set_(storage, offset, shape, stride)
-    if info.get("parameter"):
-        return torch.nn.Parameter(t, requires_grad=bool(info.get("requires_grad")))
-    if info.get("requires_grad"):
+    if info.parameter:
+        return torch.nn.Parameter(t, requires_grad=info.requires_grad)
+    if info.requires_grad:
         t.requires_grad_(True)
     return t
+

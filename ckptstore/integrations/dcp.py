@@ -39,7 +39,6 @@ unless it was built with ``allow_pickle=True``.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import io
 import os
@@ -59,15 +58,16 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .. import __version__, commit, reader, writer
-from ..errors import (
-    CheckpointError, CorruptCheckpointError, UnsafeCheckpointError,
-    UnsupportedObjectError,
-)
-from ..format import tree
-from ..format.manifest import FileName, Manifest, commit_name, crc_hex, data_name, new_generation
+from ..datafiles import blob_table, plan as layout, write_files
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedObjectError
+from ..format.dtypes import dtype_from_name, dtype_name
+from ..format.manifest import ALIGN, BYTES, STORAGE, FileEntry, Manifest, commit_name
+from ..format.tree import Blob, bytes_node, flat_dict_nodes, tensor_node, tensors
+from ..ranges import Range, StreamReader
+from ..reader import open_commit, shallow_problems
 from ..stores import open_store
 from ..stores.base import Store
+from ..writer import Generation, writer_fields
 
 __all__ = ["StoreWriter", "StoreReader"]
 
@@ -101,14 +101,13 @@ class _Stored:
     """Where a rank put one item (the ``storage_data`` of its WriteResult)."""
 
     slot: int
-    file: int          # index among this rank's files
-    offset: int
+    start: int         # offset in this rank's stream (its files, concatenated)
     nbytes: int
-    crc32c: str
-    kind: str          # tree.STORAGE for tensors, tree.BYTES for serialized values
+    crc32c: int
+    kind: str          # STORAGE for tensors, BYTES for serialized values
     dtype: str | None  # tensor items: dtype name and chunk shape
     shape: tuple | None
-    files: tuple       # this rank's data files: ({"name", "nbytes", "crc32c"}, ...), shared by its items
+    files: tuple       # this rank's data files (FileEntry, ...), shared by its items
 
 
 # ---------------------------------------------------------------- DCP metadata <-> JSON
@@ -165,7 +164,7 @@ def _encode_metadata(md: Metadata, index_of: dict[MetadataIndex, int]) -> dict:
             continue
         p = item.properties
         entries[fqn] = {
-            "kind": "tensor", "dtype": tree.dtype_name(p.dtype), "layout": str(p.layout),
+            "kind": "tensor", "dtype": dtype_name(p.dtype), "layout": str(p.layout),
             "requires_grad": bool(p.requires_grad), "memory_format": str(p.memory_format),
             "pin_memory": bool(p.pin_memory), "size": list(item.size),
             "chunks": [[list(c.offsets), list(c.sizes)] for c in item.chunks],
@@ -191,7 +190,7 @@ def _decode_metadata(doc: dict, generation: str) -> Metadata:
                 entries[fqn] = BytesStorageMetadata()
                 continue
             props = TensorProperties(
-                dtype=tree.dtype_from_name(e["dtype"]), layout=_torch_attr(e["layout"], torch.layout),
+                dtype=dtype_from_name(e["dtype"]), layout=_torch_attr(e["layout"], torch.layout),
                 requires_grad=bool(e["requires_grad"]),
                 memory_format=_torch_attr(e["memory_format"], torch.memory_format),
                 pin_memory=bool(e["pin_memory"]))
@@ -269,14 +268,13 @@ class StoreWriter(_OnStore, StorageWriter):
         super().__init__(uri, storage_options)
         self.verify = verify
         self.save_id = uuid.uuid4().hex
-        self._listing: dict | None = None
-        self._generation: str | None = None
+        self._generation: Generation | None = None
 
     # --- DCP protocol
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self._reset_uri(checkpoint_id)
-        self._listing, self._generation = None, None
+        self._generation = None
         self.save_id = uuid.uuid4().hex
 
     def storage_meta(self) -> StorageMeta | None:
@@ -290,14 +288,8 @@ class StoreWriter(_OnStore, StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: one generation for everyone, and a file-number slot per rank."""
-        store = self.store
-        if store.is_file():
-            raise CheckpointError(f"{store.uri} is a file, not a ckptstore checkpoint directory", store.uri)
-        self._listing = store.list() or {}
-        store.makedirs()
-        self._generation = new_generation(
-            [f.gen for f in map(FileName.parse, self._listing) if f is not None])
-        return [dataclasses.replace(p, storage_data=_Slot(self._generation, i)) for i, p in enumerate(plans)]
+        self._generation = Generation.begin(self.store)
+        return [dataclasses.replace(p, storage_data=_Slot(self._generation.id, i)) for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         slot: _Slot = plan.storage_data
@@ -310,115 +302,86 @@ class StoreWriter(_OnStore, StorageWriter):
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
-                blobs.append(tree.Blob(tree.BYTES, len(raw), raw))
+                blobs.append(Blob(BYTES, len(raw), raw))
                 shapes.append((None, None))
                 continue
             # Only the projection is stored; a non-contiguous view is compacted
-            # by the writer when its turn comes (writer.blob_chunks).
+            # by the writer when its turn comes (datafiles.blob_chunks).
             t = data.detach()
-            blobs.append(tree.Blob(tree.STORAGE, t.numel() * t.element_size(), t, str(t.device)))
-            shapes.append((tree.dtype_name(t.dtype), tuple(t.shape)))
+            blobs.append(Blob(STORAGE, t.numel() * t.element_size(), t, "cpu"))
+            shapes.append((dtype_name(t.dtype), tuple(t.shape)))
         fut: Future = Future()
         if not blobs:
             fut.set_result([])
             return fut
-        p = writer.plan(blobs, store.part_bytes, pad_end=True)
+        p = layout(blobs, store.part_bytes, pad_end=True)
         if len(p.sizes) >= SLOT_FILES:
             raise CheckpointError(f"{store.uri}: one rank's share needs {len(p.sizes)} data files; "
                                   f"raise part_size (at most {SLOT_FILES - 1} files per rank)", store.uri)
-        names = [data_name(slot.generation, slot.slot * SLOT_FILES + j) for j in range(len(p.sizes))]
-        written: list[str] = []
+        gen = Generation.join(store, slot.generation)
+        gen.check_space(p.total)
+        names = [gen.data_name(slot.slot * SLOT_FILES + j) for j in range(len(p.sizes))]
         try:
-            entries, blob_crcs = writer.write_files(store, names, p, verify=self.verify, written=written)
+            entries, blob_crcs = write_files(store, names, p, verify=self.verify, written=gen.written)
         except BaseException:
-            writer.discard(store, written)
+            gen.discard()
             raise
         files = tuple(entries)
         results = []
-        for q, item, (dtype, shape) in zip(p.blobs, items, shapes):
-            k, off = p.locate(q.start)
-            stored = _Stored(slot.slot, k, off, q.blob.nbytes, crc_hex(blob_crcs.get(q.index, 0)), q.blob.kind,
-                             dtype, shape, files)
-            results.append(WriteResult(index=item.index, size_in_bytes=q.blob.nbytes, storage_data=stored))
+        for k, (blob, start, item, (dtype, shape)) in enumerate(zip(p.blobs, p.starts, items, shapes)):
+            stored = _Stored(slot.slot, start, blob.nbytes, blob_crcs[k], blob.kind, dtype, shape, files)
+            results.append(WriteResult(index=item.index, size_in_bytes=blob.nbytes, storage_data=stored))
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Coordinator, once every rank has written and checked its files: the commit."""
-        store = self.store
-        gen = self._generation
+        store, gen = self.store, self._generation
         if gen is None:
             raise CheckpointError("StoreWriter.finish: called without prepare_global_plan")
         by_slot: dict[int, tuple] = {}
         flat: list[WriteResult] = []
         for rank_results in results:
             for r in rank_results:
-                s: _Stored = r.storage_data
-                by_slot.setdefault(s.slot, s.files)
+                by_slot.setdefault(r.storage_data.slot, r.storage_data.files)
                 flat.append(r)
-        files, first = [], {}
+        files: list[FileEntry] = []
+        base: dict[int, int] = {}      # where each rank's stream starts in the whole stream
         for slot in sorted(by_slot):
-            first[slot] = len(files)
-            files.extend(dict(f) for f in by_slot[slot])
+            base[slot] = sum(f.nbytes for f in files)
+            files.extend(by_slot[slot])
         if not files:
             # Nothing to store at all (an empty state): one empty data file keeps the format's shape.
-            empty = data_name(gen, 0)
+            empty = gen.data_name(0)
+            gen.written.append(empty)
             store.put(empty, b"")
-            files.append({"name": empty, "nbytes": 0, "crc32c": crc_hex(0)})
+            files.append(FileEntry(empty, 0, 0))
 
-        listing = store.list() or {}
-        missing = reader.shallow_problems(Manifest(gen, files, [], []), listing)
+        missing = shallow_problems(files, store.list() or {})
         if missing:
             raise CheckpointError(f"{store.uri}: not committing, " + "; ".join(missing), store.uri)
 
         # Blobs in stream order (slot by slot), as the format lays them out;
         # the state's keys in name order.
-        blobs: list[dict] = []
-        index_of: dict[MetadataIndex, int] = {}
-        for r in sorted(flat, key=lambda r: (r.storage_data.slot, r.storage_data.file, r.storage_data.offset)):
-            s: _Stored = r.storage_data
-            index_of[r.index] = len(blobs)
-            blobs.append({"file": first[s.slot] + s.file, "offset": s.offset, "nbytes": s.nbytes,
-                          "crc32c": s.crc32c, "kind": s.kind, "device": "cpu"})
-        nodes: list = [["dict", []]]
-        keys = nodes[0][1]
+        flat.sort(key=lambda r: (r.storage_data.slot, r.storage_data.start))
+        index_of = {r.index: b for b, r in enumerate(flat)}
+        table = blob_table([Blob(r.storage_data.kind, r.storage_data.nbytes, None) for r in flat],
+                           [r.storage_data.crc32c for r in flat])
+        expected = [base[r.storage_data.slot] + r.storage_data.start for r in flat]
+        if table.starts.tolist() != expected or any(b % ALIGN for b in base.values()):
+            raise CheckpointError(f"{store.uri}: internal error: the ranks' streams do not line up", store.uri)
         sizes = {fqn: md.size for fqn, md in metadata.state_dict_metadata.items()
                  if isinstance(md, TensorStorageMetadata)}
+        items = []
         for r in sorted(flat, key=lambda r: (r.index.fqn, tuple(r.index.offset or ()))):
-            s = r.storage_data
-            b = index_of[r.index]
+            s, b = r.storage_data, index_of[r.index]
             full = s.shape is not None and tuple(sizes.get(r.index.fqn, ())) == tuple(s.shape)
-            keys.append(len(nodes))
-            nodes.append(["str", _item_key(r.index, full)])
-            keys.append(len(nodes))
-            if s.kind == tree.BYTES:
-                nodes.append(["bytes", b])
-            else:
-                stride, acc = [], 1
-                for d in reversed(s.shape):
-                    stride.append(acc)
-                    acc *= max(int(d), 1)
-                nodes.append(["tensor", {"dtype": s.dtype, "shape": list(s.shape), "stride": stride[::-1],
-                                         "offset": 0, "storage": b, "requires_grad": False,
-                                         "parameter": False, "device": "cpu"}])
-        manifest = Manifest(
-            generation=gen, files=files, blobs=blobs, nodes=nodes,
-            meta={META_KEY: _encode_metadata(metadata, index_of)},
-            writer={"ckptstore": __version__, "torch": torch.__version__.split("+")[0],
-                    "via": "torch.distributed.checkpoint"},
-        )
-        manifest.check()
-        strategy = commit.choose(store, store.location.commit)
-        record = commit_name(gen)
-        try:
-            strategy.publish(store, record, manifest.to_bytes())
-        except BaseException:
-            writer.discard(store, [record])
-            raise
-        try:
-            writer.retire_older(store, gen, self._listing or {})
-        except CheckpointError:
-            pass  # committed; what is older is garbage for `ckptstore gc`
+            node = bytes_node(b) if s.kind == BYTES else tensor_node(b, s.dtype, list(s.shape))
+            items.append((_item_key(r.index, full), node))
+        manifest = Manifest(generation=gen.id, files=files, blobs=table, nodes=flat_dict_nodes(items),
+                            meta={META_KEY: _encode_metadata(metadata, index_of)},
+                            writer=writer_fields(via="torch.distributed.checkpoint"))
+        gen.commit(manifest)
 
 
 # ---------------------------------------------------------------- the reader
@@ -452,7 +415,7 @@ class StoreReader(_OnStore, StorageReader):
 
     def read_metadata(self, *args: Any) -> Metadata:
         # No **kwargs: DCP then never asks for per-rank metadata, which these checkpoints do not have.
-        m, _ = reader.open_commit(self.store)
+        m, _ = open_commit(self.store)
         doc = m.meta.get(META_KEY)
         if not isinstance(doc, dict):
             raise CheckpointError(
@@ -491,72 +454,42 @@ class StoreReader(_OnStore, StorageReader):
             where = self._storage.get(req.storage_index)
             if where is None:
                 raise CorruptCheckpointError(f"{store.uri}: no stored item for {req.storage_index.fqn}", store.uri)
+            if not 0 <= where[1] < len(m.blobs):
+                raise CorruptCheckpointError(f"{store.uri}: DCP metadata names blob {where[1]}", store.uri)
             by_blob.setdefault(where[1], []).append(req)
 
-        starts = m.file_starts()
-        order = sorted(by_blob, key=lambda b: (starts[int(m.blobs[b]["file"])] + int(m.blobs[b]["offset"])))
-        readers = reader._Readers(store, m)
-        pool = cf.ThreadPoolExecutor(max(1, store.concurrency), thread_name_prefix="ckptstore-dcp-read")
-        try:
-            pending: list = []
-            nxt = 0
-            # At most `concurrency` items are read ahead of the one being placed.
-            while nxt < len(order) or pending:
-                while nxt < len(order) and len(pending) < max(1, store.concurrency):
-                    b = order[nxt]
-                    target = _direct_target(by_blob[b], shapes.get(b), planner)
-                    into = None if target is None else _bytes_of(target)
-                    pending.append((b, target, pool.submit(self._read_blob, readers, m, starts, b, into)))
-                    nxt += 1
-                b, target, fut = pending.pop(0)
-                buf = fut.result()
+        blobs = m.blobs
+
+        def ranges():
+            # A stored chunk going whole into contiguous CPU memory is read straight into it.
+            for b in sorted(by_blob, key=lambda b: int(blobs.starts[b])):
+                target = _direct_target(by_blob[b], shapes.get(b), planner)
+                into = None if target is None else _bytes_of(target)
+                n = int(blobs.sizes[b])
+                if into is not None and len(into) != n:
+                    raise CorruptCheckpointError(f"{store.uri}: blob {b} has {n} bytes, its tensor {len(into)}",
+                                                 store.uri)
+                yield Range(int(blobs.starts[b]), n, into, (b, target))
+
+        with StreamReader(store, m.files) as reader:
+            for r, buf in reader.fetch(ranges()):
+                b, target = r.tag
+                if self.verify and crc32c.crc32c(buf) != int(blobs.crcs[b]):
+                    raise CorruptCheckpointError(
+                        f"{store.uri}: CRC-32C mismatch in blob {b} ({r.nbytes} bytes); the checkpoint is corrupt",
+                        store.uri)
                 if target is not None:
                     planner.commit_tensor(by_blob[b][0], target)
                     continue
                 for req in by_blob[b]:
                     self._place(req, b, buf, shapes, planner)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            readers.close()
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
     # --- helpers
 
-    def _read_blob(self, readers, m: Manifest, starts: list[int], b: int,
-                   into: memoryview | None = None) -> bytearray | memoryview:
-        """One item's bytes (which may span data files), checked against its CRC-32C.
-
-        Read into ``into`` (the destination tensor's memory) when given, else into a new buffer.
-        """
-        blob = m.blobs[b]
-        n = int(blob["nbytes"])
-        pos = starts[int(blob["file"])] + int(blob["offset"])
-        if into is not None and len(into) != n:
-            raise CorruptCheckpointError(f"{self.store.uri}: blob {b} has {n} bytes, its tensor {len(into)}",
-                                         self.store.uri)
-        buf = bytearray(n) if into is None else into
-        view = memoryview(buf)
-        done = 0
-        k = int(blob["file"])
-        while done < n:
-            while starts[k + 1] <= pos:
-                k += 1
-            take = min(n - done, starts[k + 1] - pos)
-            got = readers.get(k).readinto(pos - starts[k], view[done:done + take])
-            if got < take:
-                raise CorruptCheckpointError(f"{self.store.uri}/{m.files[k]['name']}: file ends early (truncated)",
-                                             self.store.uri)
-            done += take
-            pos += take
-        if self.verify and crc_hex(crc32c.crc32c(view)) != blob["crc32c"]:
-            raise CorruptCheckpointError(
-                f"{self.store.uri}: CRC-32C mismatch in blob {b} ({n} bytes); the checkpoint is corrupt",
-                self.store.uri)
-        return buf
-
-    def _place(self, req: ReadItem, b: int, buf: bytearray, shapes: dict, planner: LoadPlanner) -> None:
+    def _place(self, req: ReadItem, b: int, buf: memoryview, shapes: dict, planner: LoadPlanner) -> None:
         if req.type == LoadItemType.BYTE_IO:
             raw = bytes(buf)
             if not self.allow_pickle:
@@ -608,9 +541,5 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 def _tensor_shapes(m: Manifest) -> dict[int, tuple[torch.dtype, tuple]]:
     """blob -> (dtype, shape) of the tensor node stored in it."""
-    out = {}
-    for node in m.nodes:
-        if node[0] == "tensor" and node[1].get("storage") is not None:
-            info = node[1]
-            out[int(info["storage"])] = (tree.dtype_from_name(info["dtype"]), tuple(int(d) for d in info["shape"]))
-    return out
+    return {t.blob: (dtype_from_name(t.dtype), tuple(int(d) for d in t.shape))
+            for _, t in tensors(m) if t.blob is not None}

@@ -23,7 +23,6 @@ Works with the ``lightning`` package and the standalone ``pytorch_lightning``
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import importlib
 import logging
@@ -31,12 +30,13 @@ import os
 import sys
 from typing import Any, Mapping, Optional, Union
 
-from .. import api
+from ..api import load, save
 from ..errors import UnsupportedObjectError
-from ..format.manifest import FileName
+from ..format.walk import transform
 from ..stores import open_location, open_store
 from ..stores.base import Store
 from ..url import redact
+from ..writer import remove_files
 
 log = logging.getLogger("ckptstore")
 
@@ -74,9 +74,6 @@ _LIGHTNING_HINT = ("With Lightning: give the value a supported type (a hyperpara
                    "if the checkpoints will only be loaded from trusted storage.")
 
 
-_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
-
-
 def _attribute_dict_types() -> tuple[type, ...]:
     types = []
     for name in _ATTRIBUTE_DICT_MODULES:
@@ -93,40 +90,12 @@ def _safe_tree(obj: Any) -> Any:
     (tensors above all) is the very same object, and ``obj`` itself is never
     modified: Lightning's hooks may still hold it. Values of any other type are
     left for the encoder to accept or refuse, so nothing is converted that is
-    not listed here. A container that holds itself is left as it is: the
-    encoder reports the cycle.
+    not listed here.
     """
     convert = _attribute_dict_types()
     if not convert:
         return obj
-    open_ids: set[int] = set()
-
-    def walk(o: Any) -> Any:
-        t = type(o)
-        if t not in convert and t not in _CONTAINERS:
-            return o   # leaves and other types: the encoder accepts or refuses them
-        if id(o) in open_ids:
-            return o
-        open_ids.add(id(o))
-        try:
-            if t is list or t is tuple:
-                items = [walk(v) for v in o]
-                if all(a is b for a, b in zip(items, o)):
-                    return o
-                return items if t is list else tuple(items)
-            pairs = [(k, walk(v)) for k, v in o.items()]
-            if t in _CONTAINERS and all(new is o[k] for k, new in pairs):
-                return o
-            if t is collections.OrderedDict:
-                out = collections.OrderedDict(pairs)
-                if hasattr(o, "_metadata"):
-                    out._metadata = o._metadata   # module versions load_state_dict needs
-                return out
-            return dict(pairs)
-        finally:
-            open_ids.discard(id(o))
-
-    return walk(obj)
+    return transform(obj, lambda leaf: leaf, as_dict=convert)
 
 
 def _remove_single_file(store: Store) -> None:
@@ -170,7 +139,7 @@ class StoreCheckpointIO(_BASES[0]):
         """
         options = {**self.storage_options, **_mapping("storage_options", storage_options)}
         try:
-            info = api.save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
+            info = save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
                             allow_pickle=self.allow_pickle)
         except UnsupportedObjectError as e:
             raise UnsupportedObjectError(f"{e}. {_LIGHTNING_HINT}", e.uri) from None
@@ -186,7 +155,7 @@ class StoreCheckpointIO(_BASES[0]):
         device. ``weights_only=True`` never unpickles, even with ``allow_pickle``.
         A missing checkpoint raises ``CheckpointNotFoundError`` (a ``FileNotFoundError``).
         """
-        state = api.load(path, map_location="cpu" if map_location is None else map_location,
+        state = load(path, map_location="cpu" if map_location is None else map_location,
                          storage_options=self.storage_options, verify=self.verify,
                          allow_pickle=self.allow_pickle and not weights_only)
         if not isinstance(state, dict):
@@ -210,11 +179,7 @@ class StoreCheckpointIO(_BASES[0]):
             if store.is_file():
                 _remove_single_file(store)
                 return
-            listing = store.list()
-            if listing:
-                records = [n for n in listing if _is_record(n)]
-                store.remove(sorted(records))
-                store.remove(sorted(n for n in listing if n not in records))
+            remove_files(store, store.list() or {})
             store.remove_dir()
         log.debug("lightning checkpoint removed: %s", store.uri)
 
@@ -230,11 +195,6 @@ for _other in _BASES[1:]:
 
 def _is_local_link(store: Store) -> bool:
     return store.location.protocol == "file" and os.path.islink(store.location.path)
-
-
-def _is_record(name: str) -> bool:
-    f = FileName.parse(name)
-    return f is not None and f.role in ("commit", "tmp")
 
 
 def _mapping(what: str, value: Any) -> Mapping[str, Any]:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError
-from ..stores.base import CHUNK, Store
-from .tree import restore_location
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .stores.base import CHUNK, Store
+from .format.tree import restore_location
 
 ZIP_MAGIC = b"PK\x03\x04"
 _MAX_SAFETENSORS_HEADER = 100 << 20
