@@ -2,9 +2,10 @@
 
 Run from the repository root::
 
-    python -m benchmarks.bench                      # every backend: local, memory, manager, fuse, s3, gcs
+    python -m benchmarks.bench                      # every backend: local, memory, manager, dcp, fuse, s3, gcs, tensors
     python -m benchmarks.bench --size-gib 0.1 --remote-size-gib 0.1 --repeat 1
     python -m benchmarks.bench --backends s3,gcs
+    python -m benchmarks.bench --backends tensors --tensor-counts 10,1000,100000
 
 Every figure is a ratio to a baseline measured in the same run on the same
 bytes, so the numbers say something on any machine:
@@ -25,19 +26,30 @@ bytes, so the numbers say something on any machine:
 - ``CheckpointManager`` on local disk: how long ``save()`` blocks with
   ``async_save=True`` vs cloning every tensor storage (blocking manager and
   torch.save + fsync saves for reference), and a small CPU training loop's
-  steps/s while the background save runs vs with nothing running.
+  steps/s while the background save runs vs with nothing running;
+- many small tensors (10, 1,000, 100,000 by ``--tensor-counts``): save and
+  load vs torch.save/torch.load on the local disk and on S3, the commit
+  record's bytes per tensor, and how long verify, ``ckptstore info`` and
+  ``ckptstore ls`` take.
 
 Each save and load runs in a fresh process (``benchmarks.worker``) so its
 peak memory is its own. Times are the best of ``--repeat``; extra memory is
 the worst. Results go to ``<out>/latest.json``, ``<out>/latest.md`` and
 ``<out>/latest.png`` (when matplotlib is installed).
 
-Backends live in ``BACKENDS``: a function taking a ``Context`` and returning
-table rows. A remote one starts its server or mount (the test suite's
-launchers in ``tests/helpers/backends.py``), saves and loads through the
-same worker ops with a URL, and measures its own baseline in the same
-worker. A backend that cannot start or whose saves fail still returns its
-rows, marked with the error, so one broken backend never hides the others.
+Backends live in ``BACKENDS``, one ``Backend`` entry each: its key, whether
+it is remote, its launcher (a context manager that starts its server or
+mount, on the test suite's launchers in ``tests/helpers/backends.py``, and
+yields a handle), how a checkpoint URI is built from that handle, its
+baselines, its notes and targets, the scratch space it needs and the
+function that measures it and returns its rows. The driver gives that
+function a ``Site`` (its context, with the state size it measures, a
+scratch directory, the URI builder, and ``serve()``, which runs a
+measurement under the launcher). Saves and loads go through the same worker
+ops whatever the URI, and each backend measures its own baseline in the
+same worker. A backend that cannot start or whose saves fail still returns
+its rows, marked with the error, so one broken backend never hides the
+others.
 """
 
 from __future__ import annotations
@@ -58,12 +70,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import psutil
 
 from benchmarks.plot import write_plot
-from benchmarks.state import expected_nbytes, gpt_config
+from benchmarks.state import TENSOR_BYTES, expected_nbytes, gpt_config, tensors_nbytes
 from benchmarks.sysutil import drop_caches, fs_type
 from benchmarks.worker import RESULT_PREFIX
 
@@ -90,10 +102,19 @@ TRAIN_TARGET = 0.80
 # other core(s) to the save.
 TRAIN_THREADS = (0, 1)
 
+# Targets from the small-tensors issue: save and load at least as fast as
+# torch.save + fsync / torch.load on the same state, a commit record of at
+# most 100 bytes per tensor, and a shallow verify, `ckptstore info` and
+# `ckptstore ls` under half a second each at 100,000 tensors.
+TENSOR_SPEED_TARGET = 1.0
+COMMIT_BYTES_TARGET = 100
+INSPECT_SECONDS_TARGET = 0.5
+INSPECT_TARGET_FROM = 100_000  # tensor counts from which the inspection target applies
+DEFAULT_TENSOR_COUNTS = (10, 1_000, 100_000)
+
 # A worker that takes longer than this has hung (or the disk is failing).
 WORKER_TIMEOUT_S = 600
 
-ALL_BACKENDS = ("local", "memory", "manager", "dcp", "fuse", "s3", "gcs")
 BUCKET = "bench"
 
 # gcsfs probes every bucket over gRPC first and waits 60 s for that to time
@@ -113,9 +134,10 @@ class Context:
     repeat: int
     workdir: Path
     cold: bool  # page cache can be dropped before loads
-    remote_size_bytes: int = 0  # the same two for fuse, s3 and gcs (--remote-size-gib)
+    remote_size_bytes: int = 0  # the same two for the remote backends (--remote-size-gib)
     remote_state_bytes: int = 0
     worker_timeout: float = WORKER_TIMEOUT_S
+    tensor_counts: tuple[int, ...] = DEFAULT_TENSOR_COUNTS  # for the tensors backend
     started: float = field(default_factory=time.perf_counter)
 
     def log(self, msg: str) -> None:
@@ -125,7 +147,7 @@ class Context:
         return run_worker(spec, self.worker_timeout)
 
     def remote(self) -> "Context":
-        """This context with the fuse/s3/gcs state size."""
+        """This context with the remote backends' state size."""
         return replace(self, size_bytes=self.remote_size_bytes, state_bytes=self.remote_state_bytes)
 
 
@@ -219,7 +241,7 @@ class Row:
     baseline_seconds: float | None
     ratio: float | None  # baseline_seconds / seconds unless ratio_meaning says otherwise
     ratio_meaning: str = "baseline time / time (higher is better)"
-    target: float | None = None  # minimum ratio
+    target: float | None = None  # minimum ratio (maximum with target_is_max)
     extra_rss: float | None = None  # worst extra peak RSS, fraction of nbytes
     rss_target: float | None = None  # maximum extra_rss
     meets_target: bool | None = None
@@ -228,6 +250,7 @@ class Row:
     extra_rss_bytes: list[int] = field(default_factory=list)
     note: str = ""
     error: str | None = None
+    target_is_max: bool = False  # the ratio must be at most the target (e.g. bytes per tensor)
 
 
 def compare(backend: str, operation: str, series: Series, baseline: str,
@@ -250,19 +273,201 @@ def compare(backend: str, operation: str, series: Series, baseline: str,
     return row
 
 
+# --- the backend registry ------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of the benchmark: everything the driver knows about it.
+
+    Adding a backend is one of these in ``REGISTRY`` (its ``measure``
+    function included) and, when it needs a server or mount, one launcher.
+    """
+
+    key: str  # its --backends name and the backend column of its rows
+    measure: Callable[["Site"], list[Row]]  # runs its benchmark, returns its rows
+    remote: bool = False  # behind a server or mount: measures the --remote-size-gib state
+    # Starts what it measures and stops it however the block ends: a context
+    # manager factory taking the Site and yielding a handle (the server or
+    # mount) for ``uri`` and the measurement; see ``Site.serve``.
+    launcher: Callable[["Site"], ContextManager[Any]] | None = None
+    uri: Callable[[Any, str], str] | None = None  # (handle, name) -> where checkpoint ``name`` goes
+    baselines: tuple[str, ...] = ()  # what its rows are timed against (listed by --help)
+    notes: Callable[[Context], list[str]] = lambda ctx: []  # its notes and targets under the table
+    disk: float = 0.0  # scratch space it needs, in multiples of its state's bytes
+    # Its state's tensor bytes when it does not measure the GPT state of
+    # --size-gib / --remote-size-gib.
+    nbytes: Callable[[Context], int] | None = None
+
+    def state_bytes(self, ctx: Context) -> int:
+        if self.nbytes is not None:
+            return self.nbytes(ctx)
+        return ctx.remote_state_bytes if self.remote else ctx.state_bytes
+
+
+@dataclass
+class Site:
+    """What a backend's ``measure`` gets: its entry, the context (with the
+    state size the backend measures) and a scratch directory of its own,
+    which the driver creates before and removes after."""
+
+    backend: Backend
+    ctx: Context
+
+    @property
+    def key(self) -> str:
+        return self.backend.key
+
+    @property
+    def scratch(self) -> Path:
+        return self.ctx.workdir / self.key
+
+    def uri(self, handle: Any, name: str) -> str:
+        assert self.backend.uri is not None, f"{self.key} has no uri builder"
+        return self.backend.uri(handle, name)
+
+    def serve(self, measure: Callable[[Any], T], series: dict[str, Series], default: T) -> T:
+        """``measure(handle)`` with the backend's launcher running. A launcher
+        that will not start, a server that dies or a cleanup that fails marks
+        every series in ``series`` that did not get all its runs with the
+        error, and returns ``default``: the rows still come, saying why."""
+        assert self.backend.launcher is not None, f"{self.key} has no launcher"
+        try:
+            with self.backend.launcher(self) as handle:
+                return measure(handle)
+        except Exception as e:
+            _fail_unfinished(self.ctx, self.key, series, e)
+            return default
+
+
+def run_backend(backend: Backend, ctx: Context) -> list[Row]:
+    """Measure one backend in a scratch directory of its own."""
+    site = Site(backend, ctx.remote() if backend.remote else ctx)
+    site.scratch.mkdir()
+    try:
+        return backend.measure(site)
+    finally:
+        # Never through a mount that failed to unmount (see cleanup).
+        if not _mounts_under(site.scratch):
+            shutil.rmtree(site.scratch, ignore_errors=True)
+            os.sync()
+
+
+def launchers():
+    """The test suite's loopback servers and mounts (``tests/helpers/backends.py``):
+    one implementation of starting moto, the GCS emulator and rclone, shared
+    with the tests."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from helpers import backends
+
+    return backends
+
+
+@contextlib.contextmanager
+def running(ctx: Context, backend: Any) -> Iterator[Any]:
+    """Start a server or mount; stop it however the block ends.
+
+    On Ctrl-C (or SIGTERM) a mount is killed rather than waited for, and a
+    failure while stopping is logged, never raised: it must not replace the
+    interrupt (the benchmark would carry on) or the error that ended the
+    block (which says more).
+    """
+    backend.start()
+    try:
+        yield backend
+    except BaseException as e:
+        interrupted = not isinstance(e, Exception)
+        try:
+            if interrupted and hasattr(backend, "kill_vm"):
+                backend.kill_vm()  # nothing on it is worth an upload now
+            else:
+                backend.stop()
+        except Exception as stop_error:  # noqa: BLE001 - see above
+            ctx.log(f"while stopping {backend!r}: {type(stop_error).__name__}: {stop_error}")
+        raise
+    backend.stop()
+
+
+def _fail_unfinished(ctx: Context, backend: str, series: dict[str, Series], e: BaseException) -> None:
+    """Mark every series that did not get all its runs with what stopped it."""
+    msg = f"{type(e).__name__}: {e}".strip()
+    ctx.log(f"{backend}: {msg}")
+    for s in series.values():
+        if len(s.seconds) < ctx.repeat:
+            s.fail(msg)
+
+
+# --- launchers and URIs ----------------------------------------------------------
+# A launcher is a context manager factory (Site) -> handle; a URI builder maps
+# (handle, name) to where a checkpoint called ``name`` goes.
+
+def _loopback_server(cls: str, what: str) -> Callable[[Site], ContextManager[Any]]:
+    """A launcher for one of the test suite's loopback object stores, with
+    bucket ``BUCKET`` created."""
+    @contextlib.contextmanager
+    def launch(site: Site) -> Iterator[Any]:
+        with running(site.ctx, getattr(launchers(), cls)()) as server:
+            server.create_bucket(BUCKET)
+            site.ctx.log(f"{site.key}: {what} at {server.endpoint}")
+            yield server
+
+    return launch
+
+
+moto_server = _loopback_server("MotoServer", "moto")
+gcs_emulator = _loopback_server("GcsEmulator", "emulator")
+
+
+@contextlib.contextmanager
+def rclone_mount(site: Site) -> Iterator[Any]:
+    """``rclone mount REMOTE MNT --vfs-cache-mode writes --vfs-write-back 2s``,
+    remote, mount point and cache in the scratch directory, with an empty
+    ``bench`` directory on the mount."""
+    remote, mnt, cache = site.scratch / "remote", site.scratch / "mnt", site.scratch / "cache"
+    for d in (remote, mnt, cache):
+        d.mkdir(parents=True)
+    rclone = launchers().RcloneMount(str(remote), str(mnt), str(cache), write_back="2s")
+    with running(site.ctx, rclone) as mount:
+        (mnt / "bench").mkdir()
+        site.ctx.log(f"{site.key}: rclone mount on {mnt} ({fs_type(str(mnt))})")
+        yield mount
+
+
+def s3_uri(server: Any, name: str) -> str:
+    opts = server.options()
+    return (f"s3://{BUCKET}/{name}?endpoint_url={opts['endpoint_url']}"
+            f"&key={opts['key']}&secret={opts['secret']}")
+
+
+def gcs_uri(server: Any, name: str) -> str:
+    opts = server.options()
+    return (f"gs://{BUCKET}/{name}?endpoint_url={opts['endpoint_url']}"
+            f"&token={opts['token']}&project={opts['project']}")
+
+
+def mount_uri(mount: Any, name: str) -> str:
+    return str(Path(mount.mountpoint) / "bench" / name)
+
+
+def memory_uri(_: Any, name: str) -> str:
+    return f"memory://bench/{name}"
+
+
 # --- backends ----------------------------------------------------------------
 
-def bench_local(ctx: Context) -> list[Row]:
+def bench_local(site: Site) -> list[Row]:
     """Durable save and cold load on the local disk, against dd and cat.
 
     Baselines run through the same worker as the library (impl "dd" and
     "cat"), so both sides meet the same process and memory conditions.
     """
-    base = ctx.workdir / "local"
-    base.mkdir()
+    ctx = site.ctx
     series = _directory_series()
-    _measure_directory(ctx, "local", base, series, crc=True)
-    remove(base)
+    _measure_directory(ctx, "local", site.scratch, series, crc=True)
     rows = _directory_rows(ctx, "local", series, ctx.state_bytes)
     rows.append(_crc_row(series["pt_save"], series["ck_save"], ctx.state_bytes))
     return rows
@@ -341,53 +546,7 @@ def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int,
     ]
 
 
-def launchers():
-    """The test suite's loopback servers and mounts (``tests/helpers/backends.py``):
-    one implementation of starting moto, the GCS emulator and rclone, shared
-    with the tests."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    from helpers import backends
-
-    return backends
-
-
-@contextlib.contextmanager
-def running(ctx: Context, backend: Any) -> Iterator[Any]:
-    """Start a server or mount; stop it however the block ends.
-
-    On Ctrl-C (or SIGTERM) a mount is killed rather than waited for, and a
-    failure while stopping is logged, never raised: it must not replace the
-    interrupt (the benchmark would carry on) or the error that ended the
-    block (which says more).
-    """
-    backend.start()
-    try:
-        yield backend
-    except BaseException as e:
-        interrupted = not isinstance(e, Exception)
-        try:
-            if interrupted and hasattr(backend, "kill_vm"):
-                backend.kill_vm()  # nothing on it is worth an upload now
-            else:
-                backend.stop()
-        except Exception as stop_error:  # noqa: BLE001 - see above
-            ctx.log(f"while stopping {backend!r}: {type(stop_error).__name__}: {stop_error}")
-        raise
-    backend.stop()
-
-
-def _fail_unfinished(ctx: Context, backend: str, series: dict[str, Series], e: BaseException) -> None:
-    """Mark every series that did not get all its runs with what stopped it."""
-    msg = f"{type(e).__name__}: {e}".strip()
-    ctx.log(f"{backend}: {msg}")
-    for s in series.values():
-        if len(s.seconds) < ctx.repeat:
-            s.fail(msg)
-
-
-def bench_fuse(ctx: Context) -> list[Row]:
+def bench_fuse(site: Site) -> list[Row]:
     """Durable save and cold load on an rclone FUSE mount, as on a Drive mount.
 
     The same measurements as the local disk, on ``rclone mount REMOTE MNT
@@ -400,25 +559,17 @@ def bench_fuse(ctx: Context) -> list[Row]:
     cache reaches both. Every byte crosses FUSE up to three times (write,
     upload, read), so this backend uses the smaller ``--remote-size-gib`` state.
     """
-    ctx = ctx.remote()
-    root = ctx.workdir / "fuse"
-    remote, mnt, cache = root / "remote", root / "mnt", root / "cache"
-    for d in (remote, mnt, cache):
-        d.mkdir(parents=True)
+    ctx = site.ctx
     series = _directory_series()
-    try:
-        rclone = launchers().RcloneMount(str(remote), str(mnt), str(cache), write_back="2s")
-        with running(ctx, rclone) as mount:
-            base = mnt / "bench"
-            base.mkdir()
-            ctx.log(f"fuse: rclone mount on {mnt} ({fs_type(str(mnt))})")
-            # Uploading a state from the cache to a local directory takes a few
-            # seconds; a minute per GiB is plenty before calling it stuck.
-            upload_timeout = max(60.0, 60.0 * ctx.state_bytes / GIB)
-            _measure_directory(ctx, "fuse", base, series,
-                               settle=lambda: mount.wait_uploaded(timeout=upload_timeout))
-    except Exception as e:  # a mount that would not start, or died: say so in the table
-        _fail_unfinished(ctx, "fuse", series, e)
+    # Uploading a state from the cache to a local directory takes a few
+    # seconds; a minute per GiB is plenty before calling it stuck.
+    upload_timeout = max(60.0, 60.0 * ctx.state_bytes / GIB)
+
+    def measure(mount: Any) -> None:
+        _measure_directory(ctx, "fuse", Path(site.uri(mount, "")), series,
+                           settle=lambda: mount.wait_uploaded(timeout=upload_timeout))
+
+    site.serve(measure, series, None)
     # Not "durable": fsync on the mount returns before rclone has uploaded.
     return _directory_rows(ctx, "fuse", series, ctx.state_bytes, save_label="ckptstore.save",
                            load_note="read through the mount from rclone's VFS cache / remote dir")
@@ -433,7 +584,7 @@ def _clear_prefix(fs: Any, path: str) -> None:
     fs.invalidate_cache()
 
 
-def bench_s3(ctx: Context) -> list[Row]:
+def bench_s3(site: Site) -> list[Row]:
     """S3 on a moto server: ckptstore vs boto3's multipart transfers.
 
     Save: ``ckptstore.save`` vs ``upload_file`` (default ``TransferConfig``) of
@@ -442,53 +593,48 @@ def bench_s3(ctx: Context) -> list[Row]:
     rows. Load: ``ckptstore.load`` vs ``download_file`` + ``torch.load``, both
     followed by reading every byte. Every save goes to an emptied prefix.
     """
-    ctx = ctx.remote()
+    ctx = site.ctx
     n = ctx.state_bytes
-    scratch = ctx.workdir / "s3"
-    scratch.mkdir()
+    scratch = site.scratch
     s = {k: Series() for k in ("upload", "ck_save", "lightning", "ck_load", "download", "download_one")}
-    range_note = ""
-    try:
-        with running(ctx, launchers().MotoServer()) as server:
-            server.create_bucket(BUCKET)
-            opts = server.options()
-            ctx.log(f"s3: moto at {server.endpoint}")
-            fs = server.filesystem()  # the driver's, for emptying prefixes
-            uri = (f"s3://{BUCKET}/ckptstore/ckpt?endpoint_url={opts['endpoint_url']}"
-                   f"&key={opts['key']}&secret={opts['secret']}")
-            boto = {"storage_options": opts, "bucket": BUCKET, "key": "boto3/state.pt"}
-            lightning = {"protocol": "s3", "storage_options": opts, "path": f"{BUCKET}/lightning/state.pt"}
-            save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
-            for r in range(ctx.repeat):
-                ctx.log(f"s3: save round {r + 1}/{ctx.repeat}")
-                _clear_prefix(fs, f"{BUCKET}/boto3")
-                s["upload"].add(lambda: ctx.run({**save, **boto, "impl": "boto3_upload",
-                                                 "tmp": str(scratch / "upload.pt")}))
-                _clear_prefix(fs, f"{BUCKET}/ckptstore")
-                s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
-                _clear_prefix(fs, f"{BUCKET}/lightning")
-                s["lightning"].add(lambda: ctx.run({**save, **lightning, "impl": "fsspec_pipe"}))
-            _clear_prefix(fs, f"{BUCKET}/lightning")  # only saved, never loaded
 
-            load = {"op": "load", "state_bytes": n, "cold": False}
-            for r in range(ctx.repeat):
-                ctx.log(f"s3: load round {r + 1}/{ctx.repeat}")
-                if s["upload"].seconds and not s["upload"].error:
-                    down = {**load, **boto, "impl": "boto3_download", "tmp": str(scratch / "download.pt")}
-                    s["download"].add(lambda: ctx.run(down))
-                    s["download_one"].add(lambda: ctx.run({**down, "single_get": True}))
-                if s["ck_save"].seconds and not s["ck_save"].error:
-                    s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
-            if not s["ck_save"].seconds or s["ck_save"].error:
-                s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
-            if not s["upload"].seconds or s["upload"].error:
-                for k in ("download", "download_one"):
-                    s[k].fail("nothing saved to load (boto3 upload failed)")
-            else:
-                range_note = _range_probe(fs, f"{BUCKET}/boto3/state.pt", "moto")
-    except Exception as e:  # a server that would not start, or a failed cleanup
-        _fail_unfinished(ctx, "s3", s, e)
+    def measure(server: Any) -> str:
+        """The rows' series; returns the note on ranged reads."""
+        opts = server.options()
+        fs = server.filesystem()  # the driver's, for emptying prefixes
+        uri = site.uri(server, "ckptstore/ckpt")
+        boto = {"storage_options": opts, "bucket": BUCKET, "key": "boto3/state.pt"}
+        lightning = {"protocol": "s3", "storage_options": opts, "path": f"{BUCKET}/lightning/state.pt"}
+        save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
+        for r in range(ctx.repeat):
+            ctx.log(f"s3: save round {r + 1}/{ctx.repeat}")
+            _clear_prefix(fs, f"{BUCKET}/boto3")
+            s["upload"].add(lambda: ctx.run({**save, **boto, "impl": "boto3_upload",
+                                             "tmp": str(scratch / "upload.pt")}))
+            _clear_prefix(fs, f"{BUCKET}/ckptstore")
+            s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
+            _clear_prefix(fs, f"{BUCKET}/lightning")
+            s["lightning"].add(lambda: ctx.run({**save, **lightning, "impl": "fsspec_pipe"}))
+        _clear_prefix(fs, f"{BUCKET}/lightning")  # only saved, never loaded
 
+        load = {"op": "load", "state_bytes": n, "cold": False}
+        for r in range(ctx.repeat):
+            ctx.log(f"s3: load round {r + 1}/{ctx.repeat}")
+            if s["upload"].seconds and not s["upload"].error:
+                down = {**load, **boto, "impl": "boto3_download", "tmp": str(scratch / "download.pt")}
+                s["download"].add(lambda: ctx.run(down))
+                s["download_one"].add(lambda: ctx.run({**down, "single_get": True}))
+            if s["ck_save"].seconds and not s["ck_save"].error:
+                s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
+        if not s["ck_save"].seconds or s["ck_save"].error:
+            s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
+        if not s["upload"].seconds or s["upload"].error:
+            for k in ("download", "download_one"):
+                s[k].fail("nothing saved to load (boto3 upload failed)")
+            return ""
+        return _range_probe(fs, f"{BUCKET}/boto3/state.pt", "moto")
+
+    range_note = site.serve(measure, s, "")
     upload = s["upload"].phase("upload")
     return [
         compare("s3", "ckptstore.save", s["ck_save"], "boto3 upload_file", upload, n,
@@ -511,7 +657,7 @@ def bench_s3(ctx: Context) -> list[Row]:
     ]
 
 
-def bench_gcs(ctx: Context) -> list[Row]:
+def bench_gcs(site: Site) -> list[Row]:
     """GCS on gcp-storage-emulator: ckptstore vs gcsfs with torch.save bytes.
 
     Save: ``ckptstore.save`` vs gcsfs ``pipe`` of the bytes torch.save wrote
@@ -519,43 +665,39 @@ def bench_gcs(ctx: Context) -> list[Row]:
     row). Load: ``ckptstore.load`` vs gcsfs ``cat`` + ``torch.load`` from a
     BytesIO, both timed, both followed by reading every byte.
     """
-    ctx = ctx.remote()
+    ctx = site.ctx
     n = ctx.state_bytes
     s = {k: Series() for k in ("pipe", "ck_save", "ck_load", "cat")}
-    range_note = ""
-    try:
-        with running(ctx, launchers().GcsEmulator()) as server:
-            server.create_bucket(BUCKET)
-            opts = server.options()
-            ctx.log(f"gcs: emulator at {server.endpoint}")
-            fs = server.filesystem()
-            uri = (f"gs://{BUCKET}/ckptstore/ckpt?endpoint_url={opts['endpoint_url']}"
-                   f"&token={opts['token']}&project={opts['project']}")
-            gcsfs_obj = {"protocol": "gcs", "storage_options": opts, "path": f"{BUCKET}/gcsfs/state.pt"}
-            save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
-            for r in range(ctx.repeat):
-                ctx.log(f"gcs: save round {r + 1}/{ctx.repeat}")
-                _clear_prefix(fs, f"{BUCKET}/gcsfs")
-                s["pipe"].add(lambda: ctx.run({**save, **gcsfs_obj, "impl": "fsspec_pipe"}))
-                _clear_prefix(fs, f"{BUCKET}/ckptstore")
-                s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
 
-            load = {"op": "load", "state_bytes": n, "cold": False}
-            for r in range(ctx.repeat):
-                ctx.log(f"gcs: load round {r + 1}/{ctx.repeat}")
-                if s["pipe"].seconds and not s["pipe"].error:
-                    s["cat"].add(lambda: ctx.run({**load, **gcsfs_obj, "impl": "fsspec_cat"}))
-                if s["ck_save"].seconds and not s["ck_save"].error:
-                    s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
-            if not s["ck_save"].seconds or s["ck_save"].error:
-                s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
-            if not s["pipe"].seconds or s["pipe"].error:
-                s["cat"].fail("nothing saved to load (gcsfs pipe failed)")
-            else:
-                range_note = _range_probe(fs, f"{BUCKET}/gcsfs/state.pt", "the emulator")
-    except Exception as e:
-        _fail_unfinished(ctx, "gcs", s, e)
+    def measure(server: Any) -> str:
+        """The rows' series; returns the note on ranged reads."""
+        fs = server.filesystem()
+        uri = site.uri(server, "ckptstore/ckpt")
+        gcsfs_obj = {"protocol": "gcs", "storage_options": server.options(),
+                     "path": f"{BUCKET}/gcsfs/state.pt"}
+        save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
+        for r in range(ctx.repeat):
+            ctx.log(f"gcs: save round {r + 1}/{ctx.repeat}")
+            _clear_prefix(fs, f"{BUCKET}/gcsfs")
+            s["pipe"].add(lambda: ctx.run({**save, **gcsfs_obj, "impl": "fsspec_pipe"}))
+            _clear_prefix(fs, f"{BUCKET}/ckptstore")
+            s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
 
+        load = {"op": "load", "state_bytes": n, "cold": False}
+        for r in range(ctx.repeat):
+            ctx.log(f"gcs: load round {r + 1}/{ctx.repeat}")
+            if s["pipe"].seconds and not s["pipe"].error:
+                s["cat"].add(lambda: ctx.run({**load, **gcsfs_obj, "impl": "fsspec_cat"}))
+            if s["ck_save"].seconds and not s["ck_save"].error:
+                s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
+        if not s["ck_save"].seconds or s["ck_save"].error:
+            s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
+        if not s["pipe"].seconds or s["pipe"].error:
+            s["cat"].fail("nothing saved to load (gcsfs pipe failed)")
+            return ""
+        return _range_probe(fs, f"{BUCKET}/gcsfs/state.pt", "the emulator")
+
+    range_note = site.serve(measure, s, "")
     pipe = s["pipe"].phase("pipe")
     return [
         compare("gcs", "ckptstore.save", s["ck_save"], "gcsfs pipe", pipe, n,
@@ -648,7 +790,7 @@ def _crc_row(with_crc: Series, save: Series, n: int) -> Row:
     return row
 
 
-def bench_memory(ctx: Context) -> list[Row]:
+def bench_memory(site: Site) -> list[Row]:
     """fsspec's ``memory://`` store vs cloning the tensors in memory.
 
     The store lives in the process, so clone, save and load share one worker
@@ -656,10 +798,11 @@ def bench_memory(ctx: Context) -> list[Row]:
     (about 1x by nature); a load's can be below zero if it shares the
     store's buffers.
     """
+    ctx = site.ctx
     clone, save, load = Series(), Series(), Series()
     for r in range(ctx.repeat):
         ctx.log(f"memory: round {r + 1}/{ctx.repeat}")
-        spec = {"op": "roundtrip", "size_bytes": ctx.size_bytes, "uri": f"memory://bench/r{r}"}
+        spec = {"op": "roundtrip", "size_bytes": ctx.size_bytes, "uri": site.uri(None, f"r{r}")}
         try:
             out = ctx.run(spec)
         except WorkerError as e:
@@ -677,7 +820,7 @@ def bench_memory(ctx: Context) -> list[Row]:
     ]
 
 
-def bench_dcp(ctx: Context) -> list[Row]:
+def bench_dcp(site: Site) -> list[Row]:
     """torch.distributed.checkpoint on the local disk, one process: ckptstore's
     StoreWriter/StoreReader against DCP's own FileSystemWriter/Reader.
 
@@ -686,8 +829,7 @@ def bench_dcp(ctx: Context) -> list[Row]:
     extra memory); FileSystemWriter fsyncs its files (its default), and
     StoreWriter also reads what it stored back before committing.
     """
-    base = ctx.workdir / "dcp"
-    base.mkdir()
+    ctx, base = site.ctx, site.scratch
     dirs = {"dcp_fs": base / "fs", "dcp_store": base / "store"}
     s = {k: Series() for k in ("dcp_fs_save", "dcp_store_save", "dcp_fs_load", "dcp_store_load")}
     n = ctx.state_bytes
@@ -705,7 +847,6 @@ def bench_dcp(ctx: Context) -> list[Row]:
                 s[f"{impl}_load"].add(lambda: ctx.run({**load, "impl": impl, "uri": str(where)}))
             elif not s[f"{impl}_load"].error:
                 s[f"{impl}_load"].fail("nothing saved to load (the save failed)")
-    remove(base)
     cache = "cold" if ctx.cold else "warm cache"
     return [
         compare("dcp", "dcp.save, StoreWriter (1 process)", s["dcp_store_save"], "dcp.save, FileSystemWriter",
@@ -715,7 +856,7 @@ def bench_dcp(ctx: Context) -> list[Row]:
     ]
 
 
-def bench_manager(ctx: Context) -> list[Row]:
+def bench_manager(site: Site) -> list[Row]:
     """``CheckpointManager`` on the local disk: what a save costs the training loop.
 
     Stall: how long ``save()`` blocks with ``async_save=True`` (until it
@@ -736,8 +877,7 @@ def bench_manager(ctx: Context) -> list[Row]:
     One worker per round builds the state once and measures both
     (``worker.op_manager``), so the rows cost one state build per round.
     """
-    base = ctx.workdir / "manager"
-    base.mkdir()
+    ctx, base = site.ctx, site.scratch
     n = ctx.state_bytes
     s = {k: Series() for k in ("clone", "async", "sync", "torch")}
     # Seconds per training step, per thread setting: with the save, without, with dd.
@@ -760,7 +900,6 @@ def bench_manager(ctx: Context) -> list[Row]:
             series["save"].add(lambda: {"seconds": run["with_save_seconds"] / run["steps"]})
             series["none"].add(lambda: {"seconds": run["without_seconds"] / run["steps"]})
             series["dd"].add(lambda: {"seconds": run["with_dd_seconds"] / run["dd_steps"]})
-    remove(base)
 
     clone = s["clone"]
 
@@ -818,17 +957,275 @@ def bench_manager(ctx: Context) -> list[Row]:
     return rows
 
 
-# Each a function (Context) -> list[Row]; the order here is the table's order.
-BACKENDS: dict[str, Callable[[Context], list[Row]]] = {
-    "local": bench_local,
-    "memory": bench_memory,
-    "manager": bench_manager,
-    "dcp": bench_dcp,
-    "fuse": bench_fuse,
-    "s3": bench_s3,
-    "gcs": bench_gcs,
+# --- many small tensors ------------------------------------------------------
+
+# Each tensor count's series: the local rows', then the S3 rows'.
+TENSOR_LOCAL_SERIES = ("ck_save", "pt_save", "ck_load", "pt_load", "verify", "info", "ls")
+TENSOR_S3_SERIES = ("s3_pt_save", "s3_ck_save", "s3_pt_load", "s3_ck_load")
+# The inspections (worker.op_inspect's commands): the row, and the command line of its note.
+INSPECTIONS = {
+    "verify": ("ckptstore.verify (shallow)", "python -m ckptstore verify DIR"),
+    "info": ("ckptstore info DIR (cli.main, in-process)", "python -m ckptstore info DIR"),
+    "ls": ("ckptstore ls PARENT (cli.main, in-process)", "python -m ckptstore ls PARENT"),
 }
-assert tuple(BACKENDS) == ALL_BACKENDS
+MIB = 1 << 20
+
+
+def _rounds(ctx: Context, label: str, s: dict[str, Series],
+            saves: list[tuple[str, str, Callable[[], Any], dict]],
+            loads: list[tuple[str, str, dict]]) -> None:
+    """``ctx.repeat`` rounds of every save in turn, then of every load, so a
+    drift in the machine's speed hits each series alike.
+
+    saves: (series key, what it is, an untimed clear to run before it, worker
+    spec); loads: (series key, the key of the save it reads, worker spec). A
+    load whose save failed is marked so rather than run.
+    """
+    what = {key: name for key, name, _, _ in saves}
+
+    def saved(key: str) -> bool:
+        return bool(s[key].seconds) and not s[key].error
+
+    for r in range(ctx.repeat):
+        ctx.log(f"{label}: save round {r + 1}/{ctx.repeat}")
+        for key, _, clear, spec in saves:
+            clear()
+            s[key].add(lambda: ctx.run(spec))
+    for r in range(ctx.repeat):
+        ctx.log(f"{label}: load round {r + 1}/{ctx.repeat}")
+        for key, source, spec in loads:
+            if saved(source):
+                s[key].add(lambda: ctx.run(spec))
+    for key, source, _ in loads:
+        if not saved(source):
+            s[key].fail(f"nothing saved to load ({what[source]} failed)")
+
+
+def _tensors_local(ctx: Context, root: Path, n: int, s: dict[str, Series]) -> tuple[int, list[str]] | None:
+    """The local rows' series for ``n`` tensors; returns the commit record's
+    size and file name(s) after the last ckptstore save (None: no record)."""
+    where = root / str(n)
+    ckpts = where / "ckpts"  # holds the checkpoint alone, for ls
+    ckpt, torch_file = ckpts / "ckpt", where / "state.pt"
+    ckpts.mkdir(parents=True)
+    nbytes = tensors_nbytes(n)
+    save = {"op": "save", "tensors": n, "nbytes": nbytes}
+    load = {"op": "load", "state_bytes": nbytes, "cold": ctx.cold}
+    inspect = {"op": "inspect", "uri": str(ckpt), "parent": str(ckpts)}
+    # The inspections run right after the ckptstore load has read the
+    # checkpoint back in, so they meet a warm page cache in every round.
+    _rounds(ctx, f"tensors: {n:,} tensors, local", s,
+            saves=[("ck_save", "ckptstore.save", lambda: remove(ckpt),
+                    {**save, "impl": "ckptstore", "uri": str(ckpt)}),
+                   ("pt_save", "torch.save", lambda: remove(torch_file),
+                    {**save, "impl": "torch", "uri": str(torch_file)})],
+            loads=[("ck_load", "ck_save", {**load, "impl": "ckptstore", "uri": str(ckpt)}),
+                   *((k, "ck_save", {**inspect, "command": k}) for k in INSPECTIONS),
+                   ("pt_load", "pt_save", {**load, "impl": "torch", "uri": str(torch_file)})])
+    records = sorted(ckpt.glob("*.commit")) if s["ck_save"].seconds else []
+    record = (sum(p.stat().st_size for p in records), [p.name for p in records]) if records else None
+    remove(where)
+    return record
+
+
+def _tensors_s3(ctx: Context, site: Site, server: Any, n: int, s: dict[str, Series]) -> None:
+    """The S3 rows' series for ``n`` tensors, on a running moto server."""
+    fs = server.filesystem()  # the driver's, for emptying prefixes
+    prefix = f"tensors/{n}"
+    uri = site.uri(server, f"{prefix}/ckptstore")
+    nbytes = tensors_nbytes(n)
+    boto = {"storage_options": server.options(), "bucket": BUCKET, "key": f"{prefix}/torch/state.pt"}
+    save = {"op": "save", "tensors": n, "nbytes": nbytes}
+    load = {"op": "load", "state_bytes": nbytes, "cold": False}
+    _rounds(ctx, f"tensors: {n:,} tensors, s3", s,
+            saves=[("s3_pt_save", "torch.save + upload_fileobj",
+                    lambda: _clear_prefix(fs, f"{BUCKET}/{prefix}/torch"),
+                    {**save, **boto, "impl": "boto3_fileobj"}),
+                   ("s3_ck_save", "ckptstore.save", lambda: _clear_prefix(fs, f"{BUCKET}/{prefix}/ckptstore"),
+                    {**save, "impl": "ckptstore", "uri": uri})],
+            loads=[("s3_pt_load", "s3_pt_save", {**load, **boto, "impl": "boto3_fileobj"}),
+                   ("s3_ck_load", "s3_ck_save", {**load, "impl": "ckptstore", "uri": uri})])
+    _clear_prefix(fs, f"{BUCKET}/{prefix}")
+
+
+def bench_tensors(site: Site) -> list[Row]:
+    """What a checkpoint of many small tensors costs, at each of ``--tensor-counts``.
+
+    The state (``benchmarks.state.tensors_state``) has exactly n tensors of
+    at most 1 KiB. Local disk: ``ckptstore.save`` (durable) against
+    torch.save + fsync, ``ckptstore.load`` against ``torch.load(weights_only=True)``
+    (cold unless --warm, as the local rows), the size of the commit record
+    per tensor, and a shallow ``ckptstore.verify``, ``ckptstore info DIR`` and
+    ``ckptstore ls PARENT`` (in-process, and through the CLI in a subprocess
+    for the notes). S3 (moto): ``ckptstore.save`` / ``load`` against torch.save
+    to a BytesIO + boto3 ``upload_fileobj`` / ``download_fileobj`` +
+    ``torch.load``. If moto will not start, the local rows still count.
+    """
+    ctx = site.ctx
+    ctx.log("tensors: " + ", ".join(f"{n:,} tensors ({tensors_nbytes(n) / MIB:.2f} MiB)"
+                                    for n in ctx.tensor_counts))
+    s = {n: {k: Series() for k in (*TENSOR_LOCAL_SERIES, *TENSOR_S3_SERIES)} for n in ctx.tensor_counts}
+    records = {n: _tensors_local(ctx, site.scratch, n, s[n]) for n in ctx.tensor_counts}
+
+    def measure(server: Any) -> None:
+        for n in ctx.tensor_counts:
+            _tensors_s3(ctx, site, server, n, s[n])
+
+    site.serve(measure, {f"{n} {k}": s[n][k] for n in ctx.tensor_counts for k in TENSOR_S3_SERIES}, None)
+    return _tensor_rows(ctx, s, records)
+
+
+def _tensor_row(n: int, operation: str, series: Series, baseline: str, base: Series,
+                target: float | None = None, note: str = "") -> Row:
+    """A row at ``n`` tensors. Extra memory goes into the note in MiB: as a
+    fraction of a state of a few KiB it would say nothing."""
+    row = compare("tensors", f"{operation}, {n:,} tensors", series, baseline, base,
+                  tensors_nbytes(n), target, note=note)
+    row.extra_rss = None
+    mem = ", ".join(f"{who} {max(x.extra_rss) / MIB:.1f} MiB"
+                    for who, x in (("extra peak RSS", series), ("the baseline's", base)) if x.extra_rss)
+    row.note = "; ".join(x for x in (note, mem) if x)
+    return row
+
+
+def _commit_row(n: int, record: tuple[int, list[str]] | None, save: Series) -> Row:
+    row = Row("tensors", f"commit record bytes per tensor, {n:,} tensors", None, tensors_nbytes(n),
+              None, "-", None, None, ratio_meaning="commit record bytes / tensors (lower is better)",
+              target=COMMIT_BYTES_TARGET, target_is_max=True)
+    if record is None:
+        row.error = save.error or "no *.commit file in the saved checkpoint"
+        return row
+    size, names = record
+    row.ratio = size / n
+    row.meets_target = row.ratio <= COMMIT_BYTES_TARGET
+    row.note = f"{size:,} bytes in {', '.join(names)} for {n:,} tensors"
+    return row
+
+
+def _inspect_row(n: int, command: str, series: Series) -> Row:
+    """The in-process time; from INSPECT_TARGET_FROM tensors on, against the
+    time limit (ratio = limit / seconds), else for reference."""
+    label, cli = INSPECTIONS[command]
+    sub = [r["subprocess_seconds"] for r in series.results]
+    note = f"through the CLI, `{cli}` in a subprocess: {min(sub):.3f} s (best)" if sub else ""
+    if n >= INSPECT_TARGET_FROM:
+        row = _tensor_row(n, label, series, f"{INSPECT_SECONDS_TARGET:g} s limit",
+                          Series([INSPECT_SECONDS_TARGET]), 1.0, note)
+    else:
+        row = _tensor_row(n, label, series, "-", Series(), note=note)
+    # Not a speed against a baseline: the plot leaves these rows out.
+    row.ratio_meaning = (f"limit seconds / seconds (>= 1: within the limit), from "
+                         f"{INSPECT_TARGET_FROM:,} tensors on")
+    row.gb_per_s = None  # reads metadata, not the tensors
+    return row
+
+
+def _tensor_rows(ctx: Context, s: dict[int, dict[str, Series]],
+                 records: dict[int, tuple[int, list[str]] | None]) -> list[Row]:
+    """One group of rows per figure, each at every tensor count."""
+    cache = "cold" if ctx.cold else "warm cache"
+    counts = ctx.tensor_counts
+    rows = [_tensor_row(n, "ckptstore.save (durable)", s[n]["ck_save"], "torch.save + fsync",
+                        s[n]["pt_save"], TENSOR_SPEED_TARGET, _save_note(s[n]["ck_save"])) for n in counts]
+    rows += [_tensor_row(n, f"ckptstore.load ({cache})", s[n]["ck_load"],
+                         f"torch.load ({cache}, weights_only)", s[n]["pt_load"], TENSOR_SPEED_TARGET,
+                         _load_note(s[n]["ck_load"], tensors_nbytes(n), ctx.cold)) for n in counts]
+    rows += [_commit_row(n, records[n], s[n]["ck_save"]) for n in counts]
+    rows += [_inspect_row(n, command, s[n][command]) for command in INSPECTIONS for n in counts]
+    rows += [_tensor_row(n, "ckptstore.save to s3", s[n]["s3_ck_save"],
+                         "torch.save to BytesIO + upload_fileobj", s[n]["s3_pt_save"],
+                         note=_phase_note(s[n]["s3_pt_save"]).replace("fastest run", "baseline's fastest run"))
+             for n in counts]
+    rows += [_tensor_row(n, "ckptstore.load from s3", s[n]["s3_ck_load"],
+                         "download_fileobj one GET + torch.load", s[n]["s3_pt_load"],
+                         note="; ".join(x for x in (
+                             _load_note(s[n]["s3_ck_load"], tensors_nbytes(n)),
+                             _phase_note(s[n]["s3_pt_load"]).replace("fastest run", "baseline's fastest run"))
+                             if x))
+             for n in counts]
+    return rows
+
+
+# --- each backend's notes ---------------------------------------------------------
+
+def _manager_notes(ctx: Context) -> list[str]:
+    return [
+        f"manager: ratios are against a clone of every tensor storage (stall rows; target: the "
+        f"async stall <= {1 / STALL_TARGET:.1f}x the clone, ratio >= {STALL_TARGET:.2f}) and "
+        f"against the same training steps with no save (training rows; ratio = steps/s with the "
+        f"save / without, target >= {TRAIN_TARGET:.2f}). On {os.cpu_count()} CPUs the save's "
+        "threads (writer: crc32c and writes; an fdatasync flusher; the read-back verify) compete "
+        "with the training loop's intra-op threads for the same cores and memory bandwidth; "
+        "with the default thread count torch's OpenMP workers wait on each other whenever the "
+        "save holds a core. The set_num_threads(1) row leaves a core to the save in both runs "
+        "(its baseline is the slower one-thread loop)."]
+
+
+def _object_store_notes(ctx: Context) -> list[str]:
+    """Shared by s3 and gcs (the driver lists a note once)."""
+    return [
+        f"the servers (moto, gcp-storage-emulator) run on this machine and share its "
+        f"{os.cpu_count()} CPUs with the client, so a client that uses more CPU (parallel parts, "
+        "checksums) slows the server it talks to; their loads are served from the server's "
+        "memory or temp files, not a cold disk.",
+        f"s3/gcs targets: ratio >= {REMOTE_SPEED_TARGET:.2f} against the boto3/gcsfs baseline and "
+        f"extra peak RSS <= {REMOTE_RSS_TARGET:.2f}x; baseline saves are timed from the bytes on "
+        "hand (a torch.save file for upload_file, torch.save bytes for pipe), baseline loads "
+        "in full (download/cat + torch.load + reading every byte). Baselines' extra RSS covers "
+        "all their steps."]
+
+
+def _fuse_notes(ctx: Context) -> list[str]:
+    return [
+        "fuse: rclone mount --vfs-cache-mode writes --vfs-write-back 2s over a local directory; "
+        "a save there returns once rclone's cache has the bytes (as on a Colab Drive mount), "
+        "the upload that follows is waited for, untimed, before the next measurement."]
+
+
+def _tensors_notes(ctx: Context) -> list[str]:
+    counts = ", ".join(f"{n:,}" for n in ctx.tensor_counts)
+    sizes = ", ".join(f"{tensors_nbytes(n) / MIB:.2f}" for n in ctx.tensor_counts)
+    return [
+        f"tensors: states of exactly {counts} tensors ({sizes} MiB of tensor bytes): n // 3 weights "
+        f"`layers.{{i}}.weight` of {TENSOR_BYTES} bytes (float32), each with an optimizer entry (a "
+        f"0-dim float32 `step` and a {TENSOR_BYTES}-byte `exp_avg`), plus n % 3 frozen weights. "
+        f"Save and load ratios are torch seconds / ckptstore seconds (local target >= "
+        f"{TENSOR_SPEED_TARGET:.2f}); the s3 rows (moto, on this machine) are references, their "
+        "baselines timed in full: torch.save to a BytesIO + boto3 upload_fileobj (default "
+        "TransferConfig), and download_fileobj with one GET + torch.load. Extra peak RSS is in the "
+        "rows' notes in MiB.",
+        f"tensors: the commit record is the checkpoint's *.commit file after the last save (ratio = "
+        f"bytes per tensor, target <= {COMMIT_BYTES_TARGET}). verify, info and ls each run as the "
+        "first call in a fresh worker (ckptstore and its CLI imported), right after a load (warm "
+        "page cache), then as `python -m ckptstore ...` in a subprocess (in the row's note); from "
+        f"{INSPECT_TARGET_FROM:,} tensors on the target is < {INSPECT_SECONDS_TARGET:g} s in-process "
+        "(ratio = limit / seconds >= 1)."]
+
+
+# --- the registry ---------------------------------------------------------------
+# The order here is the table's order and the default --backends.
+
+REGISTRY: tuple[Backend, ...] = (
+    Backend("local", bench_local, disk=4,
+            baselines=("dd conv=fsync", "cat", "torch.save + fsync, torch.load (reference)")),
+    Backend("memory", bench_memory, uri=memory_uri, baselines=("tensor clone",)),
+    Backend("manager", bench_manager, notes=_manager_notes, disk=2,
+            baselines=("storage clone", "the same training steps with no save")),
+    Backend("dcp", bench_dcp, baselines=("dcp.save/load with FileSystemWriter/Reader",)),
+    Backend("fuse", bench_fuse, remote=True, launcher=rclone_mount, uri=mount_uri,
+            notes=_fuse_notes, disk=6, baselines=("dd conv=fsync on the mount", "cat on the mount")),
+    Backend("s3", bench_s3, remote=True, launcher=moto_server, uri=s3_uri,
+            notes=_object_store_notes, disk=4,
+            baselines=("boto3 upload_file", "download_file + torch.load")),
+    Backend("gcs", bench_gcs, remote=True, launcher=gcs_emulator, uri=gcs_uri,
+            notes=_object_store_notes, disk=4, baselines=("gcsfs pipe", "gcsfs cat + torch.load")),
+    Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
+            nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
+            baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",
+                       "download_fileobj + torch.load", f"a {INSPECT_SECONDS_TARGET:g} s limit")),
+)
+BACKENDS: dict[str, Backend] = {b.key: b for b in REGISTRY}
+ALL_BACKENDS = tuple(BACKENDS)
 
 
 # --- report --------------------------------------------------------------------
@@ -843,7 +1240,7 @@ def _cells(row: Row) -> list[str]:
         return "-" if x is None else format(x, fmt)
 
     size = f"{row.nbytes / GIB:.2f}"
-    target = "-" if row.target is None else f">={row.target:.2f}"
+    target = "-" if row.target is None else f"{'<=' if row.target_is_max else '>='}{row.target:.2f}"
     if row.error and row.seconds is None:
         meets = "error"
         return [row.backend, row.operation, size, "error", "-", row.baseline,
@@ -890,39 +1287,15 @@ def notes_for(rows: list[Row], ctx: Context, cold_note: str) -> list[str]:
     if cold_note:
         notes.append(cold_note)
     backends = {r.backend for r in rows}
-    remote = sorted(backends & {"fuse", "s3", "gcs"})
+    remote = sorted(k for k in backends if k in BACKENDS and BACKENDS[k].remote)
     if remote:
         notes.append(
             f"{', '.join(remote)} rows use a {ctx.remote_state_bytes / GIB:.2f} GiB state "
-            f"(--remote-size-gib), local, memory, manager and dcp {ctx.state_bytes / GIB:.2f} GiB.")
-    if "manager" in backends:
-        notes.append(
-            f"manager: ratios are against a clone of every tensor storage (stall rows; target: the "
-            f"async stall <= {1 / STALL_TARGET:.1f}x the clone, ratio >= {STALL_TARGET:.2f}) and "
-            f"against the same training steps with no save (training rows; ratio = steps/s with the "
-            f"save / without, target >= {TRAIN_TARGET:.2f}). On {os.cpu_count()} CPUs the save's "
-            "threads (writer: crc32c and writes; an fdatasync flusher; the read-back verify) compete "
-            "with the training loop's intra-op threads for the same cores and memory bandwidth; "
-            "with the default thread count torch's OpenMP workers wait on each other whenever the "
-            "save holds a core. The set_num_threads(1) row leaves a core to the save in both runs "
-            "(its baseline is the slower one-thread loop).")
-    if backends & {"s3", "gcs"}:
-        notes.append(
-            f"the servers (moto, gcp-storage-emulator) run on this machine and share its "
-            f"{os.cpu_count()} CPUs with the client, so a client that uses more CPU (parallel parts, "
-            "checksums) slows the server it talks to; their loads are served from the server's "
-            "memory or temp files, not a cold disk.")
-        notes.append(
-            f"s3/gcs targets: ratio >= {REMOTE_SPEED_TARGET:.2f} against the boto3/gcsfs baseline and "
-            f"extra peak RSS <= {REMOTE_RSS_TARGET:.2f}x; baseline saves are timed from the bytes on "
-            "hand (a torch.save file for upload_file, torch.save bytes for pipe), baseline loads "
-            "in full (download/cat + torch.load + reading every byte). Baselines' extra RSS covers "
-            "all their steps.")
-    if "fuse" in backends:
-        notes.append(
-            "fuse: rclone mount --vfs-cache-mode writes --vfs-write-back 2s over a local directory; "
-            "a save there returns once rclone's cache has the bytes (as on a Colab Drive mount), "
-            "the upload that follows is waited for, untimed, before the next measurement.")
+            f"(--remote-size-gib), {_listed(GPT_LOCAL)} {ctx.state_bytes / GIB:.2f} GiB.")
+    # Each backend's own notes, in the table's order; one shared by several once.
+    for b in REGISTRY:
+        if b.key in backends:
+            notes += [n for n in b.notes(ctx) if n not in notes]
     # One line per distinct error of a backend, naming the rows it hit.
     errors: dict[tuple[str, str], list[str]] = {}
     for r in rows:
@@ -934,6 +1307,16 @@ def notes_for(rows: list[Row], ctx: Context, cold_note: str) -> list[str]:
         short = error if len(error) <= 400 else error[:400] + "..."
         notes.append(f"{backend} ERROR in {'; '.join(ops)}: {short}")
     return notes
+
+
+def _listed(keys: tuple[str, ...]) -> str:
+    """"a, b and c"."""
+    return ", ".join(keys[:-1]) + f" and {keys[-1]}" if len(keys) > 1 else "".join(keys)
+
+
+# The backends that measure the GPT state of --size-gib, and of --remote-size-gib.
+GPT_LOCAL = tuple(b.key for b in REGISTRY if not b.remote and b.nbytes is None)
+GPT_REMOTE = tuple(b.key for b in REGISTRY if b.remote and b.nbytes is None)
 
 
 def _version(dist: str) -> str | None:
@@ -997,13 +1380,29 @@ def pick_workdir_parent() -> Path:
 DEFAULT_OUT = REPO / "benchmarks" / "results"
 
 
+def _tensor_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x.replace("_", "")) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of tensor counts >= 1, got {text!r}")
+    return counts
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    epilog = "backends and their baselines:\n" + "\n".join(
+        f"  {b.key:<8} {'; '.join(b.baselines)}" for b in REGISTRY)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0],
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=1.0,
-                   help="state size in GiB for local, memory, manager and dcp (default 1.0)")
+                   help=f"state size in GiB for {_listed(GPT_LOCAL)} (default 1.0)")
     p.add_argument("--remote-size-gib", type=float, default=0.5,
-                   help="state size in GiB for fuse, s3 and gcs, which move ~50-300 MB/s "
+                   help=f"state size in GiB for {_listed(GPT_REMOTE)}, which move ~50-300 MB/s "
                         "here (default 0.5)")
+    p.add_argument("--tensor-counts", type=_tensor_counts, default=DEFAULT_TENSOR_COUNTS,
+                   help="tensor counts for the tensors backend, comma-separated (default "
+                        f"{','.join(map(str, DEFAULT_TENSOR_COUNTS))})")
     p.add_argument("--repeat", type=int, default=3, help="repeats per figure; best is reported (default 3)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help=f"comma-separated, from: {', '.join(BACKENDS)} (default: all)")
@@ -1071,14 +1470,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {parent} is on tmpfs; save figures will not reflect a disk", file=sys.stderr)
     remote_size_bytes = int(args.remote_size_gib * GIB)
     remote_state_bytes = expected_nbytes(remote_size_bytes)
-    # The local backend holds a checkpoint, a torch file and a dd file at once,
-    # plus whatever a save writes before it removes the previous one; the FUSE
-    # mount holds each of them twice (rclone's cache and the remote directory);
-    # s3 stages a torch.save file on local disk and moto spools objects there.
-    need = max([4 * state_bytes if "local" in args.backends else 0,
-                2 * state_bytes if "manager" in args.backends else 0,
-                6 * remote_state_bytes if "fuse" in args.backends else 0,
-                4 * remote_state_bytes if {"s3", "gcs"} & set(args.backends) else 0])
+    ctx = Context(size_bytes, state_bytes, args.repeat, parent, False, remote_size_bytes,
+                  remote_state_bytes, args.worker_timeout, args.tensor_counts)
+    chosen = [BACKENDS[name] for name in args.backends]
+    # Each backend's ``disk``: the local backend holds a checkpoint, a torch
+    # file and a dd file at once, plus whatever a save writes before it
+    # removes the previous one; the FUSE mount holds each of them twice
+    # (rclone's cache and the remote directory); s3 stages a torch.save file
+    # on local disk and moto spools objects there.
+    need = max((b.disk * b.state_bytes(ctx) for b in chosen), default=0)
     if need and shutil.disk_usage(parent).free < need:
         print(f"error: {parent} has less than {need / GIB:.1f} GiB free", file=sys.stderr)
         return 2
@@ -1089,20 +1489,21 @@ def main(argv: list[str] | None = None) -> int:
         cold, cold_note = False, "page cache not dropped (--warm): load figures are warm-cache"
     else:
         cold, cold_note = drop_caches()
-    ctx = Context(size_bytes, state_bytes, args.repeat, workdir, cold,
-                  remote_size_bytes, remote_state_bytes, args.worker_timeout)
+    ctx = replace(ctx, workdir=workdir, cold=cold)
     cfg = gpt_config(size_bytes)
     ctx.log(f"state: {state_bytes / GIB:.3f} GiB ({cfg}); workdir {workdir} "
             f"({fs_type(str(workdir))}); {'cold' if cold else 'WARM'} cache loads")
-    if {"fuse", "s3", "gcs"} & set(args.backends):
-        ctx.log(f"fuse/s3/gcs state: {remote_state_bytes / GIB:.3f} GiB ({gpt_config(remote_size_bytes)})")
+    remote_chosen = any(b.remote for b in chosen)
+    if remote_chosen:
+        ctx.log(f"{'/'.join(GPT_REMOTE)} state: {remote_state_bytes / GIB:.3f} GiB "
+                f"({gpt_config(remote_size_bytes)})")
 
     rows: list[Row] = []
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         for name in args.backends:
             try:
-                rows += BACKENDS[name](ctx)
+                rows += run_backend(BACKENDS[name], ctx)
             except Exception as e:  # one broken backend must not lose the others' figures
                 rows += _backend_failed(name, ctx, e)
         info = machine_info(workdir)
@@ -1127,7 +1528,8 @@ def main(argv: list[str] | None = None) -> int:
                    "cold_cache": cold, "speed_target": SPEED_TARGET, "rss_target": RSS_TARGET,
                    "remote_speed_target": REMOTE_SPEED_TARGET,
                    "remote_rss_target": REMOTE_RSS_TARGET,
-                   "worker_timeout_s": args.worker_timeout},
+                   "worker_timeout_s": args.worker_timeout,
+                   "tensor_counts": list(args.tensor_counts)},
         "state": {"bytes": state_bytes, "gpt": cfg},
         "remote_state": {"bytes": remote_state_bytes, "gpt": gpt_config(remote_size_bytes)},
         "rows": [asdict(r) for r in rows],
@@ -1137,9 +1539,9 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(args.out / "latest.json", json.dumps(result, indent=2) + "\n")
     versions = info["versions"]
     remote = ""
-    if {"fuse", "s3", "gcs"} & set(args.backends):
+    if remote_chosen:
         rcfg = gpt_config(remote_size_bytes)
-        remote = (f" · fuse/s3/gcs state {remote_state_bytes / GIB:.2f} GiB (GPT d={rcfg['d_model']}, "
+        remote = (f" · {'/'.join(GPT_REMOTE)} state {remote_state_bytes / GIB:.2f} GiB (GPT d={rcfg['d_model']}, "
                   f"{rcfg['n_layer']} layers, vocab {rcfg['vocab']})")
     title = (f"ckptstore benchmark · {info['date'][:10]} · {info['cpu_count']} CPUs · "
              f"best of {args.repeat}")
@@ -1163,7 +1565,10 @@ def main(argv: list[str] | None = None) -> int:
         *([f"![ratios and extra memory]({plot_path.name})", ""] if plotted else []),
         "Reproduce: `python -m benchmarks.bench "
         f"--size-gib {args.size_gib:g} --remote-size-gib {args.remote_size_gib:g} "
-        f"--repeat {args.repeat} --backends {','.join(args.backends)}`",
+        f"--repeat {args.repeat} --backends {','.join(args.backends)}"
+        + (f" --tensor-counts {','.join(map(str, args.tensor_counts))}"
+           if args.tensor_counts != DEFAULT_TENSOR_COUNTS else "")
+        + "`",
         "",
     ]
     write_atomic(args.out / "latest.md", "\n".join(md))

@@ -20,10 +20,12 @@ GIB = 1 << 30
 def summary(result: dict) -> str:
     """ckptstore's rows: those with a target (kept or not), and its other comparisons against a baseline."""
     m = result["machine"]
+    upper = sorted({r["operation"].split(",")[0] for r in result["rows"] if r.get("target_is_max")})
+    except_ = f"; {', '.join(upper)}: lower is better" if upper else ""
     lines = [
         f"Last run: {m['date'][:10]}, {m['cpu_count']} CPUs, torch {m['versions']['torch']}, "
         f"servers on the same machine; every ratio is against a baseline measured in the same run "
-        f"(higher is better); extra memory is peak RSS beyond the state, as a fraction of its size.",
+        f"(higher is better{except_}); extra memory is peak RSS beyond the state, as a fraction of its size.",
         "",
         "| backend | operation | GiB | seconds | baseline | ratio | target | extra memory | meets |",
         "|---|---|---:|---:|---|---:|---:|---:|---|",
@@ -35,9 +37,12 @@ def summary(result: dict) -> str:
         meets = {True: "yes", False: "**no**", None: "error"}[r.get("meets_target")]
         if r.get("target") is None:
             meets = "-"
-        seconds = "error" if r.get("seconds") is None else f"{r['seconds']:.2f}"
+        # A row may have no time by nature (the commit record's bytes per tensor).
+        seconds = (("error" if r.get("error") else "-") if r.get("seconds") is None
+                   else f"{r['seconds']:.2f}")
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}"
-        target = "-" if r.get("target") is None else f">={r['target']:.2f}"
+        bound = "<=" if r.get("target_is_max") else ">="
+        target = "-" if r.get("target") is None else f"{bound}{r['target']:.2f}"
         rss = "-" if r.get("extra_rss") is None else f"{r['extra_rss']:+.2f}x"
         if r.get("rss_target") is not None:
             rss += f" (<={r['rss_target']:.2f}x)"

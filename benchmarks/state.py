@@ -7,6 +7,9 @@ parameter, and the step counter. Parameters plus moments come to about
 ``total_bytes``. The values are random normals, so nothing compresses and no
 backend gets an unfair shortcut.
 
+``tensors_state(n)`` is the other shape: exactly ``n`` tensors of 1 KiB or
+less (weights and an optimizer-like state), for per-tensor costs.
+
 ``state_nbytes(state)`` counts the tensor bytes a faithful checkpoint has to
 store: every storage once, however many tensors share it.
 """
@@ -150,6 +153,49 @@ def gpt_state(total_bytes: int, seed: int = 0) -> dict[str, Any]:
         "optimizer": {"state": opt_state, "param_groups": groups},
         "step": step,
     }
+
+
+# The tensor-count state: every weight and moment is 1 KiB of float32.
+TENSOR_BYTES = 1024
+
+
+def tensors_state(n: int, tensor_bytes: int = TENSOR_BYTES, seed: int = 0) -> dict[str, Any]:
+    """A state of exactly ``n`` small tensors, for what a checkpoint costs per tensor.
+
+    ``n // 3`` trained weights ``layers.{i}.weight`` each carry an optimizer
+    entry ``{"step": 0-dim float32, "exp_avg": 1 KiB}`` (three tensors a
+    parameter, an Adam-like state without its second moment); the ``n % 3``
+    tensors left over are frozen weights (more ``layers.{i}.weight``, no
+    optimizer state), as in fine-tuning. So there are ``n - 2 * (n // 3)``
+    weights and ``n`` tensors in all, and the tensor bytes grow with ``n``
+    (``tensors_nbytes``), about 0.68 KiB a tensor.
+    """
+    trained = n // 3
+    numel = tensor_bytes // 4
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(std: float) -> torch.Tensor:
+        return torch.empty(numel, dtype=torch.float32).normal_(0.0, std, generator=gen)
+
+    model = OrderedDict((f"layers.{i}.weight", normal(0.02)) for i in range(n - 2 * trained))
+    opt_state = {i: {"step": torch.tensor(1000.0), "exp_avg": normal(1e-3)} for i in range(trained)}
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+               "params": list(range(trained))}]
+    return {"model": model, "optimizer": {"state": opt_state, "param_groups": groups}}
+
+
+def tensors_nbytes(n: int, tensor_bytes: int = TENSOR_BYTES) -> int:
+    """``state_nbytes(tensors_state(n))``, computed without building it."""
+    trained = n // 3
+    return (n - trained) * (tensor_bytes // 4 * 4) + 4 * trained
+
+
+def build_state(spec: dict) -> dict[str, Any]:
+    """The state a worker spec asks for: ``tensors_state(spec["tensors"])``
+    when it names a tensor count, else ``gpt_state(spec["size_bytes"])``."""
+    if spec.get("tensors") is not None:
+        return tensors_state(spec["tensors"], seed=spec.get("seed", 0))
+    return gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
 
 
 def expected_nbytes(total_bytes: int) -> int:

@@ -30,6 +30,7 @@ step's seconds in ``phases``; the driver decides which of them a ratio uses
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
@@ -42,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.state import gpt_state, iter_tensors, state_nbytes, unique_storages
+from benchmarks.state import build_state, gpt_state, iter_tensors, state_nbytes, unique_storages
 from benchmarks.sysutil import current_rss, drop_caches, peak_rss, reset_peak_rss
 
 # gcsfs probes every bucket over gRPC first and waits 60 s for that to time
@@ -228,24 +229,38 @@ def _boto3_upload_saver(spec: dict) -> Callable[[Any], dict]:
     return run
 
 
-def _fsspec_pipe_saver(spec: dict) -> Callable[[Any], dict]:
-    """torch.save into an ``io.BytesIO``, then ``fs.pipe`` of its bytes: the
-    Lightning-style cloud save (s3fs) and the plain gcsfs upload."""
-    fs = _fsspec_fs(spec)
-
+def _bytes_saver(step: str, put: Callable[[bytes], Any]) -> Callable[[Any], dict]:
+    """torch.save into an ``io.BytesIO``, then ``put`` of its bytes (timed as ``step``)."""
     def run(state: Any) -> dict:
         t0 = time.perf_counter()
         buf = io.BytesIO()
         torch.save(state, buf)
         data = buf.getvalue()
         t1 = time.perf_counter()
-        fs.pipe(spec["path"], data)
+        put(data)
         t2 = time.perf_counter()
-        run.phases.update({"torch.save": t1 - t0, "pipe": t2 - t1})
+        run.phases.update({"torch.save": t1 - t0, step: t2 - t1})
         return {"nbytes": len(data)}
 
     run.phases = {}
     return run
+
+
+def _fsspec_pipe_saver(spec: dict) -> Callable[[Any], dict]:
+    """torch.save into an ``io.BytesIO``, then ``fs.pipe`` of its bytes: the
+    Lightning-style cloud save (s3fs) and the plain gcsfs upload."""
+    fs = _fsspec_fs(spec)
+    return _bytes_saver("pipe", lambda data: fs.pipe(spec["path"], data))
+
+
+def _boto3_fileobj_saver(spec: dict) -> Callable[[Any], dict]:
+    """torch.save into an ``io.BytesIO``, then boto3 ``upload_fileobj`` of it
+    (default ``TransferConfig``: multipart above 8 MiB, 10 threads)."""
+    from boto3.s3.transfer import TransferConfig
+
+    client, config = _boto3_client(spec), TransferConfig()
+    return _bytes_saver("upload", lambda data: client.upload_fileobj(
+        io.BytesIO(data), spec["bucket"], spec["key"], Config=config))
 
 
 def _boto3_download_loader(spec: dict) -> Callable[[], Any]:
@@ -272,20 +287,41 @@ def _boto3_download_loader(spec: dict) -> Callable[[], Any]:
     return run
 
 
-def _fsspec_cat_loader(spec: dict) -> Callable[[], Any]:
-    """``fs.cat`` of the object, then ``torch.load`` from an ``io.BytesIO``."""
-    fs = _fsspec_fs(spec)
-
+def _bytes_loader(step: str, get: Callable[[], bytes]) -> Callable[[], Any]:
+    """``get`` the object's bytes (timed as ``step``), then ``torch.load``
+    (weights_only) from an ``io.BytesIO``."""
     def run() -> Any:
         t0 = time.perf_counter()
-        data = fs.cat_file(spec["path"])
+        data = get()
         t1 = time.perf_counter()
         obj = torch.load(io.BytesIO(data), weights_only=True)
-        run.phases.update({"cat": t1 - t0, "torch.load": time.perf_counter() - t1})
+        run.phases.update({step: t1 - t0, "torch.load": time.perf_counter() - t1})
         return obj
 
     run.phases = {}
     return run
+
+
+def _fsspec_cat_loader(spec: dict) -> Callable[[], Any]:
+    """``fs.cat`` of the object, then ``torch.load`` from an ``io.BytesIO``."""
+    fs = _fsspec_fs(spec)
+    return _bytes_loader("cat", lambda: fs.cat_file(spec["path"]))
+
+
+def _boto3_fileobj_loader(spec: dict) -> Callable[[], Any]:
+    """boto3 ``download_fileobj`` into an ``io.BytesIO`` with one plain GET
+    (``multipart_threshold`` raised: moto charges a whole-object read per
+    ranged GET, see the s3 rows), then ``torch.load`` of its bytes."""
+    from boto3.s3.transfer import TransferConfig
+
+    client, config = _boto3_client(spec), TransferConfig(multipart_threshold=1 << 62)
+
+    def get() -> bytes:
+        buf = io.BytesIO()
+        client.download_fileobj(spec["bucket"], spec["key"], buf, Config=config)
+        return buf.getvalue()
+
+    return _bytes_loader("download", get)
 
 
 # torch.distributed.checkpoint in one process (no process group): ckptstore's
@@ -341,10 +377,10 @@ def _dcp_loader(spec: dict) -> Callable[[], Any]:
 
 SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver,
           "boto3_upload": _boto3_upload_saver, "fsspec_pipe": _fsspec_pipe_saver,
-          "dcp_store": _dcp_saver, "dcp_fs": _dcp_saver}
+          "boto3_fileobj": _boto3_fileobj_saver, "dcp_store": _dcp_saver, "dcp_fs": _dcp_saver}
 LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader,
            "boto3_download": _boto3_download_loader, "fsspec_cat": _fsspec_cat_loader,
-           "dcp_store": _dcp_loader, "dcp_fs": _dcp_loader}
+           "boto3_fileobj": _boto3_fileobj_loader, "dcp_store": _dcp_loader, "dcp_fs": _dcp_loader}
 # Their memory is another process's, and what they "load" is no state.
 BASELINES = {"dd", "cat"}
 
@@ -379,9 +415,10 @@ def _measure_load(load: Callable[[], Any], state_bytes: int) -> tuple[dict, Any]
 # --- operations --------------------------------------------------------------
 
 def op_save(spec: dict) -> dict:
-    """Build the state, then save it once with ``spec["impl"]`` to ``spec["uri"]``."""
+    """Build the state (``build_state``: the GPT state, or ``spec["tensors"]``
+    small tensors), then save it once with ``spec["impl"]`` to ``spec["uri"]``."""
     save = SAVERS[spec["impl"]](spec)
-    state = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+    state = build_state(spec)
     nbytes = state_nbytes(state)
     result = _measure_save(save, state)
     result["state_bytes"] = nbytes
@@ -638,7 +675,50 @@ def op_manager(spec: dict) -> dict:
             "train": _train_section(state, nbytes, root, rnd, list(spec["threads"]))}
 
 
-OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager}
+# --- inspecting a checkpoint: verify, info, ls ----------------------------------
+
+def _inspect_calls(uri: str, parent: str) -> dict[str, tuple[Callable[[], int], list[str]]]:
+    """For each inspection: the call in this process (returns an exit status)
+    and the same as ``python -m ckptstore`` arguments."""
+    import ckptstore
+    from ckptstore import cli
+
+    return {
+        "verify": (lambda: 0 if ckptstore.verify(uri).ok else 1, ["verify", uri]),
+        "info": (lambda: cli.main(["info", uri]), ["info", uri]),
+        "ls": (lambda: cli.main(["ls", parent]), ["ls", parent]),
+    }
+
+
+def op_inspect(spec: dict) -> dict:
+    """One inspection of a saved checkpoint, ``spec["command"]``: a shallow
+    ``ckptstore.verify(uri)``, ``ckptstore.cli.main(["info", uri])`` or
+    ``ckptstore.cli.main(["ls", parent])``, timed as the first call in this
+    process (ckptstore and its CLI imported beforehand, output to a buffer),
+    then the same through the command line, ``python -m ckptstore ...`` in a
+    subprocess (interpreter start and imports included). Either failing
+    (a non-zero status) fails the measurement."""
+    command = spec["command"]
+    call, argv = _inspect_calls(spec["uri"], spec["parent"])[command]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        start = time.perf_counter()
+        status = call()
+        seconds = time.perf_counter() - start
+    if status:
+        raise RuntimeError(f"{command} returned {status}: {(err.getvalue() or out.getvalue())[-500:]}")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ckptstore", *argv], capture_output=True, text=True)
+    subprocess_seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"python -m ckptstore {command} exited {proc.returncode}: "
+                           f"{(proc.stderr or proc.stdout)[-500:]}")
+    return {"seconds": seconds, "subprocess_seconds": subprocess_seconds,
+            "output_lines": len(out.getvalue().splitlines())}
+
+
+OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager,
+       "inspect": op_inspect}
 
 
 def main(argv: list[str]) -> int:
