@@ -212,27 +212,35 @@ def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[i
         written.append(names[k])
         w, k_open, pos = store.open_writer(names[k]), k, 0
 
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") as pool:
-        try:
-            for k, index, piece, _ in _files(p, blob_crcs):
-                while k != k_open:
-                    open_next(k_open + 1)
+    # A helper thread is worth starting only when there are large pieces to overlap.
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") if p.total > BATCH else None
+    try:
+        for k, index, piece, _ in _files(p, blob_crcs):
+            while k != k_open:
+                open_next(k_open + 1)
+            if pool is None:
+                w.write(piece)
+                crcs[k] = _crc_piece(piece, index, blob_crcs, crcs[k])
+            else:
                 fut = pool.submit(_crc_piece, piece, index, blob_crcs, crcs[k])
                 w.write(piece)
                 crcs[k] = fut.result()
-                pos += len(piece)
-                if bar is not None:
-                    bar.update(len(piece))
-            # Files the stream never reached are empty (a state with no data).
-            while k_open < len(names) - 1:
-                open_next(k_open + 1)
-            if w is not None:
-                _finish(store, w, names[k_open], pos, p.sizes[k_open])
-                w = None
-        except BaseException:
-            if w is not None:
-                w.abort()
-            raise
+            pos += len(piece)
+            if bar is not None:
+                bar.update(len(piece))
+        # Files the stream never reached are empty (a state with no data).
+        while k_open < len(names) - 1:
+            open_next(k_open + 1)
+        if w is not None:
+            _finish(store, w, names[k_open], pos, p.sizes[k_open])
+            w = None
+    except BaseException:
+        if w is not None:
+            w.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return crcs
 
 
@@ -345,8 +353,11 @@ def check_stored(store: Store, entries: list[FileEntry], reported: list[int | No
         return stored_crc32c(store, entries[k])
 
     workers = max(1, min(store.concurrency, len(entries)))
-    with cf.ThreadPoolExecutor(workers, thread_name_prefix="ckptstore-verify") as pool:
-        results = list(pool.map(stored, range(len(entries))))
+    if workers == 1:
+        results = [stored(k) for k in range(len(entries))]
+    else:
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="ckptstore-verify") as pool:
+            results = list(pool.map(stored, range(len(entries))))
     for entry, crc in zip(entries, results):
         if crc != entry.crc32c:
             raise CorruptCheckpointError(

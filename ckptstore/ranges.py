@@ -90,6 +90,12 @@ class StreamReader:
     def fetch(self, ranges: Iterable[Range], concurrency: int | None = None) -> Iterator[tuple[Range, memoryview]]:
         """Each range with its bytes, in the order given, ``concurrency`` reads ahead."""
         depth = max(1, concurrency or self.store.concurrency)
+        ranges = list(ranges) if not isinstance(ranges, list) and depth > 1 else ranges
+        if isinstance(ranges, list) and len(ranges) <= 1:
+            # Nothing to read ahead of: no thread.
+            for r in ranges:
+                yield r, self._read(r)
+            return
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max(2, self.store.concurrency), thread_name_prefix="ckptstore-read")
         pending: collections.deque = collections.deque()
