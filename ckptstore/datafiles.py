@@ -139,8 +139,10 @@ def _stream(p: Plan, blob_crcs: list[int]) -> Iterator[tuple[int, memoryview, bo
                 yield -1, view[:fill], False
                 batch = None
             if batch is None:
-                # ALIGN spare bytes: room for the padding that may follow the last blob
-                batch, fill = bytearray(max(BATCH, pad + n) + ALIGN), 0
+                # As large as the run of small blobs starting here needs, up to BATCH, plus
+                # ALIGN spare bytes for the padding that may follow its last blob: a lone bias
+                # between two weight matrices costs its own bytes, not a whole batch.
+                batch, fill = bytearray(_run_bytes(p, index, pad) + ALIGN), 0
                 view = memoryview(batch)
                 address = ctypes.addressof((ctypes.c_char * len(batch)).from_buffer(batch))
             fill += pad   # the buffer is zeros
@@ -171,6 +173,18 @@ def _stream(p: Plan, blob_crcs: list[int]) -> Iterator[tuple[int, memoryview, bo
         yield -1, view[:fill + tail], False
     elif tail:
         yield -1, memoryview(_ZEROS)[:tail], False
+
+
+def _run_bytes(p: Plan, first: int, pad: int) -> int:
+    """Bytes from ``pad`` before blob ``first`` to the end of the run of small blobs it starts, at most BATCH."""
+    begin = p.starts[first] - pad
+    end = p.starts[first] + p.blobs[first].nbytes
+    for j in range(first + 1, len(p.blobs)):
+        n = p.blobs[j].nbytes
+        if n >= SMALL or p.starts[j] + n - begin > BATCH:
+            break
+        end = p.starts[j] + n
+    return end - begin
 
 
 def _files(p: Plan, blob_crcs: list[int]) -> Iterator[tuple[int, int, memoryview, bool]]:
