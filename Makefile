@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test bench clean
+.PHONY: venv tools test bench fuzz clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ $(VENV)/.installed: pyproject.toml
 
 test: venv tools
 	$(PY) -m pytest -q -rs tests
+
+# The property-based hostile-input tests with many more cases (3 properties x
+# FUZZ_CASES each, random seeds); `make test` runs them with 60 fixed cases each.
+FUZZ_CASES ?= 35000
+fuzz: venv
+	CKPTSTORE_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -q --hypothesis-show-statistics tests/test_hostile.py
 
 bench: venv tools
 	$(PY) -m benchmarks.bench
