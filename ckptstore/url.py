@@ -128,6 +128,9 @@ class Location:
                         self.options, self.commit, self.secrets, self.part_size, self.concurrency)
 
 
+_BUCKETED = frozenset({"s3", "s3a", "gs", "gcs"})
+
+
 def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Location:
     """Split ``uri`` into protocol, path, storage options and ckptstore's own options.
 
@@ -157,7 +160,12 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
         split = urlsplit(uri)
         protocol = split.scheme.lower()
         query = split.query
-        shown = urlunsplit((split.scheme, split.netloc, split.path, "", ""))
+        if not protocol:
+            raise ValueError("the URL has no scheme before '://'")
+        # urlunsplit drops the '//' of an empty authority ('memory://' -> 'memory:')
+        shown = f"{split.scheme}://{split.netloc}{split.path}"
+        if protocol in _BUCKETED and not split.netloc:
+            raise ValueError(f"a {protocol}:// URL names a bucket first: {protocol}://BUCKET/PATH")
         if protocol in ("file", "local"):
             protocol = "file"
             path = os.path.abspath(os.path.expanduser(split.netloc + split.path))
