@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, CorruptCheckpointError
-from .format.manifest import ALIGN, KIND_CODES, STORAGE, NDARRAY, BlobTable, FileEntry, crc_hex, device_column
+from .format.manifest import (
+    ALIGN, KIND_CODES, NDARRAY, STORAGE, BlobTable, FileEntry, aligned_starts, crc_hex, device_column,
+)
 from .format.tree import Blob
 from .ranges import stored_crc32c
 from .stores.base import CHUNK, Store
@@ -55,8 +57,8 @@ def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False) -> Pl
     ``pad_end`` pads the stream with zeros to a multiple of the alignment, so
     that another stream can follow it (one per rank in a distributed save).
     """
-    table = BlobTable.sequential([b.nbytes for b in blobs], np.zeros(len(blobs), np.uint32), "", [])
-    end = table.end
+    starts = aligned_starts([b.nbytes for b in blobs]).tolist()
+    end = starts[-1] + blobs[-1].nbytes if blobs else 0
     total = -(-end // ALIGN) * ALIGN if pad_end else end
     if part_bytes and total > part_bytes:
         sizes = [part_bytes] * (total // part_bytes)
@@ -64,7 +66,7 @@ def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False) -> Pl
             sizes.append(total % part_bytes)
     else:
         sizes = [total]
-    return Plan(blobs, table.starts.tolist(), sizes)
+    return Plan(blobs, starts, sizes)
 
 
 def blob_table(blobs: list[Blob], crcs: list[int]) -> BlobTable:

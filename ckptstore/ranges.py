@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures as cf
+import itertools
 import threading
 from typing import Any, Iterable, Iterator, NamedTuple
 
@@ -90,16 +91,16 @@ class StreamReader:
     def fetch(self, ranges: Iterable[Range], concurrency: int | None = None) -> Iterator[tuple[Range, memoryview]]:
         """Each range with its bytes, in the order given, ``concurrency`` reads ahead."""
         depth = max(1, concurrency or self.store.concurrency)
-        ranges = list(ranges) if not isinstance(ranges, list) and depth > 1 else ranges
-        if isinstance(ranges, list) and len(ranges) <= 1:
-            # Nothing to read ahead of: no thread.
-            for r in ranges:
-                yield r, self._read(r)
+        todo = iter(ranges)
+        first, second = next(todo, None), next(todo, None)
+        if second is None:
+            if first is not None:   # nothing to read ahead of: no thread
+                yield first, self._read(first)
             return
+        todo = itertools.chain((first, second), todo)
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(max(2, self.store.concurrency), thread_name_prefix="ckptstore-read")
         pending: collections.deque = collections.deque()
-        todo = iter(ranges)
         try:
             while True:
                 while len(pending) < depth:

@@ -23,9 +23,7 @@ import torch
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError
 from .format import tree
-from .format.manifest import (
-    BYTES, NDARRAY, PICKLE, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name,
-)
+from .format.manifest import NDARRAY, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name
 from .info import VerifyReport
 from .ranges import Range, StreamReader
 from .stores.base import Store
@@ -175,17 +173,16 @@ def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, 
     t = m.blobs
     if verify:
         _check_padding(flat, base, seg, m, where, uri)
-    kinds = t.kinds
     for i in seg.blobs:
         off, n = int(t.starts[i]) - base, int(t.sizes[i])
         if verify and crc32c.crc32c(view[off:off + n]) != int(t.crcs[i]):
             raise CorruptCheckpointError(
                 f"{where}: CRC-32C mismatch in blob {i} ({n} bytes at stream byte {off + base}); "
                 "the checkpoint is corrupt", uri)
-        kind = kinds[i]
-        if kind == "s":
+        kind = t.kind(i)
+        if kind == STORAGE:
             values[i] = storage[off:off + n] if n else torch.UntypedStorage(0)
-        elif kind == "n":
+        elif kind == NDARRAY:
             values[i] = flat[off:off + n]
         else:
             values[i] = bytes(view[off:off + n])
@@ -202,13 +199,13 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True) -> list[Any]:
     with StreamReader(store, m.files) as reader:
         segs = segments(m)
         storages = [torch.UntypedStorage(s.end - s.start) for s in segs]
-        ranges = []
+        ranges, left = [], [0] * len(segs)   # left: reads of each segment still to arrive
         for k, s in enumerate(segs):
             flat = torch.empty(0, dtype=torch.uint8).set_(storages[k]).numpy() if s.end > s.start else None
             for o in range(s.start, s.end, store.read_bytes):
                 n = min(store.read_bytes, s.end - o)
                 ranges.append(Range(o, n, memoryview(flat[o - s.start:o - s.start + n]), k))
-        left = [len(range(s.start, s.end, store.read_bytes)) for s in segs]
+                left[k] += 1
         for r, _ in reader.fetch(ranges):
             k = r.tag
             left[k] -= 1
@@ -238,9 +235,6 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
             fut.result()
 
 
-_KIND_OF_CODE = {"s": STORAGE, "n": NDARRAY, "b": BYTES, "p": PICKLE}
-
-
 def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False) -> Any:
     placed: dict[int, Any] = {}
     t = m.blobs
@@ -248,15 +242,13 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
     def blob_value(i: Any, kind: str) -> Any:
         if type(i) is not int or not (0 <= i < len(values)):
             raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i!r:.40} does not exist")
-        if _KIND_OF_CODE[t.kinds[i]] != kind:
-            raise CorruptCheckpointError(
-                f"malformed checkpoint structure: blob {i} holds {_KIND_OF_CODE[t.kinds[i]]}, not {kind}")
+        if t.kind(i) != kind:
+            raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i} holds {t.kind(i)}, not {kind}")
         if i not in placed:
             v = values[i]
             if kind == STORAGE:
-                if map_location is not None or len(t.devices) > 1 or t.devices[0] != "cpu":
-                    v = tree.restore_location(v, t.devices[0 if t.device is None else int(t.device[i])],
-                                              map_location)
+                if map_location is not None or not t.all_on_cpu:
+                    v = tree.restore_location(v, t.device_of(i), map_location)
             elif kind != NDARRAY:
                 v = bytes(v)
             placed[i] = v

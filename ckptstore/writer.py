@@ -167,6 +167,8 @@ class Generation:
         names = list(reversed(self.written)) + [n + TMP_SUFFIX for n in self.written if n.endswith(COMMIT_SUFFIX)]
         if self._claimed:
             names.append(CLAIM_NAME)
+        # Once is enough: commit discards before it re-raises, and the caller's ``with`` would again.
+        self.written, self._claimed = [], False
         try:
             self.store.remove(names)
         except BaseException:  # noqa: BLE001 - the original error matters more

@@ -151,6 +151,15 @@ class BlobEntry(NamedTuple):
         return self.start + self.nbytes
 
 
+def aligned_starts(sizes) -> np.ndarray:
+    """Stream offsets of blobs of ``sizes`` laid out in order, each at the next multiple of ALIGN."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.zeros(len(sizes), dtype=np.int64)
+    if len(sizes) > 1:
+        np.cumsum(-(-sizes[:-1] // ALIGN) * ALIGN, out=starts[1:])
+    return starts
+
+
 class BlobTable:
     """Every blob of a generation, as columns (a record may hold 10**5 of them).
 
@@ -173,11 +182,7 @@ class BlobTable:
     def sequential(sizes, crcs, kinds: str, devices: list[str], device=None) -> "BlobTable":
         """Blobs laid out one after the other, each at the next multiple of ALIGN (the writer's layout)."""
         sizes = np.asarray(sizes, dtype=np.int64)
-        padded = -(-sizes // ALIGN) * ALIGN
-        starts = np.zeros(len(sizes), dtype=np.int64)
-        if len(sizes) > 1:
-            np.cumsum(padded[:-1], out=starts[1:])
-        return BlobTable(starts, sizes, crcs, kinds, devices, device)
+        return BlobTable(aligned_starts(sizes), sizes, crcs, kinds, devices, device)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -194,6 +199,14 @@ class BlobTable:
     def kind(self, i: int) -> str:
         return KINDS[self.kinds[i]]
 
+    def device_of(self, i: int) -> str:
+        """Where blob ``i``'s storage lived when saved."""
+        return self.devices[0 if self.device is None else int(self.device[i])]
+
+    @property
+    def all_on_cpu(self) -> bool:
+        return self.devices == ["cpu"]
+
     @property
     def end(self) -> int:
         """Where the last blob ends in the stream (0 without blobs)."""
@@ -202,7 +215,7 @@ class BlobTable:
     def is_sequential(self) -> bool:
         if not len(self):
             return True
-        return bool(np.array_equal(self.starts, BlobTable.sequential(self.sizes, self.crcs, "", []).starts))
+        return bool(np.array_equal(self.starts, aligned_starts(self.sizes)))
 
     def count(self) -> dict[str, int]:
         return {KINDS[c]: self.kinds.count(c) for c in sorted(set(self.kinds))}
