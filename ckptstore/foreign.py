@@ -76,50 +76,84 @@ def load_torch(store: Store, map_location=None, allow_pickle: bool = False) -> A
                 "and unpickling them could run arbitrary code; pass allow_pickle=True only if you "
                 f"trust where it came from. Refused: {str(e).splitlines()[-1] if str(e) else 'pickle'}",
                 store.uri) from None
-        except (RuntimeError, EOFError, ValueError, KeyError, struct.error) as e:
-            raise CorruptCheckpointError(f"{store.uri}: not a loadable torch.save file: {e}", store.uri) from None
+        except (RuntimeError, EOFError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError,
+                RecursionError, struct.error) as e:
+            # The weights-only unpickler runs no code, so whatever else it raises
+            # on a malformed stream (an IndexError from an empty stack, ...) is corruption.
+            raise CorruptCheckpointError(f"{store.uri}: not a loadable torch.save file: "
+                                         f"{type(e).__name__}: {e}", store.uri) from None
+
+
+def _whole(v) -> bool:
+    return type(v) is int
 
 
 def load_safetensors(store: Store, map_location=None) -> dict:
+    """Read a safetensors file, checking its header as the format's own reader does.
+
+    Every entry must name a known dtype, a shape of whole numbers and two
+    offsets that match it; together the entries must tile the data section
+    exactly (no gap, overlap or byte past the end). All of that is checked
+    before a byte of tensor memory is allocated, so a lying header costs
+    nothing but the header's own size (at most 100 MiB, as in the format).
+    """
     def bad(msg: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{store.uri}: not a valid safetensors file: {msg}", store.uri)
 
+    size = store.file_size()
     with store.file_reader() as r:
         size_buf = bytearray(8)
         if r.readinto(0, memoryview(size_buf)) != 8:
             raise bad("shorter than its header")
         (hlen,) = struct.unpack("<Q", size_buf)
-        if hlen > _MAX_SAFETENSORS_HEADER:
-            raise bad(f"header of {hlen} bytes")
+        if hlen > _MAX_SAFETENSORS_HEADER or hlen > size - 8:
+            raise bad(f"a header of {hlen} bytes in a file of {size}")
         header_buf = bytearray(hlen)
         if r.readinto(8, memoryview(header_buf)) != hlen:
             raise bad("truncated header")
         try:
             header = json.loads(header_buf)
+        except RecursionError:
+            raise bad("header is nested too deeply") from None
         except ValueError as e:
             raise bad(f"header is not JSON ({e})") from None
         if not isinstance(header, dict):
             raise bad("header is not a JSON object")
-        header.pop("__metadata__", None)
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and
+                                     all(isinstance(v, str) for v in meta.values())):
+            raise bad("__metadata__ is not an object of strings")
         base = 8 + hlen
         entries = []
         for name, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
-                begin, end = (int(x) for x in info["data_offsets"])
-            except KeyError as e:
-                raise bad(f"tensor {name!r}: unsupported or missing {e}") from None
-            except (TypeError, ValueError):
-                raise bad(f"tensor {name!r}: malformed entry") from None
+            if not isinstance(info, dict):
+                raise bad(f"tensor {name!r}: malformed entry")
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+            if dtype is None:
+                raise bad(f"tensor {name!r}: unsupported or missing dtype {info.get('dtype')!r:.40}")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+                raise bad(f"tensor {name!r}: shape is not a list of whole numbers")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(x) for x in offsets)):
+                raise bad(f"tensor {name!r}: data_offsets is not two whole numbers")
+            begin, end = offsets
             numel = 1
             for d in shape:
                 numel *= d
-            if any(d < 0 for d in shape) or begin < 0 or end - begin != numel * dtype.itemsize:
+            if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
                 raise bad(f"tensor {name!r}: offsets do not match its shape and dtype")
-            entries.append((begin, name, dtype, shape, end - begin))
+            entries.append((begin, end, name, dtype, shape))
+        entries.sort(key=lambda e: (e[0], e[1]))
+        at = 0
+        for begin, end, name, _, _ in entries:
+            if begin != at:
+                raise bad(f"tensor {name!r}: data starts at {begin}, not at {at} where the previous ends")
+            at = end
+        if at != size - base:
+            raise bad(f"tensors cover {at} bytes of a data section of {size - base}")
         out = {}
-        for begin, name, dtype, shape, nbytes in sorted(entries):
+        for begin, end, name, dtype, shape in entries:
+            nbytes = end - begin
             storage = torch.UntypedStorage(nbytes)
             if nbytes:
                 view = memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
@@ -130,7 +164,6 @@ def load_safetensors(store: Store, map_location=None) -> dict:
                         raise bad(f"tensor {name!r} runs past the end of the file")
                     done += got
             storage = restore_location(storage, "cpu", map_location)
-            t = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape)
-            out[name] = t
+            out[name] = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, 0, shape)
         # Keep the order the writer listed the tensors in.
         return {k: out[k] for k in header}

@@ -141,6 +141,8 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
         uri = os.fspath(uri)
     if not isinstance(uri, str) or not uri:
         raise ValueError(f"checkpoint URI must be a non-empty string or path, got {type(uri).__name__}")
+    if storage_options is not None and not isinstance(storage_options, Mapping):
+        raise ValueError(f"storage_options must be a dict, got {type(storage_options).__name__}")
     options = dict(storage_options or {})
     secrets = _collect_secrets(options, [])
     m = _USERINFO.match(uri)
@@ -190,7 +192,10 @@ def parse(uri: Any, storage_options: Mapping[str, Any] | None = None) -> Locatio
         raise ValueError(f"commit= must be one of {', '.join(COMMIT_CHOICES)}, got {commit!r}")
     part_size = concurrency = None
     if "part_size" in own:
-        part_size = parse_size(own["part_size"])
+        try:
+            part_size = parse_size(own["part_size"])
+        except ValueError as e:
+            raise ValueError(f"part_size= {e}") from None
         if part_size < MIN_PART:
             raise ValueError(f"part_size= must be at least 1MiB, got {own['part_size']!r}")
     if "concurrency" in own:

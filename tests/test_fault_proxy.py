@@ -370,3 +370,40 @@ def test_save_cut_off_mid_upload_raises_and_keeps_the_previous(s3server, cut_aft
         proxy.faults_off()
         _assert_same(ckptstore.load(uri), _state(0), "after the cut-off save")
         assert ckptstore.verify(uri, deep=True).ok
+
+
+# ---------------------------------------------------------------- 409 ConditionalRequestConflict
+
+def _conflict_uri(proxy, server) -> str:
+    return (f"s3://{BUCKET}/conflict-{uuid.uuid4().hex}/ckpt?endpoint_url={proxy.endpoint}"
+            f"&key={server.key}&secret={SECRET}")
+
+
+def test_a_conditional_put_answered_409_is_retried_and_the_save_commits(s3server):
+    with FaultProxy("127.0.0.1", _port_of(s3server.endpoint), seed=0, conflicts=2) as proxy:
+        uri = _conflict_uri(proxy, s3server)
+        ckptstore.save(_state(3), uri, overwrite=False)
+        assert proxy.stats["conflict"] == 2
+        _assert_same(ckptstore.load(uri), _state(3), "after two 409s")
+        assert ckptstore.verify(uri, deep=True).ok
+
+
+def test_a_409_race_lost_to_another_writer_is_checkpoint_exists(s3server):
+    from ckptstore.format.manifest import CLAIM_NAME
+    with FaultProxy("127.0.0.1", _port_of(s3server.endpoint), seed=0, conflicts=1) as proxy:
+        uri = _conflict_uri(proxy, s3server)
+        # The other writer's claim lands while ours is answered 409: the retry meets 412.
+        key = uri.split("?")[0][len("s3://"):] + "/" + CLAIM_NAME
+        s3server.fs.pipe_file(key, b'{"generation": "other"}')
+        with pytest.raises(ckptstore.CheckpointExistsError):
+            ckptstore.save(_state(4), uri, overwrite=False)
+        assert proxy.stats["conflict"] == 1
+        assert not ckptstore.exists(uri)
+
+
+def test_a_conflict_that_never_clears_is_checkpoint_exists_not_a_storage_error(s3server):
+    with FaultProxy("127.0.0.1", _port_of(s3server.endpoint), seed=0, conflicts=10 ** 6) as proxy:
+        uri = _conflict_uri(proxy, s3server)
+        with pytest.raises(ckptstore.CheckpointExistsError):
+            ckptstore.save(_state(5), uri, overwrite=False)
+        assert proxy.stats["conflict"] >= 2

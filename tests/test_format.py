@@ -111,7 +111,8 @@ def spec_reader(d: str):
         elif kind == "str":
             values[i] = node[1] if isinstance(node[1], str) else "".join(map(chr, node[1]))
         elif kind == "float":
-            values[i] = float(node[1])
+            v = node[1]
+            values[i] = struct.unpack(">d", bytes.fromhex(v[4:]))[0] if str(v).startswith("nan:") else float(v)
         elif kind == "bytes":
             values[i] = data[node[1]]
         elif kind == "none":
@@ -130,7 +131,8 @@ def test_a_reader_written_from_the_document_reads_what_ckptstore_writes(tmp_path
                        "t": w.t(), "half": torch.arange(5, dtype=torch.float16)},
              "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(6)}}},
              "step": 12, "huge": 10 ** 5000, "name": "run\ud800", "lr": 0.5, "blob": b"\x00raw",
-             "flags": [True, None], (1, 2): "tuple key"}
+             "flags": [True, None], (1, 2): "tuple key",
+             "nans": [float("nan"), -float("nan"), struct.unpack(">d", bytes.fromhex("7ff8000000000001"))[0]]}
     ckptstore.save(state, tmp_path / "c", storage_options={"part_size": "1MiB"})
     got = spec_reader(str(tmp_path / "c"))
     np.testing.assert_array_equal(got["model"]["layer.0.weight"], w.numpy())
@@ -139,6 +141,8 @@ def test_a_reader_written_from_the_document_reads_what_ckptstore_writes(tmp_path
     assert got["optimizer"]["state"][0]["step"] == 3.0
     assert got["step"] == 12 and got["huge"] == 10 ** 5000 and got["name"] == "run\ud800"
     assert got["blob"] == b"\x00raw" and got["flags"] == [True, None] and got[(1, 2)] == "tuple key"
+    assert [struct.pack(">d", v).hex() for v in got["nans"]] == ["7ff8000000000000", "fff8000000000000",
+                                                                 "7ff8000000000001"]
 
 
 def test_a_multi_file_local_save_follows_the_stream_rule(tmp_path):

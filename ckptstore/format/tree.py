@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import math
+import struct
 import re
 import warnings
 from dataclasses import dataclass
@@ -176,7 +177,11 @@ class Encoder:
             except ValueError:   # past Python's int-to-str limit: hex has none
                 return ["int", hex(obj)]
         if t is float:
-            return ["float", obj if math.isfinite(obj) else repr(obj)]
+            if math.isfinite(obj):
+                return ["float", obj]
+            if obj == obj or struct.pack(">d", obj) == _CANONICAL_NAN:
+                return ["float", repr(obj)]
+            return ["float", "nan:" + struct.pack(">d", obj).hex()]     # sign and payload kept
         if t is str:
             return str_node(obj)
         if t is bytes:
@@ -490,10 +495,19 @@ def _decode_int(i: int, node: list) -> int:
     raise _bad(f"node {i}: an int is a decimal string of at most 4300 digits or a 0x hex string")
 
 
+_CANONICAL_NAN = struct.pack(">d", float("nan"))
+_NAN_BITS = re.compile(r"nan:(7ff|fff)[0-9a-f]{13}")
+
+
 def _decode_float(i: int, node: list) -> float:
     v = node[1]
     if type(v) is str and v in ("nan", "inf", "-inf"):
         return float(v)
+    if type(v) is str and _NAN_BITS.fullmatch(v):
+        f = struct.unpack(">d", bytes.fromhex(v[4:]))[0]
+        if f == f:
+            raise _bad(f"node {i}: {v} is not a NaN")
+        return f
     if type(v) not in (int, float) or (type(v) is int and abs(v) > 2 ** 1024):
         raise _bad(f"node {i}: bad float")
     return float(v)

@@ -14,7 +14,8 @@ import os
 from typing import Any, Mapping
 
 from ..errors import StorageError
-from ..url import Location, parse
+from ..url import Location, parse, scrub
+from .options import OptionError, check as check_options
 from .base import Store
 
 # protocol -> the extra that installs its fsspec implementation
@@ -39,10 +40,28 @@ def _fsspec_filesystem(location: Location):
     except TypeError as e:
         # Unknown keyword: name it, never its value.
         raise StorageError(f"{location.display}: bad storage options for {location.protocol}://: "
-                           f"{str(e).split('(')[0]}", location.display) from None
+                           f"{scrub(str(e).split('(')[0], location.secrets)}", location.display) from None
+    except Exception as e:  # noqa: BLE001 - a client that cannot be set up, whatever its library raises
+        raise StorageError(f"{location.display}: cannot set up the {location.protocol}:// client: "
+                           f"{_setup_hint(location, e)}", location.display) from None
+
+
+def _setup_hint(location: Location, e: BaseException) -> str:
+    detail = scrub(f"{type(e).__name__}: {e}", location.secrets)
+    token = location.options.get("token")
+    if location.protocol in ("gs", "gcs") and isinstance(token, str) and not os.path.exists(token) \
+            and token not in ("anon", "google_default", "cache", "cloud", "browser"):
+        return ("token= names no file here, so it was taken as a raw OAuth access token, and checking "
+                f"it failed ({detail.split('(', 1)[0].strip()}); pass the path of a credentials file, "
+                "'google_default', or 'anon'")
+    return detail
 
 
 def open_location(location: Location) -> Store:
+    try:
+        check_options(location)
+    except OptionError as e:
+        raise StorageError(f"{location.display}: {e}", location.display) from None
     if location.protocol == "file":
         from .local import LocalStore
         return LocalStore(location)

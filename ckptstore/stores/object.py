@@ -77,23 +77,28 @@ def check_reachable(location: Location, endpoint: str | None, default: str | Non
     target = endpoint or default or ""
     if target and "://" not in target:
         target = "http://" + target     # STORAGE_EMULATOR_HOST may be host:port
-    u = urlsplit(target)
+    try:
+        u = urlsplit(target)
+        given_port = u.port
+    except ValueError as e:
+        raise StorageError(f"{location.display}: the endpoint URL is malformed ({e})", location.display) from None
     if not u.hostname:
         return
     scheme = u.scheme or "http"
-    host, port = u.hostname, u.port or (443 if scheme == "https" else 80)
+    host, port = u.hostname, given_port or (443 if scheme == "https" else 80)
     if (scheme, host, port) in _reachable:
         return
     if getproxies().get(scheme) and not proxy_bypass(host):
         return
     import http.client
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-    conn = cls(host, port, timeout=PROBE_TIMEOUT)
     shown = f"{scheme}://{host}:{port}"
+    conn = None
     try:
+        conn = cls(host, port, timeout=PROBE_TIMEOUT)
         conn.request("HEAD", "/")
         conn.getresponse().read()
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         if isinstance(e, (socket.timeout, TimeoutError)):
             why = f"no answer within {PROBE_TIMEOUT:g} s"
         else:
@@ -102,7 +107,8 @@ def check_reachable(location: Location, endpoint: str | None, default: str | Non
             f"{location.display}: cannot reach {shown} ({why}); check the endpoint URL and that "
             "the service is up and reachable from here", location.display) from None
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
     with _reach_lock:
         _reachable.add((scheme, host, port))
 
@@ -318,19 +324,33 @@ class S3Store(ObjectStore):
         with self.errors("write", name):
             self.attempt(self._put, name, [data], None)
 
+    #: tries of a conditional PUT that S3 answers 409 ConditionalRequestConflict
+    CONFLICT_TRIES = 6
+
     def create_exclusive(self, name: str, data: bytes) -> bool:
-        try:
-            with self.errors("create", name):
+        """One PUT with ``If-None-Match: *``: True if it created ``name``, False if it exists.
+
+        S3 answers 412 when the object exists, and 409 ConditionalRequestConflict
+        when another conditional write to the same key is in flight; AWS's
+        advice for the latter is to retry, and the retry meets 412 (the other
+        writer won) or succeeds (it gave up). A conflict that outlasts the
+        retries is a loss too: someone else is creating the object.
+        """
+        with self.errors("create", name):
+            for i in range(self.CONFLICT_TRIES):
                 try:
                     self._put(name, [data], None, mode="create")
+                    return True
                 except Exception as e:  # noqa: BLE001 - sorted below
-                    if any(isinstance(x, FileExistsError) or _s3_code(x) in ("PreconditionFailed", "412")
-                           for x in _chain(e)):
+                    codes = [_s3_code(x) for x in _chain(e)]
+                    if any(isinstance(x, FileExistsError) for x in _chain(e)) or \
+                            "PreconditionFailed" in codes or "412" in codes:
                         return False
-                    raise
-        except StorageError:
-            raise
-        return True
+                    if "ConditionalRequestConflict" not in codes and "409" not in codes:
+                        raise
+                if i < self.CONFLICT_TRIES - 1:
+                    time.sleep(0.05 * 2 ** i * (0.5 + random.random()))
+            return False
 
     def is_file(self) -> bool:
         # s3fs's isfile() answers False for any failure, a timeout included.

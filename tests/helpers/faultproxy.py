@@ -25,12 +25,15 @@ picks at most one fault, checked in this order:
 - ``slowdown``: the proxy answers itself ``503 Slow Down`` with an S3 XML
   ``SlowDown`` error and ``Connection: close``; the request is not forwarded.
 - ``error500``: likewise ``500 Internal Server Error`` with ``InternalError``.
+- ``conflict``: likewise ``409 Conflict`` with ``ConditionalRequestConflict``,
+  for the next ``conflicts`` requests that carry ``If-None-Match`` (S3's
+  answer to a conditional write that races another); not drawn at random.
 - ``blackhole``: the request is not forwarded and never answered; the proxy
   keeps reading (and discarding) whatever the client sends until it gives
   up. ``blackhole_rate=1.0`` is a blackhole endpoint: it accepts, reads, and
   never replies (checks read timeouts, not only refused connections).
 
-For the two answered faults the proxy by default first reads and discards
+For the answered faults the proxy by default first reads and discards
 the rest of the request body and then answers (what a server does; every
 client copes). With ``respond_early=True`` it answers as soon as the
 headers are in and discards the body afterwards (what S3 sometimes does).
@@ -64,7 +67,13 @@ ERROR500_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
                  b"<Error><Code>InternalError</Code><Message>We encountered an internal error. "
                  b"Please try again.</Message><RequestId>FAULTPROXY</RequestId></Error>")
 
-FAULTS = ("drop", "slowdown", "error500", "blackhole")
+CONFLICT_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n'
+                 b"<Error><Code>ConditionalRequestConflict</Code><Message>A conflicting conditional "
+                 b"operation is currently in progress against this resource. Please try again.</Message>"
+                 b"<RequestId>FAULTPROXY</RequestId></Error>")
+
+FAULTS = ("drop", "slowdown", "error500", "blackhole", "conflict")
+ANSWERED = ("slowdown", "error500", "conflict")
 
 
 def _response(status: str, body: bytes) -> bytes:
@@ -78,6 +87,8 @@ def _response(status: str, body: bytes) -> bytes:
 
 SLOWDOWN_RESPONSE = _response("503 Slow Down", SLOWDOWN_BODY)
 ERROR500_RESPONSE = _response("500 Internal Server Error", ERROR500_BODY)
+CONFLICT_RESPONSE = _response("409 Conflict", CONFLICT_BODY)
+_RESPONSES = {"slowdown": SLOWDOWN_RESPONSE, "error500": ERROR500_RESPONSE, "conflict": CONFLICT_RESPONSE}
 
 
 def _reset(sock: Optional[socket.socket]) -> None:
@@ -296,7 +307,7 @@ class _Conn:
     def _go_raw(self) -> None:
         data = bytes(self.pending)
         self.pending.clear()
-        if self.fault in ("slowdown", "error500"):
+        if self.fault in ANSWERED:
             self._answer_and_close()
             return
         self.mode = "raw"
@@ -315,6 +326,7 @@ class _Conn:
         length = 0
         chunked = False
         expect100 = False
+        conditional = False
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -327,7 +339,9 @@ class _Conn:
                 chunked = True
             elif name == b"expect" and b"100-continue" in value.lower():
                 expect100 = True
-        fault, cut = p._decide(method, target, self.number)
+            elif name == b"if-none-match":
+                conditional = True
+        fault, cut = p._decide(method, target, self.number, conditional)
         self.method = method
         self.fault = fault
         self.sent = 0
@@ -366,7 +380,7 @@ class _Conn:
         if self._answered:
             return
         self._answered = True
-        data = SLOWDOWN_RESPONSE if self.fault == "slowdown" else ERROR500_RESPONSE
+        data = _RESPONSES[self.fault]
         if self.method == "HEAD":  # an answer to HEAD has no body
             data = data[:data.index(b"\r\n\r\n") + 4]
         try:
@@ -383,7 +397,7 @@ class _Conn:
         self.mode = "discard"
 
     def _end_request(self) -> None:
-        if self.fault in ("slowdown", "error500"):
+        if self.fault in ANSWERED:
             self._answer_and_close()
             return
         self.fault = None
@@ -392,7 +406,7 @@ class _Conn:
 
     def _out(self, mv: memoryview, last: bool) -> None:
         """Forward part of the current request (or nothing, for an answered fault)."""
-        if self.fault in ("slowdown", "error500"):
+        if self.fault in ANSWERED:
             return  # being discarded
         if self.cut_at is not None:
             allowed = self.cut_at - self.sent
@@ -419,7 +433,8 @@ class FaultProxy:
 
     def __init__(self, target_host: str, target_port: int, *, seed: int, drop_rate: float = 0.0,
                  slowdown_rate: float = 0.0, error500_rate: float = 0.0, blackhole_rate: float = 0.0,
-                 drop_after: tuple[int, int] = (0, 4 << 20), respond_early: bool = False):
+                 drop_after: tuple[int, int] = (0, 4 << 20), respond_early: bool = False,
+                 conflicts: int = 0):
         self.target_host = target_host
         self.target_port = int(target_port)
         self.seed = seed
@@ -429,6 +444,9 @@ class FaultProxy:
         self.blackhole_rate = blackhole_rate
         self.drop_after = drop_after
         self.respond_early = respond_early
+        # The next this-many requests that carry If-None-Match are answered
+        # 409 ConditionalRequestConflict, as S3 answers racing conditional writes.
+        self.conflicts = conflicts
         self.stats: dict[str, int] = {"connections": 0, "requests": 0, "forwarded": 0,
                                       **{f: 0 for f in FAULTS}}
         self.events: list[tuple[int, str, str, Optional[str]]] = []
@@ -451,7 +469,7 @@ class FaultProxy:
         """Change ``drop_rate``, ``slowdown_rate``, ``error500_rate``, ``blackhole_rate``,
         ``drop_after`` or ``respond_early``; applies from the next request."""
         allowed = {"drop_rate", "slowdown_rate", "error500_rate", "blackhole_rate", "drop_after",
-                   "respond_early"}
+                   "respond_early", "conflicts"}
         for k, v in rates.items():
             if k not in allowed:
                 raise TypeError(f"unknown FaultProxy setting {k!r}")
@@ -464,13 +482,17 @@ class FaultProxy:
         """Faults injected so far, of every kind."""
         return sum(self.stats[f] for f in FAULTS)
 
-    def _decide(self, method: str, target: str, conn: int) -> tuple[Optional[str], int]:
+    def _decide(self, method: str, target: str, conn: int, conditional: bool = False) -> tuple[Optional[str], int]:
         with self._lock:
             k = self.stats["requests"]
             self.stats["requests"] += 1
             rng = random.Random(f"{self.seed}:{k}")
             u = rng.random()
             fault = None
+            if conditional and self.conflicts > 0:
+                # S3 answers a conditional write racing another one with 409.
+                self.conflicts -= 1
+                u, fault = 1.0, "conflict"
             edge = 0.0
             for name, rate in (("drop", self.drop_rate), ("slowdown", self.slowdown_rate),
                                ("error500", self.error500_rate), ("blackhole", self.blackhole_rate)):
