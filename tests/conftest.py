@@ -28,7 +28,7 @@ if str(TESTS_DIR) not in sys.path:  # make `helpers` importable from every test 
     sys.path.insert(0, str(TESTS_DIR))
 
 # Imported before anything imports gcsfs: it sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false.
-from helpers.backends import DEFAULT_BUCKET, GcsEmulator, MotoServer, RcloneMount  # noqa: E402
+from helpers.backends import DEFAULT_BUCKET, FakeGcsServer, GcsEmulator, MotoServer, RcloneMount  # noqa: E402
 
 BUCKET = DEFAULT_BUCKET  # "ckptstore-tests", on both moto and the GCS emulator
 
@@ -186,6 +186,16 @@ def gcs_store(gcs_emulator):
 
 
 @pytest.fixture
+def fakegcs_store(fake_gcs_server):
+    """A GCS store on fake-gcs-server, the second GCS implementation (it enforces exclusive creates)."""
+    s = _gcs_store(fake_gcs_server)
+    try:
+        yield s
+    finally:
+        _remove_prefix(s)
+
+
+@pytest.fixture
 def fuse_store(rclone_mount):
     s = _fuse_store(rclone_mount)
     try:
@@ -211,6 +221,13 @@ def gcs_emulator():
     with GcsEmulator(default_bucket=BUCKET) as emulator:
         emulator.create_bucket(BUCKET)
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def fake_gcs_server():
+    """A running FakeGcsServer (fake-gcs-server, in memory) with bucket BUCKET."""
+    with FakeGcsServer(default_bucket=BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

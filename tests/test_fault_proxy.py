@@ -407,3 +407,23 @@ def test_a_conflict_that_never_clears_is_checkpoint_exists_not_a_storage_error(s
         with pytest.raises(ckptstore.CheckpointExistsError):
             ckptstore.save(_state(5), uri, overwrite=False)
         assert proxy.stats["conflict"] >= 2
+
+
+# ---------------------------------------------------------------- a GCS endpoint that goes silent
+
+@pytest.mark.parametrize("op", ["save", "load"])
+def test_a_gcs_endpoint_that_goes_silent_raises_storage_error_within_its_deadline(gcs_emulator, op):
+    # gcsfs retries a timed-out request six times with backoff (about 90 s in
+    # all); the store's own deadline must end the wait first.
+    with FaultProxy("127.0.0.1", _port_of(gcs_emulator.endpoint), seed=0) as proxy:
+        uri = f"gs://{gcs_emulator.default_bucket}/silent-{uuid.uuid4().hex}/x?endpoint_url={proxy.endpoint}" \
+              "&token=anon&project=test"
+        ckptstore.save(_state(0), uri)
+        proxy.set_rates(blackhole_rate=1.0)
+        fn = (lambda: ckptstore.save(_state(1), uri)) if op == "save" else (lambda: ckptstore.load(uri))
+        err, seconds = _bounded(fn)
+        print(f"gcs gone silent {op}: {seconds:.2f}s {type(err).__name__}: {err} ({proxy.stats})")
+        assert proxy.stats["blackhole"] >= 1
+    assert isinstance(err, ckptstore.StorageError), f"{type(err).__name__}: {err}"
+    assert "silent-" in str(err) and "stopped answering" in str(err), err
+    assert seconds < UNREACHABLE_LIMIT_S, f"took {seconds:.1f}s"

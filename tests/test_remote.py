@@ -99,9 +99,22 @@ except ckptstore.StorageError as e:
 
 # ---------------------------------------------------------------- exclusive create
 
-@pytest.mark.parametrize("backend", ["s3", "local"])
+def test_a_gcs_exclusive_create_is_refused_by_a_server_that_enforces_it(fakegcs_store):
+    """ifGenerationMatch=0 is sent and honoured: fake-gcs-server answers 412 and keeps the first object.
+
+    (gcp-storage-emulator ignores the precondition, which is why the race
+    below runs on fake-gcs-server.)"""
+    from ckptstore.stores import open_store
+    store = open_store(fakegcs_store.uri("excl"))
+    assert store.create_exclusive("create.claim", b"first") is True
+    assert store.create_exclusive("create.claim", b"second") is False
+    assert fakegcs_store.read(fakegcs_store.path("excl") + "/create.claim") == b"first"
+
+
+@pytest.mark.parametrize("backend", ["s3", "fakegcs", "local"])
 def test_of_two_simultaneous_overwrite_false_saves_exactly_one_commits(request, backend):
-    """S3 If-None-Match and local O_EXCL are enforced: one writer wins, the other is told."""
+    """S3 If-None-Match, GCS ifGenerationMatch=0 (on fake-gcs-server, which enforces it) and local
+    O_EXCL are enforced: one writer wins, the other is told."""
     store = request.getfixturevalue(f"{backend}_store")
     for round_ in range(6):
         uri = store.uri(f"new-{round_}")

@@ -77,7 +77,7 @@ class _FsspecReader(Reader):
                 # Object stores answer a range that starts at or past the end
                 # with an error (HTTP 416) rather than no bytes.
                 if isinstance(e, FileNotFoundError) or \
-                        offset < int(self.store.fs.size(self.path) or 0):
+                        offset < int(self.store.attempt(self.store.fs.size, self.path) or 0):
                     raise
                 return 0
         n = len(data)
@@ -149,7 +149,7 @@ class FsspecStore(Store):
     def is_file(self) -> bool:
         with self.errors("stat"):
             try:
-                return self.fs.isfile(self.location.path)
+                return self.attempt(self.fs.isfile, self.location.path)
             except FileNotFoundError:
                 return False
 
@@ -157,7 +157,7 @@ class FsspecStore(Store):
         self._fresh()
         with self.errors("list"):
             try:
-                infos = self.fs.ls(self.location.path, detail=True)
+                infos = self.attempt(self.fs.ls, self.location.path, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 return []
             return sorted(_basename(i["name"]) for i in infos if i.get("type") == "directory")
@@ -199,4 +199,4 @@ class FsspecStore(Store):
 
     def file_size(self) -> int:
         with self.errors("stat"):
-            return int(self.fs.size(self.location.path) or 0)
+            return int(self.attempt(self.fs.size, self.location.path) or 0)

@@ -237,7 +237,7 @@ class ObjectStore(FsspecStore):
     def _bucket_missing(self) -> bool:
         bucket = self.location.path.split("/", 1)[0]
         try:
-            return not self.fs.exists(bucket)
+            return not self.attempt(self.fs.exists, bucket)
         except Exception:  # noqa: BLE001 - only used to explain another error
             return False
 
@@ -425,8 +425,35 @@ def _s3_code(e: BaseException) -> str | None:
     return None
 
 
+class EndpointSilent(TimeoutError):
+    """An operation outlived its deadline, the client's own retries included."""
+
+
+def _moved(name: str, args: tuple, kwargs: dict) -> int:
+    """Bytes a filesystem call sends or receives, as far as its arguments tell."""
+    if name == "pipe_file" and len(args) > 1:
+        try:
+            return len(args[1])
+        except TypeError:
+            return 0
+    if name == "cat_file":
+        start, end = kwargs.get("start"), kwargs.get("end")
+        if isinstance(start, int) and isinstance(end, int):
+            return max(0, end - start)
+    return 0
+
+
 class GCSStore(ObjectStore):
-    """gs:// through gcsfs."""
+    """gs:// through gcsfs.
+
+    gcsfs retries a request that times out six times with backoff (fixed
+    when its class is defined): a silent endpoint would hold a call for about
+    90 s. Every call here instead runs under its own deadline, DEADLINE_S
+    plus one second per DEADLINE_RATE bytes it moves, retries included.
+    """
+
+    DEADLINE_S = 20.0
+    DEADLINE_RATE = 1 << 20      # bytes per second a transfer is allowed to take at the slowest
 
     @staticmethod
     def defaults(options: dict) -> dict:
@@ -447,6 +474,31 @@ class GCSStore(ObjectStore):
         endpoint = self.location.options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
         check_reachable(self.location, endpoint, "https://storage.googleapis.com")
 
+    def attempt(self, fn, *args, **kwargs):
+        # fs.ls and the like are sync wrappers fsspec made of the coroutines fs._ls, ...
+        name = getattr(fn, "__name__", "").lstrip("_")
+        run = getattr(self.fs, "_" + name, None) if name and getattr(self.fs, name, None) == fn else None
+        if run is None:
+            return super().attempt(fn, *args, **kwargs)
+        return self.within_deadline(lambda: run(*args, **kwargs), _moved(name, args, kwargs))
+
+    def within_deadline(self, make, nbytes: int = 0):
+        """Run the coroutine ``make()`` on gcsfs's loop, cancelled once past its deadline."""
+        import asyncio
+        from fsspec.asyn import sync
+        limit = self.DEADLINE_S + nbytes / self.DEADLINE_RATE
+        t0 = time.monotonic()
+
+        async def bounded():
+            return await asyncio.wait_for(make(), limit)
+
+        try:
+            return sync(self.fs.loop, bounded)
+        except TimeoutError:
+            if time.monotonic() - t0 < limit:
+                raise               # a timeout of the request itself, before the deadline
+            raise EndpointSilent(f"no answer within {limit:.0f} s, retries included") from None
+
     def put_part(self, name: str, pieces: list, crc: int) -> int | None:
         """One resumable upload: a request that opens it, one with the raw bytes.
 
@@ -460,9 +512,8 @@ class GCSStore(ObjectStore):
         n = sum(len(p) for p in pieces)
         if n == 0:
             with self.errors("write", name):
-                self.fs.pipe_file(self.join(name), b"")
+                self.attempt(self.fs.pipe_file, self.join(name), b"")
             return self.reported_crc32c(name)
-        from fsspec.asyn import sync
         from gcsfs.core import initiate_upload
 
         bucket, key, _ = self.fs.split_path(self.join(name))
@@ -476,7 +527,7 @@ class GCSStore(ObjectStore):
             return text
 
         with self.errors("write", name):
-            text = sync(self.fs.loop, upload)
+            text = self.within_deadline(upload, n)
         try:
             return crc_from_b64(json.loads(text).get("crc32c")) if text else self.reported_crc32c(name)
         except ValueError:
@@ -485,14 +536,14 @@ class GCSStore(ObjectStore):
     def create_exclusive(self, name: str, data: bytes) -> bool:
         with self.errors("create", name):
             try:
-                self.fs.pipe_file(self.join(name), data, mode="create")
+                self.attempt(self.fs.pipe_file, self.join(name), data, mode="create")
             except FileExistsError:
                 return False
         return True
 
     def reported_crc32c(self, name: str) -> int | None:
         with self.errors("stat", name):
-            info = self.fs.info(self.join(name))
+            info = self.attempt(self.fs.info, self.join(name))
         return crc_from_b64(info.get("crc32c"))
 
     def explain(self, e: BaseException, action: str, where: str) -> StorageError | None:
@@ -500,6 +551,10 @@ class GCSStore(ObjectStore):
         if missing is not None:
             return missing
         for x in _chain(e):
+            if isinstance(x, EndpointSilent):
+                return StorageError(
+                    f"{action} {where}: the GCS endpoint stopped answering ({x}); check the endpoint "
+                    "URL and the network", self.uri)
             text = str(x)
             code = getattr(x, "code", None)
             name = type(x).__name__

