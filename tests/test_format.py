@@ -329,6 +329,9 @@ def test_a_newer_major_version_is_refused_not_fallen_back_past(tmp_path):
     assert not isinstance(e.value, CorruptCheckpointError)
     rep = ckptstore.verify(tmp_path / "c")
     assert not rep.ok and "newer ckptstore" in rep.problems[0]
+    from ckptstore.api import info
+    with pytest.raises(FormatTooNewError):
+        info(tmp_path / "c")
     assert ckptstore.exists(tmp_path / "c")
 
 

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 import ckptstore
 from ckptstore.api import info
 from ckptstore.cli import main as cli
-from ckptstore.errors import CheckpointError, StorageError, UnsafeCheckpointError
+from ckptstore.errors import CheckpointError, CorruptCheckpointError, FormatTooNewError, UnsafeCheckpointError
 from conftest import BUCKET
 from helpers.compare import assert_state_equal
 
@@ -135,7 +135,8 @@ states = st.recursive(leaves, lambda kids: st.one_of(
 # ---------------------------------------------------------------- lies in an intact record
 
 HOSTILE = [None, True, -1, 0, 2 ** 40, 2 ** 63, 2 ** 70, -2 ** 63, 1e20, 1.5, "", "x", "../../sentinel",
-           "/etc/passwd", "qint8", [], [0], [[]], {}, {"x": 1}, "0" * 5000, [2 ** 40] * 3, "nan"]
+           "/etc/passwd", "qint8", "quint4x2", [], [0], [[]], {}, {"x": 1}, "0" * 5000, [2 ** 40] * 3, "nan",
+           float("nan"), float("inf"), 10 ** 40, "x" * (1 << 20)]
 
 
 def _paths(doc, prefix=()):
@@ -177,8 +178,10 @@ def _dump(v) -> bytes:
 
 def _not_a_storage_fault(e: CheckpointError) -> None:
     # The storage works: whatever a tampered checkpoint makes a reader raise is
-    # about its content (corrupt, unsafe, too new, absent), never a StorageError.
-    assert not isinstance(e, StorageError), f"{type(e).__name__}: {e}"
+    # about its content (corrupt; unsafe where it claims pickled values; too new
+    # where its version lies), never a StorageError or a miss.
+    assert isinstance(e, (CorruptCheckpointError, UnsafeCheckpointError, FormatTooNewError)), \
+        f"{type(e).__name__}: {e}"
 
 
 def _readers(uri: str, storage_options=None) -> object:
