@@ -10,6 +10,7 @@ from .errors import CheckpointError, CheckpointNotFoundError
 from .foreign import load_file
 from .format.tree import describe
 from .info import CheckpointInfo, VerifyReport
+from .plan import select_value
 from .reader import load_committed, open_commit, verify_store
 from .stores import open_store
 from .writer import has_commit, write_checkpoint
@@ -37,18 +38,45 @@ def save(obj: Any, uri: Any, *, storage_options: Mapping[str, Any] | None = None
 
 
 def load(uri: Any, *, map_location=None, storage_options: Mapping[str, Any] | None = None,
-         verify: bool = True, allow_pickle: bool = False) -> Any:
+         verify: bool = True, allow_pickle: bool = False, select: Any = None, into: Any = None) -> Any:
     """Load what :func:`save` stored at ``uri`` (or a torch.save / safetensors file).
 
     With ``verify=True`` every byte is checked against its checksum and any
     mismatch raises ``CorruptCheckpointError``; nothing is ever unpickled
-    unless ``allow_pickle=True``.
+    unless ``allow_pickle=True``. ``select=`` a path (a tuple of keys, or one
+    key) or a list of paths reads only those values; ``into=`` a tree of
+    existing tensors reads each saved tensor at the same path straight into
+    that tensor's memory (see API.md, "Reading only what you need").
     """
     store = open_store(uri, storage_options)
     with store.errors("load"):
         if store.is_file():
-            return load_file(store, map_location=map_location, allow_pickle=allow_pickle)
-        return load_committed(store, map_location=map_location, verify=verify, allow_pickle=allow_pickle)
+            obj = load_file(store, map_location=map_location, allow_pickle=allow_pickle)
+            return obj if select is None and into is None else select_value(obj, select, into)
+        return load_committed(store, map_location=map_location, verify=verify, allow_pickle=allow_pickle,
+                              select=select, into=into)
+
+
+def open(uri: Any, *, storage_options: Mapping[str, Any] | None = None, verify: bool = True,
+         allow_pickle: bool = False):
+    """A read-only lazy view (:class:`ckptstore.Checkpoint`) that has read only the commit record.
+
+    Keys, lengths and ``tensors()`` come from the record; ``view[key]`` of a
+    leaf and ``view.load(select=, into=)`` read just what they return. A
+    torch.save or safetensors file is loaded whole when opened.
+    """
+    from .view import Checkpoint
+    store = open_store(uri, storage_options)
+    with store.errors("open"):
+        if store.is_file():
+            value = load_file(store, allow_pickle=allow_pickle)
+            return Checkpoint(store, None, value=value, info=CheckpointInfo(uri=store.uri, nbytes=store.file_size(),
+                                                                             seconds=0.0, strategy="file"))
+        m, _ = open_commit(store)
+        if not allow_pickle and m.pickled:
+            from .format.tree import refuse_pickle
+            refuse_pickle(m.nodes)
+        return Checkpoint(store, m, verify=verify, allow_pickle=allow_pickle)
 
 
 def verify(uri: Any, *, storage_options: Mapping[str, Any] | None = None, deep: bool = False) -> VerifyReport:

@@ -88,3 +88,21 @@ __all__ = [
     "InsufficientSpaceError",
     "StorageError",
 ]
+
+
+class CallerMistake(Exception):
+    """Mixed into the KeyError / ValueError / TypeError a wrong ``select=`` or ``into=``
+    raises: the caller's mistake, passed through unchanged (never a StorageError)."""
+
+
+class PathNotFoundError(CallerMistake, KeyError):
+    def __str__(self) -> str:       # KeyError quotes its message
+        return str(self.args[0]) if self.args else ""
+
+
+class PathMismatchError(CallerMistake, ValueError):
+    pass
+
+
+class SelectTypeError(CallerMistake, TypeError):
+    pass

@@ -399,29 +399,32 @@ class CheckpointManager:
 
     # -- restoring
 
-    def restore(self, step: int | None = None, *, map_location=None) -> Any:
+    def restore(self, step: int | None = None, *, map_location=None, select: Any = None, into: Any = None) -> Any:
         """The state of ``step``; without one, of the newest step that verifies.
 
         A newest step that is corrupt or incomplete is skipped with a warning
-        naming it. Returns None when there is nothing to restore.
+        naming it. Returns None when there is nothing to restore. ``select``
+        and ``into`` mean what they mean for ``ckptstore.load``; a step that
+        fails its checksums part-way through filling ``into`` is passed over
+        for the one before it, which fills the same tensors again.
         """
         if step is not None:
-            return self._load(step, map_location)
+            return self._load(step, map_location, select, into)
         records = [r for r in self._scan() if r.committed]
         records.sort(key=lambda r: (r.time or 0.0, r.order, r.step), reverse=True)
         for r in records:
             try:
-                return self._load(r.step, map_location)
+                return self._load(r.step, map_location, select, into)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 log.warning("%s: step %d does not verify, falling back to an older step: %s",
                             self.directory, r.step, e)
         # Steps whose record could not be read may still hold an older, intact generation.
         return None
 
-    def _load(self, step: int, map_location) -> Any:
+    def _load(self, step: int, map_location, select: Any = None, into: Any = None) -> Any:
         store = self._store.child(step_dir(step))
         with store.errors("restore"):
-            return load_committed(store, map_location=map_location)
+            return load_committed(store, map_location=map_location, select=select, into=into)
 
     # -- retention
 

@@ -25,6 +25,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNe
 from .format import tree
 from .format.manifest import NDARRAY, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name
 from .info import VerifyReport
+from .plan import ReadPlan
 from .ranges import Range, StreamReader
 from .stores.base import Store
 
@@ -143,6 +144,26 @@ def segments(m: Manifest, size: int = SEGMENT) -> list[_Segment]:
     return out
 
 
+COALESCE = 64 << 10  # selected blobs closer than this are read in one request, the gap with them
+
+
+def selected_segments(m: Manifest, blobs, size: int = SEGMENT) -> list[_Segment]:
+    """Segments over only ``blobs``: runs of nearby small blobs, large ones alone; gaps not read."""
+    t = m.blobs
+    out: list[_Segment] = []
+    prev_large = False
+    for i in sorted(blobs, key=lambda b: (int(t.starts[b]), b)):
+        s, n = int(t.starts[i]), int(t.sizes[i])
+        large = n >= size // 2
+        if not out or large or prev_large or s - out[-1].end > COALESCE or s + n - out[-1].start > size:
+            out.append(_Segment(s, s + n, [i]))
+        else:
+            out[-1].blobs.append(i)
+            out[-1].end = max(out[-1].end, s + n)
+        prev_large = large
+    return out
+
+
 def _check_padding(flat: np.ndarray, base: int, seg: _Segment, m: Manifest, where: str, uri: str) -> None:
     """Every byte of ``seg`` that is not a blob's is zero (``flat`` holds the segment's bytes)."""
     t = m.blobs
@@ -166,12 +187,16 @@ def _check_padding(flat: np.ndarray, base: int, seg: _Segment, m: Manifest, wher
 
 
 def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, verify: bool, values: list,
-          where: str, uri: str) -> None:
-    """Check one filled segment and cut its blobs out of it (slices: no copy)."""
+          where: str, uri: str, padding: bool = True) -> None:
+    """Check one filled segment and cut its blobs out of it (slices: no copy).
+
+    ``padding=False`` for a segment of selected blobs, whose gaps hold blobs
+    that were not selected: only the blobs themselves are checked.
+    """
     flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else np.zeros(0, np.uint8)
     view = memoryview(flat)
     t = m.blobs
-    if verify:
+    if verify and padding:
         _check_padding(flat, base, seg, m, where, uri)
     for i in seg.blobs:
         off, n = int(t.starts[i]) - base, int(t.sizes[i])
@@ -188,16 +213,28 @@ def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, 
             values[i] = bytes(view[off:off + n])
 
 
-def read_blobs(store: Store, m: Manifest, verify: bool = True) -> list[Any]:
-    """Every blob of the manifest, read and checked (index-aligned with the blob table)."""
+def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | None = None) -> list[Any]:
+    """The blobs of the manifest, read and checked (index-aligned with the blob table).
+
+    All of them, or with a ``plan`` only ``plan.blobs`` (nearby ones in one
+    request, nothing else read) and the direct targets straight into their
+    tensors' memory. Blobs not read stay None.
+    """
     values: list[Any] = [None] * len(m.blobs)
     where = f"{store.uri}/{m.files[0].name}" if len(m.files) == 1 else store.uri
+    partial = plan is not None and (plan.blobs is not None or plan.targets)
+    direct = plan.direct if plan is not None else {}
+    if direct:
+        read_direct(store, m, direct, verify, where)
+    wanted = None if not partial else (plan.blobs if plan.blobs is not None else set(range(len(m.blobs))))
+    if wanted is not None and not wanted:
+        return values
+    segs = segments(m) if wanted is None else selected_segments(m, wanted)
     mapped = store.map_file(m.files[0].name, m.files[0].nbytes) if len(m.files) == 1 else None
     if mapped is not None:
-        _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency)
+        _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency, segs, wanted is None)
         return values
     with StreamReader(store, m.files) as reader:
-        segs = segments(m)
         storages = [torch.UntypedStorage(s.end - s.start) for s in segs]
         ranges, left = [], [0] * len(segs)   # left: reads of each segment still to arrive
         for k, s in enumerate(segs):
@@ -206,21 +243,90 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True) -> list[Any]:
                 n = min(store.read_bytes, s.end - o)
                 ranges.append(Range(o, n, memoryview(flat[o - s.start:o - s.start + n]), k))
                 left[k] += 1
+        whole = wanted is None
         for r, _ in reader.fetch(ranges):
             k = r.tag
             left[k] -= 1
             if not left[k]:
-                _take(segs[k], storages[k], segs[k].start, m, verify, values, where, store.uri)
+                _take(segs[k], storages[k], segs[k].start, m, verify, values, where, store.uri, whole)
                 storages[k] = None   # the blobs hold what they need of it
         for k, s in enumerate(segs):
             if storages[k] is not None:     # a segment of empty blobs only, read by no range
-                _take(s, storages[k], s.start, m, verify, values, where, store.uri)
-        reader.check_ends()
+                _take(s, storages[k], s.start, m, verify, values, where, store.uri, whole)
+        if whole:
+            reader.check_ends()
     return values
 
 
+STAGE = 64 << 20  # pinned host bytes through which a direct read reaches a GPU tensor
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 tensor over exactly ``t``'s elements (``t`` contiguous), sharing its memory."""
+    n = t.numel() * t.element_size()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() * t.element_size(), (n,))
+
+
+def read_direct(store: Store, m: Manifest, direct: dict, verify: bool, where: str) -> None:
+    """Read each target's blob straight into its tensor's memory, checking its CRC-32C.
+
+    CPU tensors are the read buffers themselves. Others (CUDA) are filled
+    through one pinned staging buffer of at most STAGE bytes, a chunk at a
+    time, the CRC computed on the staged bytes as they pass.
+    """
+    t = m.blobs
+    step = store.read_bytes
+    host = {b: tg for b, tg in direct.items() if tg.tensor.device.type == "cpu"}
+    dev = {b: tg for b, tg in direct.items() if tg.tensor.device.type != "cpu"}
+    with StreamReader(store, m.files) as reader:
+        if host:
+            flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
+            ranges, left = [], {}
+            for b in sorted(host, key=lambda b: int(t.starts[b])):
+                start, n = int(t.starts[b]), int(t.sizes[b])
+                for o in range(0, n, step):
+                    k = min(step, n - o)
+                    ranges.append(Range(start + o, k, memoryview(flats[b][o:o + k]), b))
+                    left[b] = left.get(b, 0) + 1
+            for r, _ in reader.fetch(ranges):
+                left[r.tag] -= 1
+                if not left[r.tag] and verify:
+                    _check_blob(memoryview(flats[r.tag]), r.tag, m, where, store.uri)
+        if dev:
+            pinned = torch.cuda.is_available()
+            stage = torch.empty(min(STAGE, max(int(t.sizes[b]) for b in dev)), dtype=torch.uint8,
+                                pin_memory=pinned)
+            flat = stage.numpy()
+            for b in sorted(dev, key=lambda b: int(t.starts[b])):
+                dst = _bytes_of(dev[b].tensor.detach())
+                start, n = int(t.starts[b]), int(t.sizes[b])
+                crc = 0
+                for o in range(0, n, len(flat)):
+                    k = min(len(flat), n - o)
+                    ranges = [Range(start + o + p, min(step, k - p), memoryview(flat[p:p + min(step, k - p)]))
+                              for p in range(0, k, step)]
+                    for _ in reader.fetch(ranges):
+                        pass
+                    if verify:
+                        crc = crc32c.crc32c(memoryview(flat[:k]), crc)
+                    dst[o:o + k].copy_(stage[:k])
+                if verify and crc != int(t.crcs[b]):
+                    raise _crc_mismatch(b, n, start, where, store.uri)
+
+
+def _crc_mismatch(b: int, n: int, start: int, where: str, uri: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: CRC-32C mismatch in blob {b} ({n} bytes at stream byte {start}); the checkpoint is corrupt", uri)
+
+
+def _check_blob(view: memoryview, b: int, m: Manifest, where: str, uri: str) -> None:
+    if crc32c.crc32c(view) != int(m.blobs.crcs[b]):
+        raise _crc_mismatch(b, len(view), int(m.blobs.starts[b]), where, uri)
+
+
 def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: list, where: str, uri: str,
-                 workers: int) -> None:
+                 workers: int, segs: list | None = None, whole: bool = True) -> None:
     """Blobs as slices of a private (copy-on-write) mapping of a local data file.
 
     No allocation, no copy: the kernel reads the file into the page cache and
@@ -229,13 +335,14 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
     and CRCs proceed on every core at once. Without verify, pages load when
     first touched.
     """
-    segs = segments(m)
+    segs = segments(m) if segs is None else segs
     with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
-        for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri) for s in segs]:
+        for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri, whole) for s in segs]:
             fut.result()
 
 
-def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False) -> Any:
+def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False,
+                plan: ReadPlan | None = None) -> Any:
     placed: dict[int, Any] = {}
     t = m.blobs
 
@@ -254,16 +361,41 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
             placed[i] = v
         return placed[i]
 
-    return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=m.version[0])
+    version = m.version[0]
+    if plan is None or (plan.needed is None and not plan.targets):
+        return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version)
+    given: dict[int, Any] = {}
+    for tg in plan.targets:
+        if not tg.direct:
+            # A view or a shared storage: build the saved tensor, copy it in.
+            saved = tree.decode(m.nodes, blob_value, version=version, needed={tg.node}, root=tg.node)
+            with torch.no_grad():
+                tg.tensor.copy_(saved)
+        given[tg.node] = tg.tensor
+    return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version, needed=plan.needed,
+                       partial=plan.partial, placed=given)
 
 
-def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False) -> Any:
-    """The state committed at ``store``: commit found, pickles refused before any data is read, every byte checked."""
+def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False,
+                   select: Any = None, into: Any = None) -> Any:
+    """The state committed at ``store``: commit found, pickles refused before any data is read, every byte checked.
+
+    ``select`` / ``into``: see plan.ReadPlan; every path, shape and dtype is
+    checked from the record before any data is read.
+    """
     m, _ = open_commit(store)
+    return load_manifest(store, m, map_location=map_location, verify=verify, allow_pickle=allow_pickle,
+                         select=select, into=into)
+
+
+def load_manifest(store: Store, m: Manifest, *, map_location=None, verify: bool = True, allow_pickle: bool = False,
+                  select: Any = None, into: Any = None, into_prefix: tuple = ()) -> Any:
+    """What ``m`` (a commit record of ``store`` already read) holds, or the selected part of it."""
+    plan = ReadPlan.make(m, select, into, into_prefix)
     if not allow_pickle and m.pickled:
-        tree.refuse_pickle(m.nodes)
-    values = read_blobs(store, m, verify=verify)
-    return build_state(m, values, map_location=map_location, allow_pickle=allow_pickle)
+        tree.refuse_pickle(m.nodes if plan.needed is None else [m.nodes[i] for i in plan.needed])
+    values = read_blobs(store, m, verify=verify, plan=plan)
+    return build_state(m, values, map_location=map_location, allow_pickle=allow_pickle, plan=plan)
 
 
 # ---------------------------------------------------------------- verification

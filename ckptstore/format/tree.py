@@ -383,6 +383,7 @@ class _Table:
         self.nodes, self.blob_value = nodes, blob_value
         self.values: list = [None] * len(nodes)
         self.claimed = bytearray(len(nodes))
+        self.partial: dict = {}
 
     def child(self, i: int, c: Any) -> Any:
         if type(c) is not int or not (i < c < len(self.nodes)):
@@ -393,27 +394,43 @@ class _Table:
         return self.values[c]
 
 
-def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = False, version: int = 2) -> Any:
+def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = False, version: int = 2,
+           needed: set | None = None, partial: dict | None = None, placed: dict | None = None,
+           root: int = 0) -> Any:
     """Rebuild the state from ``nodes``.
 
     ``blob_value(i, kind)`` returns blob i as loaded, or raises
     CorruptCheckpointError when there is no blob i or it is not of ``kind``:
     an UntypedStorage (already on its final device) for storage blobs, a
     numpy array for ndarray blobs, ``bytes`` for bytes and pickle blobs.
+
+    A partial decode (``paths.Selection``) builds only the ``needed`` nodes;
+    a container in ``partial`` keeps only the children named there (a dict
+    the selected keys, a list or tuple its length with None elsewhere).
+    ``placed`` maps node indices to values built elsewhere (the tensors of
+    ``into=``), used as they are. ``root`` is the node whose value is returned.
     """
     if not isinstance(nodes, list) or not nodes:
         raise _bad("empty node table")
+    order = range(len(nodes) - 1, -1, -1) if needed is None else sorted(needed, reverse=True)
     if not allow_pickle:
-        refuse_pickle(nodes)
+        if needed is None:
+            refuse_pickle(nodes)
+        else:
+            refuse_pickle([nodes[i] for i in order])
     table = _Table(nodes, blob_value)
+    table.partial = partial or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # complex32 warns that it is experimental
-        _decode_all(nodes, table, version)
-    return table.values[0]
+        _decode_all(nodes, table, version, order, placed or {})
+    return table.values[root]
 
 
-def _decode_all(nodes: list, table: _Table, version: int) -> None:
-    for i in range(len(nodes) - 1, -1, -1):
+def _decode_all(nodes: list, table: _Table, version: int, order, placed: dict) -> None:
+    for i in order:
+        if i in placed:
+            table.values[i] = placed[i]
+            continue
         node = nodes[i]
         if type(node) is not list or not node or type(node[0]) is not str:
             raise _bad(f"node {i} is not a tagged list")
@@ -443,10 +460,11 @@ def _decode_node(i: int, tag: str, node: list, table: _Table, version: int) -> A
         return arr.view(dtype).reshape(shape)
     if tag in (DICT, ODICT):
         return (_decode_dict_v1 if version == 1 else _decode_dict)(i, tag, node, table)
+    keep = table.partial.get(i)
     if tag == LIST:
-        return [table.child(i, c) for c in node[1]]
+        return [table.child(i, c) if keep is None or c in keep else None for c in node[1]]
     if tag == TUPLE:
-        return tuple(table.child(i, c) for c in node[1])
+        return tuple(table.child(i, c) if keep is None or c in keep else None for c in node[1])
     if tag == "pickle":
         import pickle
         return pickle.loads(table.blob_value(node[1], PICKLE))
@@ -460,14 +478,17 @@ def _decode_dict(i: int, tag: str, node: list, table: _Table) -> dict:
     if type(keys) is not list or type(values) is not list or len(keys) != len(values):
         raise _bad(f"node {i}: keys and values must be lists of one length")
     out = {} if tag == DICT else collections.OrderedDict()
+    keep = table.partial.get(i)
     for k, v in zip(keys, values):
+        if keep is not None and v not in keep:
+            continue
         t = type(k)
         if t is list and len(k) == 1:
             k = table.child(i, k[0])
         elif not (t is str or (t is int and -_MAX_JSON_INT <= k <= _MAX_JSON_INT)):
             raise _bad(f"node {i}: a key must be a string, an int or [node]")
         out[k] = table.child(i, v)
-    if len(node) == 4:
+    if len(node) == 4 and keep is None:
         out._metadata = table.child(i, node[3])
     return out
 
@@ -479,9 +500,12 @@ def _decode_dict_v1(i: int, tag: str, node: list, table: _Table) -> dict:
     if len(pairs) % 2:
         raise _bad(f"node {i}: odd number of dict children")
     out = {} if tag == DICT else collections.OrderedDict()
+    keep = table.partial.get(i)
     for j in range(0, len(pairs), 2):
+        if keep is not None and pairs[j + 1] not in keep:
+            continue
         out[table.child(i, pairs[j])] = table.child(i, pairs[j + 1])
-    if has_meta:
+    if has_meta and keep is None:
         out._metadata = table.child(i, kids[-1])
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import (
+    CallerMistake,
     CheckpointError,
     CheckpointNotFoundError,
     InsufficientSpaceError,
@@ -216,6 +217,8 @@ class Store(ABC):
                 # Raised below the store (format checks): name the checkpoint.
                 e.uri = self.uri
                 e.args = (f"{self.uri}: {e}",) + e.args[1:]
+            raise
+        except CallerMistake:
             raise
         except BaseException as e:  # noqa: BLE001 - re-raised as a typed error below
             if isinstance(e, Exception):

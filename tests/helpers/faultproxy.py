@@ -45,7 +45,8 @@ sends requests concurrently the arrival order, and so the outcome, can vary.
 
 Rates, ``drop_after`` and ``respond_early`` are plain attributes and may be
 changed at any time (``set_rates(...)``); they apply from the next request.
-``stats`` counts connections, requests, forwarded requests and each fault;
+``stats`` counts connections, requests, forwarded requests, each fault, and
+``bytes_down``, every byte the server sent back (headers included);
 ``events`` lists ``(k, method, target, fault)`` for every request seen.
 """
 
@@ -195,6 +196,8 @@ class _Conn:
                 n = up.recv_into(buf)
                 if n == 0:
                     break
+                with self.proxy._lock:
+                    self.proxy.stats["bytes_down"] += n
                 cl.sendall(view[:n])
         except OSError:
             pass
@@ -447,7 +450,7 @@ class FaultProxy:
         # The next this-many requests that carry If-None-Match are answered
         # 409 ConditionalRequestConflict, as S3 answers racing conditional writes.
         self.conflicts = conflicts
-        self.stats: dict[str, int] = {"connections": 0, "requests": 0, "forwarded": 0,
+        self.stats: dict[str, int] = {"connections": 0, "requests": 0, "forwarded": 0, "bytes_down": 0,
                                       **{f: 0 for f in FAULTS}}
         self.events: list[tuple[int, str, str, Optional[str]]] = []
         self._lock = threading.Lock()

@@ -1,0 +1,201 @@
+"""Paths into a saved tree, resolved from the node table alone.
+
+A path is a tuple of keys from the top: ``("model", "encoder.layer.0.weight")``
+or ``("optimizer", "state", 3, "exp_avg")``; a bare ``str`` or ``int`` is a
+one-key path. Keys are never split on dots. A key matches a dict key equal to
+it, or, on a list or tuple, the item at that index.
+
+``Selection`` turns paths into what a partial decode needs: the nodes to
+build (the selected subtrees whole, the containers on the way to them) and,
+for each container on the way, which children it keeps. Nothing here reads
+data; every lookup fails with ``KeyError`` naming the path before any does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from ..errors import CorruptCheckpointError, PathNotFoundError, SelectTypeError
+from .walk import DICT, LIST, ODICT, TUPLE
+
+CONTAINER_TAGS = (DICT, ODICT, LIST, TUPLE)
+
+
+def normalize(select: Any) -> list[tuple] | None:
+    """``select=`` as a list of paths (None stays None)."""
+    if select is None:
+        return None
+    if _is_key(select):
+        return [(select,)]
+    if isinstance(select, tuple):
+        return [select]
+    if isinstance(select, list):
+        out = []
+        for p in select:
+            if _is_key(p):
+                out.append((p,))
+            elif isinstance(p, tuple):
+                out.append(p)
+            else:
+                raise SelectTypeError(f"a path is a tuple of keys, a str or an int, got {type(p).__name__}")
+        return out
+    raise SelectTypeError(f"select= is a path (a tuple of keys, a str or an int) or a list of paths, "
+                    f"got {type(select).__name__}")
+
+
+def _is_key(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def show(path: tuple) -> str:
+    return "/".join(str(k) for k in path) if path else "<root>"
+
+
+def _bad(msg: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"malformed checkpoint structure: {msg}")
+
+
+class Tree:
+    """Navigation of a node table: children of containers, keys decoded on demand."""
+
+    def __init__(self, nodes: list, version: int):
+        self.nodes, self.version = nodes, version
+        self._keys: dict[int, Any] = {}
+
+    def key_value(self, kn: int) -> Any:
+        """The dict key that node ``kn`` holds (a tuple, a float, ...), decoded once."""
+        if kn not in self._keys:
+            from .tree import decode
+
+            def no_blob(i, kind):
+                raise _bad(f"a dict key refers to blob {i!r:.40}")
+            self._keys[kn] = decode(self.nodes, no_blob, version=self.version, needed=set(self.subtree(kn)),
+                                    root=kn)
+        return self._keys[kn]
+
+    def node(self, i: int) -> list:
+        if type(i) is not int or not 0 <= i < len(self.nodes):
+            raise _bad(f"node {i!r:.40} does not exist")
+        node = self.nodes[i]
+        if type(node) is not list or not node or type(node[0]) is not str:
+            raise _bad(f"node {i} is not a tagged list")
+        return node
+
+    def tag(self, i: int) -> str:
+        return self.node(i)[0]
+
+    def items(self, i: int) -> Iterator[tuple[Any, int, int | None]]:
+        """(key, child, key node) of container ``i``: the key is inline (a str, an int, an index of a
+        list or tuple) with key node None, or None with the node that holds it (``key_value``)."""
+        node = self.node(i)
+        tag = node[0]
+        try:
+            if tag in (LIST, TUPLE):
+                for j, c in enumerate(node[1]):
+                    yield j, self._child(i, c), None
+            elif tag in (DICT, ODICT) and self.version == 1:
+                kids = node[1]
+                pairs = kids[:-1] if len(node) > 2 and node[2] is True else kids
+                for j in range(0, len(pairs) - 1, 2):
+                    k = self._child(i, pairs[j])
+                    yield None, self._child(i, pairs[j + 1]), k
+            elif tag in (DICT, ODICT):
+                keys, values = node[1], node[2]
+                if type(keys) is not list or type(values) is not list or len(keys) != len(values):
+                    raise _bad(f"node {i}: keys and values must be lists of one length")
+                for k, v in zip(keys, values):
+                    if type(k) is list and len(k) == 1:
+                        kn = self._child(i, k[0])
+                        yield None, self._child(i, v), kn
+                    else:
+                        yield k, self._child(i, v), None
+            else:
+                return
+        except (TypeError, IndexError) as e:
+            raise _bad(f"node {i} ({tag:.20}): {type(e).__name__}") from None
+
+    def metadata_child(self, i: int) -> int | None:
+        node = self.node(i)
+        if node[0] == ODICT and self.version != 1 and len(node) == 4:
+            return self._child(i, node[3])
+        if node[0] == ODICT and self.version == 1 and len(node) > 2 and node[2] is True:
+            return self._child(i, node[1][-1])
+        return None
+
+    def _child(self, i: int, c: Any) -> int:
+        if type(c) is not int or not i < c < len(self.nodes):
+            raise _bad(f"node {i} refers to node {c!r:.40}")
+        return c
+
+    def lookup(self, path: tuple) -> list[int]:
+        """The nodes from the root to ``path`` (PathNotFoundError, a KeyError, naming it if it is not there)."""
+        at, trail = 0, [0]
+        for depth, key in enumerate(path):
+            if self.tag(at) not in CONTAINER_TAGS:
+                raise PathNotFoundError(f"{show(path)}: {show(path[:depth])} is not a container")
+            for k, child, kn in self.items(at):
+                if kn is not None:
+                    k = self.key_value(kn)
+                if type(k) is type(key) and k == key:
+                    at = child
+                    break
+            else:
+                raise PathNotFoundError(f"{show(path)}: the checkpoint has no {key!r} in {show(path[:depth])}")
+            trail.append(at)
+        return trail
+
+    def subtree(self, i: int) -> Iterator[int]:
+        """``i`` and every node below it."""
+        stack = [i]
+        while stack:
+            n = stack.pop()
+            yield n
+            if self.tag(n) in CONTAINER_TAGS:
+                for _, child, kn in self.items(n):
+                    stack.append(child)
+                    if kn is not None:
+                        stack.append(kn)
+                meta = self.metadata_child(n)
+                if meta is not None:
+                    stack.append(meta)
+
+
+class Selection:
+    """The part of a node table that ``paths`` select.
+
+    ``needed``: every node to build. ``partial``: for each container on the
+    way to a selection (not itself wholly selected), the children it keeps.
+    """
+
+    def __init__(self, tree: Tree, paths: list[tuple]):
+        self.tree = tree
+        self.paths = paths
+        self.ends: dict[tuple, int] = {}
+        self.needed: set[int] = set()
+        self.partial: dict[int, set[int]] = {}
+        whole: set[int] = set()
+        trails = []
+        for p in paths:
+            trail = tree.lookup(p)
+            self.ends[p] = trail[-1]
+            trails.append(trail)
+        for trail in trails:
+            end = trail[-1]
+            if end in whole:
+                continue
+            whole.update(tree.subtree(end))
+        for trail in trails:
+            for parent, child in zip(trail, trail[1:]):
+                if parent in whole:
+                    break
+                self.partial.setdefault(parent, set()).add(child)
+        self.needed = set(whole)
+        for parent, kids in self.partial.items():
+            self.needed.add(parent)
+            # Keys that are nodes (tuple keys) are built with the items they name.
+            for _, child, kn in tree.items(parent):
+                if child in kids and kn is not None:
+                    self.needed.update(tree.subtree(kn))
+        for parent in list(self.partial):
+            if parent in whole:
+                del self.partial[parent]
