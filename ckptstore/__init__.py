@@ -19,14 +19,14 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedObjectError,
 )
-from .api import CheckpointInfo, VerifyReport, exists, load, open, save, verify
+from .api import CheckpointInfo, VerifyReport, exists, export, load, open, save, verify
 from .manager import CheckpointManager
 from .rng import capture_rng_state, restore_rng_state
 from .view import Checkpoint, TensorInfo
 
 __all__ = [
     "__version__",
-    "save", "load", "verify", "exists", "open",
+    "save", "load", "verify", "exists", "open", "export",
     "Checkpoint", "TensorInfo", "CheckpointInfo", "VerifyReport", "CheckpointManager", "capture_rng_state", "restore_rng_state",
     "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError", "FormatTooNewError", "UnsafeCheckpointError",
     "UnsupportedObjectError", "CheckpointExistsError", "InsufficientSpaceError", "StorageError",

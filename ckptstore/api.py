@@ -79,6 +79,18 @@ def open(uri: Any, *, storage_options: Mapping[str, Any] | None = None, verify: 
         return Checkpoint(store, m, verify=verify, allow_pickle=allow_pickle)
 
 
+def export(uri: Any, dst: Any, *, select: Any = None, format: str | None = None,
+           storage_options: Mapping[str, Any] | None = None, dst_options: Mapping[str, Any] | None = None,
+           max_shard_size: Any = None) -> list[str]:
+    """Write the selected part of a checkpoint as safetensors (optionally sharded) or a torch.save file.
+
+    See API.md ("Reading only what you need"). Returns the files written.
+    """
+    from .exporter import export as run
+    return run(uri, dst, select=select, format=format, storage_options=storage_options, dst_options=dst_options,
+               max_shard_size=max_shard_size)
+
+
 def verify(uri: Any, *, storage_options: Mapping[str, Any] | None = None, deep: bool = False) -> VerifyReport:
     """Check the checkpoint at ``uri`` without loading it; never raises for a corrupt one.
 

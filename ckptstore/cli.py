@@ -1,4 +1,4 @@
-"""The ckptstore command line: ls, info, verify, cp, prune, gc, bench.
+"""The ckptstore command line: ls, info, export, verify, cp, prune, gc, bench.
 
 Exit status: 0 when all is well, 1 when a verify finds a problem (or the
 operation failed), 2 for usage errors.
@@ -13,7 +13,7 @@ import sys
 from typing import Sequence
 
 from ._version import __version__
-from .errors import CheckpointError
+from .errors import CallerMistake, CheckpointError
 
 
 def _options(pairs: Sequence[str] | None) -> dict:
@@ -89,6 +89,8 @@ def cmd_ls(args) -> int:
 
 def cmd_info(args) -> int:
     from .api import info
+    if args.tensors:
+        return _list_tensors(args)
     d = info(args.uri, storage_options=_options(args.option))
     if args.json:
         print(json.dumps(d, indent=2))
@@ -104,6 +106,54 @@ def cmd_info(args) -> int:
         print("written by: " + ", ".join(f"{k} {v}" for k, v in d["writer"].items()))
     if d["meta"]:
         print(f"meta:       {json.dumps(d['meta'])}")
+    return 0
+
+
+def _list_tensors(args) -> int:
+    """Every tensor's path, dtype and shape, from the commit record alone."""
+    from .api import open as open_view
+    with open_view(args.uri, storage_options=_options(args.option)) as view:
+        rows = [("/".join(map(str, path)), str(t.dtype).replace("torch.", ""), list(t.shape), t.nbytes)
+                for path, t in view.tensors()]
+    if args.json:
+        print(json.dumps([{"path": p, "dtype": d, "shape": sh, "nbytes": n} for p, d, sh, n in rows], indent=2))
+        return 0
+    width = max([len(r[0]) for r in rows] + [4])
+    for p, d, sh, n in rows:
+        print(f"{p:<{width}}  {d:<10} {str(sh):<20} {_size(n)}")
+    print(f"{len(rows)} tensors, {_size(sum(r[3] for r in rows))}")
+    return 0
+
+
+def cli_path(view, text: str) -> tuple:
+    """A PATH written as keys joined by '/': each key a str, or an int where the checkpoint has one."""
+    out: list = []
+    at = view
+    for seg in [s for s in text.split("/") if s != ""]:
+        key = seg if seg in at else int(seg) if seg.lstrip("-").isdigit() and int(seg) in at else seg
+        out.append(key)
+        nxt = None
+        for k, kind, _ in at.walk():
+            if k == (key,):
+                nxt = kind
+                break
+        at = at[key] if nxt in ("dict", "odict", "list", "tuple") else None
+        if at is None:
+            break
+    return tuple(out)
+
+
+def cmd_export(args) -> int:
+    from .api import export, open as open_view
+    options = _options(args.option)
+    select = None
+    if args.select:
+        with open_view(args.uri, storage_options=options) as view:
+            select = [cli_path(view, s) for s in args.select]
+    written = export(args.uri, args.dst, select=select, format=args.format, storage_options=options,
+                     dst_options=_options(args.dst_option), max_shard_size=args.max_shard_size)
+    for w in written:
+        print(f"wrote {w}")
     return 0
 
 
@@ -261,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("info", cmd_info, "describe one checkpoint")
     sp.add_argument("uri", metavar="URI")
     sp.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    sp.add_argument("--tensors", action="store_true",
+                    help="list every tensor's path, dtype and shape (read from the commit record alone)")
+    sp = add("export", cmd_export, "write part of a checkpoint as .safetensors (optionally sharded, the "
+                                   "Hugging Face layout) or as a torch.save file")
+    sp.add_argument("uri", metavar="URI")
+    sp.add_argument("dst", metavar="DST", help="a file (.safetensors, .pt, .pth, .bin) or, with "
+                                               "--max-shard-size, a directory")
+    sp.add_argument("--select", action="append", metavar="PATH",
+                    help="a value to export, as keys joined by '/', e.g. model (repeatable)")
+    sp.add_argument("--format", choices=("safetensors", "torch"), help="default: from DST's name")
+    sp.add_argument("--max-shard-size", metavar="SIZE", help="shard safetensors output, e.g. 5GB")
+    sp.add_argument("--dst-option", action="append", metavar="KEY=VALUE", help="a storage option for DST only")
     sp = add("verify", cmd_verify, "check a checkpoint's commit and sizes; --deep re-reads every byte")
     sp.add_argument("uri", metavar="URI")
     sp.add_argument("--deep", action="store_true", help="re-read every byte and check its CRC-32C")
@@ -313,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"ckptstore: {e}", file=sys.stderr)
         return 1
+    except (CallerMistake, ValueError) as e:
+        print(f"ckptstore: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

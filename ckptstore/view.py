@@ -11,6 +11,7 @@ loads it, and the view walks the loaded value.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -107,8 +108,16 @@ class Checkpoint:
 
     def tensors(self) -> Iterator[tuple[tuple, TensorInfo]]:
         """(path, TensorInfo) of every tensor below this view, paths relative to it; reads no data."""
+        for path, kind, info in self.walk():
+            if info is not None:
+                yield path, info
+
+    def walk(self) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
+        """(path, kind, TensorInfo or None) of every value below this view, containers before what
+        they hold, in saved order; ``kind`` is "dict", "odict", "list", "tuple", "tensor", "str", ...
+        Reads no data."""
         if self._m is None:
-            yield from _loaded_tensors(self._value, ())
+            yield from _walk_loaded(self._value, ())
             return
         version = self._m.version[0]
         stack = [((), self._node)]
@@ -119,8 +128,10 @@ class Checkpoint:
                 t = tree.tensor_info(node, version)
                 dtype = dtype_from_name(t.dtype)
                 shape = torch.Size(_whole_numbers(t.shape, path))
-                yield path, TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
-            elif node[0] in CONTAINER_TAGS:
+                yield path, "tensor", TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
+                continue
+            yield path, node[0], None
+            if node[0] in CONTAINER_TAGS:
                 kids = [((self._nav.key_value(kn) if kn is not None else k), c) for k, c, kn in self._nav.items(i)]
                 for k, c in reversed(kids):
                     stack.append((path + (k,), c))
@@ -164,12 +175,16 @@ def _whole_numbers(shape: Any, path: tuple) -> list[int]:
     return list(shape)
 
 
-def _loaded_tensors(v: Any, path: tuple) -> Iterator[tuple[tuple, TensorInfo]]:
+def _walk_loaded(v: Any, path: tuple) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
     if isinstance(v, torch.Tensor):
-        yield path, TensorInfo(v.dtype, v.shape, v.numel() * v.element_size())
+        yield path, "tensor", TensorInfo(v.dtype, v.shape, v.numel() * v.element_size())
     elif isinstance(v, dict):
+        yield path, "odict" if isinstance(v, collections.OrderedDict) else "dict", None
         for k, x in v.items():
-            yield from _loaded_tensors(x, path + (k,))
+            yield from _walk_loaded(x, path + (k,))
     elif isinstance(v, (list, tuple)):
+        yield path, "list" if isinstance(v, list) else "tuple", None
         for j, x in enumerate(v):
-            yield from _loaded_tensors(x, path + (j,))
+            yield from _walk_loaded(x, path + (j,))
+    else:
+        yield path, type(v).__name__, None

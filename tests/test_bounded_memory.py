@@ -57,3 +57,36 @@ print(json.dumps({{"extra": peak() - before}}))
     state_bytes = STATE_MB * 2**20
     assert result["extra"] < 1.5 * state_bytes, (
         f"load peaked at {result['extra'] / 2**20:.0f} MiB for a {STATE_MB} MiB state (the state itself plus a second copy)")
+
+
+def test_load_into_existing_tensors_holds_almost_nothing_more(tmp_path):
+    """API.md: extra memory for the ``into`` part stays within the transfer buffers. A 512 MiB
+    state restored into tensors that already exist adds at most 5% of it at peak."""
+    uri = str(tmp_path / "into")
+    mb = 512
+    measure(f"""
+per = {mb} * 2**20 // {TENSORS}
+ckptstore.save({{"model": {{f"w{{i}}": torch.full((per // 4,), float(i)) for i in range({TENSORS})}}}}, {uri!r})
+print('{{}}')
+""")
+    result = measure(f"""
+import re
+from pathlib import Path
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+per = {mb} * 2**20 // {TENSORS}
+model = {{f"w{{i}}": torch.zeros(per // 4) for i in range({TENSORS})}}     # resident: zeros touched
+for t in model.values():
+    t.add_(1)
+ptrs = {{k: t.data_ptr() for k, t in model.items()}}
+Path("/proc/self/clear_refs").write_text("5")
+before = hwm()
+got = ckptstore.load({uri!r}, into={{"model": model}})
+extra = hwm() - before
+assert all(got["model"][k] is model[k] and model[k].data_ptr() == ptrs[k] for k in model)
+assert all(bool((t == i).all()) for i, t in enumerate(model.values()))
+print(json.dumps({{"extra": extra}}))
+""")
+    state_bytes = mb * 2**20
+    assert result["extra"] <= 0.05 * state_bytes, (
+        f"load(into=) peaked at {result['extra'] / 2**20:.1f} MiB above {mb} MiB of resident tensors")

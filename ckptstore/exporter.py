@@ -1,0 +1,257 @@
+"""``ckptstore.export``: the selected part of a checkpoint in the format inference tools read.
+
+safetensors (one file, or the Hugging Face sharded layout with
+``model.safetensors.index.json``) is written by streaming: the header is
+built from the commit record alone, then tensors are read in batches of at
+most EXPORT_BATCH bytes and written in order, so memory stays bounded
+whatever the checkpoint's size. ``format="torch"`` writes a file
+``torch.load(weights_only=True)`` reads back equal; torch.save needs the
+objects, so that export holds the selection in memory once.
+
+The output appears whole or not at all: on local disk it is written under a
+temporary name and renamed; object stores publish an object when its upload
+completes; a sharded export writes its index last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any
+
+import torch
+
+from .errors import PathNotFoundError, UnsupportedObjectError
+from .foreign import SAFETENSORS_DTYPES
+from .format.paths import normalize, show
+from .stores import open_store
+from .url import parse_size
+
+EXPORT_BATCH = 64 << 20          # tensor bytes read per request batch while exporting
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def export(uri: Any, dst: Any, *, select: Any = None, format: str | None = None, storage_options=None,
+           dst_options=None, max_shard_size: Any = None) -> list[str]:
+    """Write the selected part of the checkpoint at ``uri`` to ``dst``; returns the files written."""
+    from .api import open as open_view
+    dst = os.fspath(dst) if isinstance(dst, os.PathLike) else dst
+    if not isinstance(dst, str) or not dst:
+        raise TypeError(f"dst must be a path or URL, got {type(dst).__name__}")
+    base = dst.split("?", 1)[0].rstrip("/")
+    fmt = format or ("safetensors" if base.endswith(".safetensors") or max_shard_size is not None else
+                     "torch" if base.endswith(TORCH_SUFFIXES) else None)
+    if fmt not in ("safetensors", "torch"):
+        raise ValueError(f"export to {base}: cannot tell the format from the name; pass "
+                         "format='safetensors' or format='torch'" if fmt is None else
+                         f"format= must be 'safetensors' or 'torch', got {fmt!r}")
+    shard = None
+    if max_shard_size is not None:
+        if fmt != "safetensors":
+            raise ValueError("max_shard_size= applies to safetensors exports")
+        shard = parse_size(max_shard_size)
+        if shard <= 0:
+            raise ValueError(f"max_shard_size= must be positive, got {max_shard_size!r}")
+    paths = normalize(select)
+    view = open_view(uri, storage_options=storage_options)
+    with view:
+        if fmt == "torch":
+            return [_export_torch(view, paths, dst, dst_options)]
+        tensors = _flat_tensors(view, paths)
+        if shard is None:
+            return [_write_safetensors_file(view, tensors, dst, dst_options)]
+        return _write_sharded(view, tensors, dst, dst_options, shard)
+
+
+# ---------------------------------------------------------------- what goes out, from the record
+
+def _flat_tensors(view, paths: list[tuple] | None) -> list[tuple[str, tuple, Any]]:
+    """(name, absolute path, TensorInfo) of every tensor selected, names joined with '.'.
+
+    The selection must be mappings of str down to tensors; anything else is
+    named in an UnsupportedObjectError. With one selected path, names are
+    relative to it; with several, relative to the top.
+    """
+    roots = paths if paths is not None else [()]
+    relative_to_root = len(roots) == 1
+    found = {r: False for r in roots}
+    out: list = []
+    seen: dict[str, tuple] = {}
+    for path, kind, info in view.walk():
+        root = next((r for r in roots if path[:len(r)] == r), None)
+        if root is None:
+            continue
+        found[root] = True
+        if kind in ("dict", "odict"):
+            continue
+        rel = path[len(root):] if relative_to_root else path
+        if not rel:
+            rel = path[-1:]            # a selected tensor itself: its own key names it
+        if any(not isinstance(k, str) for k in rel):
+            raise UnsupportedObjectError(f"export to safetensors: {show(path)} has a key that is not a "
+                                         "str; safetensors names tensors by strings")
+        if kind != "tensor":
+            raise UnsupportedObjectError(f"export to safetensors: {show(path)} is a {kind}, not a tensor; "
+                                         "select only mappings of tensors (e.g. select='model')")
+        if info.dtype not in SAFETENSORS_NAMES:
+            raise UnsupportedObjectError(f"export to safetensors: {show(path)} has dtype {info.dtype}, "
+                                         "which safetensors cannot hold")
+        name = ".".join(rel)
+        if name in seen:
+            raise UnsupportedObjectError(f"export to safetensors: {show(path)} and {show(seen[name])} "
+                                         f"both flatten to the name {name!r}")
+        seen[name] = path
+        out.append((name, path, info))
+    for r, ok in found.items():
+        if not ok:
+            raise PathNotFoundError(f"{show(r)}: the checkpoint has no such path")
+    if not out:
+        raise UnsupportedObjectError("export to safetensors: the selection holds no tensors")
+    return out
+
+
+def _header(tensors: list, metadata: dict | None = None) -> tuple[bytes, list[tuple[int, int]]]:
+    """The safetensors header (padded with spaces to a multiple of 8) and each tensor's offsets."""
+    head: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets, at = [], 0
+    for name, _, info in tensors:
+        head[name] = {"dtype": SAFETENSORS_NAMES[info.dtype], "shape": list(info.shape),
+                      "data_offsets": [at, at + info.nbytes]}
+        offsets.append((at, at + info.nbytes))
+        at += info.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+# ---------------------------------------------------------------- writing
+
+def _batches(tensors: list, limit: int = EXPORT_BATCH):
+    batch, size = [], 0
+    for item in tensors:
+        n = item[2].nbytes
+        if batch and size + n > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += n
+    if batch:
+        yield batch
+
+
+def _stream_tensors(view, tensors: list, write) -> None:
+    """Read the tensors in batches and hand each one's bytes to ``write``, in order."""
+    for batch in _batches(tensors):
+        got = view.load(select=[p for _, p, _ in batch])
+        for _, path, info in batch:
+            t = got
+            for k in path:
+                t = t[k]
+            if info.nbytes:
+                t = t.detach().to("cpu").contiguous()
+                write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        del got
+
+
+class _Output:
+    """One file at a URL, appearing whole or not at all."""
+
+    def __init__(self, url: str, options):
+        base, q, query = url.partition("?")
+        parent, _, self.name = base.rstrip("/").rpartition("/")
+        if not self.name:
+            raise ValueError(f"export: {base} names no file")
+        self.store = open_store((parent or "/") + (q + query if q else ""), options)
+        self.temp = self.name + ".partial" if self.store.atomic_rename else self.name
+        self.store.makedirs()
+        self.writer = self.store.open_writer(self.temp)
+        self.written = 0
+
+    def write(self, data: memoryview) -> None:
+        self.writer.write(data)
+        self.written += len(data)
+
+    def close(self) -> str:
+        self.writer.close()
+        if self.temp != self.name:
+            self.store.rename(self.temp, self.name)
+        return f"{self.store.uri}/{self.name}"
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _write_safetensors_file(view, tensors: list, url: str, options, metadata: dict | None = None) -> str:
+    header, _ = _header(tensors, metadata)
+    out = _Output(url, options)
+    try:
+        with out.store.errors("export", out.name):
+            out.write(memoryview(header))
+            _stream_tensors(view, tensors, out.write)
+            return out.close()
+    except BaseException:
+        out.abort()
+        raise
+
+
+def _write_sharded(view, tensors: list, url: str, options, shard: int) -> list[str]:
+    shards: list[list] = [[]]
+    size = 0
+    for item in tensors:
+        n = item[2].nbytes
+        if shards[-1] and size + n > shard:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+    count = len(shards)
+    base, q, query = url.partition("?")
+    base = base.rstrip("/")
+    suffix = q + query if q else ""
+    names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    written = [_write_safetensors_file(view, part, f"{base}/{name}{suffix}", options)
+               for part, name in zip(shards, names)]
+    index = {"metadata": {"total_size": sum(i.nbytes for _, _, i in tensors)},
+             "weight_map": {n: names[k] for k, part in enumerate(shards) for n, _, _ in part}}
+    out = _Output(f"{base}/model.safetensors.index.json{suffix}", options)
+    try:
+        with out.store.errors("export", out.name):
+            out.write(memoryview(json.dumps(index, indent=2).encode()))
+            written.append(out.close())
+    except BaseException:
+        out.abort()
+        raise
+    return written
+
+
+class _Sink:
+    """The write-only file torch.save streams into (no seek, no buffer of the whole file)."""
+
+    def __init__(self, out: _Output):
+        self.out = out
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.out.write(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
+def _export_torch(view, paths: list[tuple] | None, url: str, options) -> str:
+    value = view.load() if paths is None else view.load(select=paths)
+    if paths is not None and len(paths) == 1:
+        for k in paths[0]:
+            value = value[k]
+    out = _Output(url, options)
+    try:
+        with out.store.errors("export", out.name):
+            torch.save(value, _Sink(out))
+            return out.close()
+    except BaseException:
+        out.abort()
+        raise
+
