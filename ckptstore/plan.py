@@ -25,7 +25,7 @@ from .errors import CorruptCheckpointError, PathMismatchError, PathNotFoundError
 from .format import tree
 from .format.dtypes import dtype_name
 from .format.manifest import STORAGE, Manifest
-from .format.paths import Selection, Tree, normalize, show
+from .format.paths import Selection, Tree, malformed_is_corrupt, normalize, show
 
 
 def node_blob(node: list, version: int) -> int | None:
@@ -84,6 +84,11 @@ class ReadPlan:
 
     @classmethod
     def make(cls, m: Manifest, select: Any = None, into: Any = None, into_prefix: tuple = ()) -> "ReadPlan":
+        with malformed_is_corrupt():
+            return cls._make(m, select, into, into_prefix)
+
+    @classmethod
+    def _make(cls, m: Manifest, select: Any, into: Any, into_prefix: tuple) -> "ReadPlan":
         paths = normalize(select)
         if paths is None and into is None:
             return cls()
@@ -101,7 +106,9 @@ class ReadPlan:
                 if paths is not None and node not in plan.needed:
                     raise PathMismatchError(f"into={show(path)} lies outside select=")
                 if node in seen:
-                    raise PathMismatchError(f"into={show(path)}: the same saved value as {show(seen[node])}")
+                    # Two paths to one node: a node with two parents, which no writer makes.
+                    raise CorruptCheckpointError(f"malformed checkpoint structure: {show(path)} and "
+                                                 f"{show(seen[node])} are the same node {node}")
                 seen[node] = path
                 plan.targets.append(_target(m, nav, path, node, dst, version))
         nodes = range(len(m.nodes)) if plan.needed is None else plan.needed

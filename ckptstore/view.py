@@ -22,7 +22,7 @@ from .errors import CorruptCheckpointError, PathNotFoundError
 from .format import tree
 from .format.dtypes import dtype_from_name
 from .format.manifest import Manifest
-from .format.paths import CONTAINER_TAGS, Tree, normalize, show
+from .format.paths import CONTAINER_TAGS, Tree, malformed_is_corrupt, normalize, show
 from .info import CheckpointInfo
 from .plan import select_value
 from .reader import load_manifest
@@ -69,6 +69,10 @@ class Checkpoint:
 
     # -- the container at this position
     def _items(self):
+        with malformed_is_corrupt():
+            return self._items_unchecked()
+
+    def _items_unchecked(self):
         if self._m is None:
             v = self._value
             return list(v.items()) if isinstance(v, dict) else list(enumerate(v))
@@ -101,7 +105,9 @@ class Checkpoint:
             if isinstance(child, (dict, list, tuple)):
                 return Checkpoint(self._store, None, prefix=path, value=child, info=self._info)
             return child
-        if self._nav.tag(child) in CONTAINER_TAGS:
+        with malformed_is_corrupt():
+            container = self._nav.tag(child) in CONTAINER_TAGS
+        if container:
             return Checkpoint(self._store, self._m, verify=self._verify, allow_pickle=self._allow_pickle,
                               prefix=path, node=child, nav=self._nav, info=self._info)
         return self._read([path], None, None, path)
@@ -119,6 +125,10 @@ class Checkpoint:
         if self._m is None:
             yield from _walk_loaded(self._value, ())
             return
+        with malformed_is_corrupt():
+            yield from self._walk_record()
+
+    def _walk_record(self):
         version = self._m.version[0]
         stack = [((), self._node)]
         while stack:

@@ -199,10 +199,41 @@ def _readers(uri: str, storage_options=None) -> object:
             reader()
         except CheckpointError as e:
             _not_a_storage_fault(e)
+    _partial_readers(uri, storage_options)
     if storage_options is None:
         _quiet_cli(["verify", "--deep", uri])
         _quiet_cli(["info", uri])
+        _quiet_cli(["info", "--tensors", uri])
     return loaded
+
+
+def _partial_readers(uri: str, storage_options=None) -> None:
+    """open, tensors(), select= and into= over the paths the record itself lists."""
+    try:
+        with ckptstore.open(uri, storage_options=storage_options) as view:
+            listed = list(view.tensors())
+            keys = view.keys()
+            if keys:
+                view.load(select=(keys[0],))
+            small = [(p, t) for p, t in listed if t.nbytes <= 1 << 20][:8]
+            into: dict = {}
+            for path, t in small:
+                at = into
+                for k in path[:-1]:
+                    at = at.setdefault(k, {}) if isinstance(at, dict) else None
+                    if at is None:
+                        break
+                if isinstance(at, dict) and path:
+                    at[path[-1]] = torch.empty(t.shape, dtype=t.dtype)
+            if into:
+                try:
+                    view.load(into=into)
+                except (KeyError, ValueError) as e:
+                    # An into= built from the record fits it, unless a container on the
+                    # way is a list: the tree above used dicts for every level.
+                    assert isinstance(e, (KeyError, ValueError)) and "not a container" not in str(e), e
+    except CheckpointError as e:
+        _not_a_storage_fault(e)
 
 
 def _every_reader(d: Path) -> object:
