@@ -24,7 +24,7 @@ import torch
 from .errors import CorruptCheckpointError, PathMismatchError, PathNotFoundError, SelectTypeError
 from .format import tree
 from .format.dtypes import dtype_name
-from .format.manifest import STORAGE, Manifest
+from .format.manifest import NDARRAY, STORAGE, Manifest
 from .format.paths import Selection, Tree, malformed_is_corrupt, normalize, show
 
 
@@ -152,6 +152,32 @@ def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, v
               and tuple(info.stride) == tuple(tree.contiguous_strides(list(saved)))
               and int(m.blobs.sizes[b]) == n and dst.is_contiguous() and n > 0)
     return Target(path, node, dst, b, direct)
+
+
+def file_blobs(m: Manifest, path: tuple) -> dict | None:
+    """{key: blob} of the dict at ``path`` whose values are 1-D uint8 numpy arrays (None for any
+    other value), from the record alone; None if ``path`` is not a dict there."""
+    with malformed_is_corrupt():
+        nav = Tree(m.nodes, m.version[0])
+        try:
+            node = nav.lookup(path)[-1]
+        except PathNotFoundError:
+            return None
+        if nav.tag(node) not in ("dict", "odict"):
+            return None
+        out = {}
+        for k, child, kn in nav.items(node):
+            key = nav.key_value(kn) if kn is not None else k
+            raw = nav.node(child)
+            ok = raw[0] == "ndarray" and isinstance(raw[1], dict) and raw[1].get("dtype") == "|u1" \
+                and isinstance(raw[1].get("shape"), list) and len(raw[1]["shape"]) == 1
+            b = node_blob(raw, m.version[0]) if ok else None
+            if b is not None and (not 0 <= b < len(m.blobs) or m.blobs.kind(b) != NDARRAY
+                                  or int(m.blobs.sizes[b]) != raw[1]["shape"][0]):
+                raise CorruptCheckpointError(f"malformed checkpoint structure: {show(path + (key,))} does "
+                                             "not match its blob")
+            out[key] = b
+        return out
 
 
 # ---------------------------------------------------------------- the same on a value already in memory

@@ -376,6 +376,29 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
                        partial=plan.partial, placed=given)
 
 
+def stream_blob(store: Store, m: Manifest, b: int, sink, verify: bool = True) -> int:
+    """Hand blob ``b``'s bytes to ``sink(memoryview)`` in order, ``Store.read_bytes`` at a time.
+
+    Memory stays at a few read windows whatever the blob's size. The CRC-32C
+    is checked once the last byte has passed, so a sink must treat what it
+    got as provisional until this returns (write to a staging file).
+    """
+    t = m.blobs
+    if type(b) is not int or not 0 <= b < len(t):
+        raise CorruptCheckpointError(f"{store.uri}: malformed checkpoint structure: blob {b!r:.40} does not exist",
+                                     store.uri)
+    start, n, step = int(t.starts[b]), int(t.sizes[b]), store.read_bytes
+    crc = 0
+    with StreamReader(store, m.files) as reader:
+        for _, data in reader.fetch(Range(start + o, min(step, n - o)) for o in range(0, n, step)):
+            if verify:
+                crc = crc32c.crc32c(data, crc)
+            sink(data)
+    if verify and crc != int(t.crcs[b]):
+        raise _crc_mismatch(b, n, start, store.uri, store.uri)
+    return n
+
+
 def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False,
                    select: Any = None, into: Any = None) -> Any:
     """The state committed at ``store``: commit found, pickles refused before any data is read, every byte checked.

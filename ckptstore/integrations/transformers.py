@@ -12,8 +12,9 @@ adapter does not re-derive the training state; it mirrors the directory.
   to the store with no second copy in anonymous memory, nothing is unpickled
   (``optimizer.pt`` and ``training_args.bin`` are pickles, carried as opaque
   bytes), and the manager checksums, verifies, commits and prunes as usual.
-* ``restore_checkpoint`` writes a committed step back as
-  ``<output_dir>/checkpoint-<step>/``, byte for byte what the Trainer wrote,
+* ``restore_checkpoint`` streams a committed step back as
+  ``<output_dir>/checkpoint-<step>/`` (a file at a time, a few read windows
+  in memory), byte for byte what the Trainer wrote,
   so ``trainer.train(resume_from_checkpoint=path)`` resumes it exactly as it
   would resume its own directory (RNG and scheduler state included).
 
@@ -34,8 +35,12 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
-from ..manager import CheckpointManager
+from ..errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
+                      PathNotFoundError)
+from ..manager import CheckpointManager, step_dir
+from ..plan import file_blobs
+from ..reader import load_manifest, open_commit, stream_blob
+from ..stores import open_store
 from ..stores.local import fsync_dir
 
 __all__ = ["StoreCallback", "restore_checkpoint", "directory_state", "FORMAT"]
@@ -90,41 +95,6 @@ def _safe_relpath(key: Any, uri: str) -> PurePosixPath:
     return p
 
 
-def _checked_files(state: Any, uri: str) -> tuple[int, dict[PurePosixPath, np.ndarray]]:
-    """(step, files) of a state ``directory_state`` made; anything else is refused with a clear error."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CorruptCheckpointError(
-            f"{uri}: not a Trainer checkpoint directory saved by StoreCallback "
-            f"(format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})", uri)
-    if state.get("version") != _VERSION:
-        raise CorruptCheckpointError(
-            f"{uri}: Trainer checkpoint format version {state.get('version')!r}; this ckptstore reads "
-            f"version {_VERSION}", uri)
-    if not isinstance(state.get("files"), dict) or not isinstance(state.get("step"), int):
-        raise CorruptCheckpointError(f"{uri}: Trainer checkpoint without its files or step", uri)
-    files = {}
-    for key, data in state["files"].items():
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
-            raise CorruptCheckpointError(f"{uri}: stored file {key!r} is not a byte array", uri)
-        files[_safe_relpath(key, uri)] = data
-    return state["step"], files
-
-
-def _write_tree(files: Mapping[PurePosixPath, np.ndarray], target: Path) -> None:
-    """Write ``files`` under the new directory ``target``, each fsynced, then the directories."""
-    dirs = {target}
-    for rel, data in files.items():
-        path = target.joinpath(*rel.parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dirs.update(path.parents[i] for i in range(len(rel.parts) - 1))
-        with open(path, "xb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        fsync_dir(str(d))
-
-
 def _occupied(target: Path) -> bool:
     """Whether ``target`` holds anything (an empty directory, e.g. one made by hand, does not count)."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
@@ -161,16 +131,18 @@ def restore_checkpoint(uri: Any, output_dir: str | os.PathLike, step: int | None
                        storage_options: Mapping[str, Any] | None = None, overwrite: bool = False) -> str | None:
     """Write step ``step`` of the manager at ``uri`` to ``<output_dir>/checkpoint-<step>``; return that path.
 
-    Without ``step``: the newest committed step that verifies (a corrupt newest
-    one is skipped with a warning). Returns None when ``uri`` holds no
-    committed step, so ``trainer.train(resume_from_checkpoint=...)`` starts
-    fresh. Every byte is checked against its checksum before it is written.
+    Without ``step``: the most recently committed step that verifies (a
+    corrupt one is skipped with a warning for the next older step). Returns
+    None when ``uri`` holds no committed step, so
+    ``trainer.train(resume_from_checkpoint=...)`` starts fresh.
 
-    The files are written and fsynced in a hidden staging directory beside the
-    target, which is renamed into place only when complete: a restore that
-    dies midway leaves no ``checkpoint-<step>`` for the Trainer to mistake for
-    a checkpoint (only a ``.checkpoint-<step>.ckptstore-restore-*`` directory
-    to delete). An existing non-empty target raises CheckpointExistsError
+    Each file streams from storage to disk a few read windows at a time, so a
+    restore holds no copy of the step in memory, and every byte is checked
+    against its checksum. The files are written and fsynced in a hidden
+    staging directory beside the target, which is renamed into place only
+    when complete: a restore that dies midway, or meets a checksum mismatch,
+    leaves no ``checkpoint-<step>`` for the Trainer to mistake for a
+    checkpoint. An existing non-empty target raises CheckpointExistsError
     unless ``overwrite``.
     """
     out = Path(output_dir)
@@ -178,24 +150,84 @@ def restore_checkpoint(uri: Any, output_dir: str | os.PathLike, step: int | None
         _refuse_occupied(out / f"{PREFIX_CHECKPOINT_DIR}-{step}", overwrite)
     mgr = CheckpointManager(uri, storage_options=storage_options, _probe=False)  # restoring needs no write access
     try:
-        state = mgr.restore(step, map_location="cpu")
+        if step is not None:
+            candidates = [step]
+        else:
+            newest = mgr.latest_step()
+            if newest is None:
+                return None
+            candidates = [newest] + [s for s in sorted(mgr.steps(), reverse=True) if s != newest]
+        root = open_store(uri, storage_options)
+        for i, s in enumerate(candidates):
+            try:
+                return _restore_step(root.child(step_dir(s)), out, overwrite, mgr.directory)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                if step is not None or i == len(candidates) - 1:
+                    raise
+                log.warning("%s: step %d does not verify, falling back to an older step: %s", mgr.directory, s, e)
+        return None
     finally:
         mgr.close()
-    if state is None:
-        return None
-    saved_step, files = _checked_files(state, mgr.directory)
-    target = out / f"{PREFIX_CHECKPOINT_DIR}-{saved_step}"
-    _refuse_occupied(target, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.ckptstore-restore-", dir=out))
-    try:
-        _write_tree(files, staging)
-        _publish(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log.info("%s: restored step %d to %s", mgr.directory, saved_step, target)
+
+
+def _restore_step(store, out: Path, overwrite: bool, where: str) -> str:
+    with store.errors("restore"):
+        m, _ = open_commit(store)
+        try:
+            head = load_manifest(store, m, select=["format", "version", "step"])
+        except PathNotFoundError:
+            head = None         # some other state: refused as not a Trainer directory below
+        saved_step, entries = _checked_entries(head, m, where)
+        target = out / f"{PREFIX_CHECKPOINT_DIR}-{saved_step}"
+        _refuse_occupied(target, overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.ckptstore-restore-", dir=out))
+        try:
+            _stream_tree(store, m, entries, staging)
+            _publish(staging, target, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    log.info("%s: restored step %d to %s", where, saved_step, target)
     return str(target)
+
+
+def _checked_entries(head: Any, m, uri: str) -> tuple[int, dict[PurePosixPath, int]]:
+    """(step, {relative path: blob}) of a step ``directory_state`` made, from the record alone."""
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise CorruptCheckpointError(
+            f"{uri}: not a Trainer checkpoint directory saved by StoreCallback "
+            f"(format {head.get('format') if isinstance(head, dict) else type(head).__name__!r})", uri)
+    if head.get("version") != _VERSION:
+        raise CorruptCheckpointError(
+            f"{uri}: Trainer checkpoint format version {head.get('version')!r}; this ckptstore reads "
+            f"version {_VERSION}", uri)
+    if not isinstance(head.get("step"), int):
+        raise CorruptCheckpointError(f"{uri}: Trainer checkpoint without its step", uri)
+    files = file_blobs(m, ("files",))
+    if files is None:
+        raise CorruptCheckpointError(f"{uri}: Trainer checkpoint without its files", uri)
+    out = {}
+    for key, blob in files.items():
+        if blob is None:
+            raise CorruptCheckpointError(f"{uri}: stored file {key!r} is not a byte array", uri)
+        out[_safe_relpath(key, uri)] = blob
+    return head["step"], out
+
+
+def _stream_tree(store, m, entries: Mapping[PurePosixPath, int], target: Path) -> None:
+    """Stream every file into the new directory ``target``, each fsynced, then the directories."""
+    dirs = {target}
+    for rel, blob in entries.items():
+        path = target.joinpath(*rel.parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dirs.update(path.parents[i] for i in range(len(rel.parts) - 1))
+        with open(path, "xb") as f:
+            stream_blob(store, m, blob, f.write)
+            f.flush()
+            os.fsync(f.fileno())
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync_dir(str(d))
 
 
 # ---------------------------------------------------------------- the callback
