@@ -1205,6 +1205,62 @@ def _tensors_notes(ctx: Context) -> list[str]:
 # --- the registry ---------------------------------------------------------------
 # The order here is the table's order and the default --backends.
 
+RESTORE_PEERS = (
+    ("ckptstore_copy", "ckptstore.load + copy_"),
+    ("torch_copy", "torch.load + copy_"),
+    ("torch_mmap_copy", "torch.load(mmap=True) + copy_"),
+    ("safetensors_copy", "safetensors load_file + copy_ (= load_model)"),
+    ("dcp_inplace", "dcp.load in place (FileSystemReader)"),
+)
+RESTORE_RSS_TARGET = 0.05
+
+
+def _restore_model_bytes(ctx: Context) -> int:
+    return ctx.size_bytes
+
+
+def bench_restore(site: Site) -> list[Row]:
+    """Restoring a model that already exists (resume): ``load(into=)`` against every way a user
+    would do it instead, each from its own format of the same weights, cold cache.
+
+    The model (the GPT state's weights, untied, about --size-gib) is allocated
+    and written before the clock starts; extra RSS is the peak beyond it.
+    Targets: extra RSS at most 5% of the model, and faster than every peer.
+    """
+    ctx, root = site.ctx, site.scratch
+    n = _restore_model_bytes(ctx)
+    s = {k: Series() for k in ("ckptstore_into", *[p for p, _ in RESTORE_PEERS])}
+    root.mkdir(parents=True, exist_ok=True)
+    setup = Series()
+    setup.add(lambda: ctx.run({"op": "restore_setup", "model_bytes": n, "dir": str(root)}))
+    if setup.error:
+        for v in s.values():
+            v.fail(f"setup failed: {setup.error}")
+    else:
+        n = setup.results[0]["nbytes"]
+        for r in range(ctx.repeat):
+            ctx.log(f"restore: round {r + 1}/{ctx.repeat}")
+            for impl, series in s.items():
+                out = series.add(lambda: ctx.run({"op": "restore", "impl": impl, "dir": str(root),
+                                                  "model_bytes": _restore_model_bytes(ctx), "cold": ctx.cold}))
+                if out is not None and not out.get("correct"):
+                    series.fail(f"{impl} restored wrong values")
+    cache = "cold" if ctx.cold else "warm cache"
+    rows = []
+    for impl, label in RESTORE_PEERS:
+        rows.append(compare("restore", f"load(into=) existing model ({cache})", s["ckptstore_into"], label,
+                            s[impl], n, target=1.0, rss_target=RESTORE_RSS_TARGET,
+                            note=f"peer extra RSS +{max(s[impl].extra_rss) / n:.2f}x" if s[impl].extra_rss
+                            else ""))
+    return rows
+
+
+def _restore_notes(ctx: Context) -> list[str]:
+    return [f"restore: the model already exists (allocated and written) when the clock starts; each way "
+            f"reads the same weights from its own format; extra RSS is the peak beyond the model; targets: "
+            f"faster than each peer and extra RSS at most {RESTORE_RSS_TARGET:.0%} of the model."]
+
+
 REGISTRY: tuple[Backend, ...] = (
     Backend("local", bench_local, disk=4,
             baselines=("dd conv=fsync", "cat", "torch.save + fsync, torch.load (reference)")),
@@ -1219,6 +1275,8 @@ REGISTRY: tuple[Backend, ...] = (
             baselines=("boto3 upload_file", "download_file + torch.load")),
     Backend("gcs", bench_gcs, remote=True, launcher=gcs_emulator, uri=gcs_uri,
             notes=_object_store_notes, disk=4, baselines=("gcsfs pipe", "gcsfs cat + torch.load")),
+    Backend("restore", bench_restore, notes=_restore_notes, disk=5, nbytes=_restore_model_bytes,
+            baselines=tuple(label for _, label in RESTORE_PEERS)),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",

@@ -717,7 +717,81 @@ def op_inspect(spec: dict) -> dict:
             "output_lines": len(out.getvalue().splitlines())}
 
 
+# --- restoring into a model that already exists ---------------------------------
+
+def model_state(spec: dict) -> dict:
+    """The GPT model's weights alone (untied, so every peer can store them), about spec["model_bytes"]."""
+    with torch.device("meta"):
+        shapes = {k: (v.shape, v.dtype) for k, v in gpt_state(3 * spec["model_bytes"])["model"].items()
+                  if k != "lm_head.weight"}
+    gen = torch.Generator().manual_seed(spec.get("seed", 0))
+    return {k: torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=gen) for k, (shape, dtype) in shapes.items()}
+
+
+def op_restore_setup(spec: dict) -> dict:
+    """Write the model in every peer's format under spec["dir"]."""
+    import ckptstore
+    from safetensors.torch import save_file
+    model = model_state(spec)
+    root = Path(spec["dir"])
+    ckptstore.save({"model": model}, str(root / "ckptstore"))
+    torch.save({"model": model}, root / "model.pt")
+    save_file(model, str(root / "model.safetensors"))
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"model": model}, storage_writer=dcp.FileSystemWriter(str(root / "dcp")))
+    return {"seconds": 0.0, "nbytes": state_nbytes(model)}
+
+
+def _copy_into(model: dict, saved: dict) -> None:
+    with torch.no_grad():
+        for k, t in model.items():
+            t.copy_(saved[k])
+
+
+def op_restore(spec: dict) -> dict:
+    """Restore spec["dir"]'s model into an existing, resident one with spec["impl"]; cold cache.
+
+    The model exists before the clock starts (allocated and written, as a
+    built model is); extra RSS is everything beyond it.
+    """
+    import ckptstore
+    root = Path(spec["dir"])
+    model = model_state({**spec, "seed": 1})
+    impl = spec["impl"]
+
+    def run() -> None:
+        if impl == "ckptstore_into":
+            ckptstore.load(str(root / "ckptstore"), into={"model": model})
+        elif impl == "ckptstore_copy":
+            _copy_into(model, ckptstore.load(str(root / "ckptstore"))["model"])
+        elif impl == "torch_copy":
+            _copy_into(model, torch.load(root / "model.pt", weights_only=True)["model"])
+        elif impl == "torch_mmap_copy":
+            _copy_into(model, torch.load(root / "model.pt", weights_only=True, mmap=True)["model"])
+        elif impl == "safetensors_copy":
+            from safetensors.torch import load_file
+            _copy_into(model, load_file(str(root / "model.safetensors")))
+        elif impl == "dcp_inplace":
+            import torch.distributed.checkpoint as dcp
+            dcp.load({"model": model}, storage_reader=dcp.FileSystemReader(str(root / "dcp")))
+        else:
+            raise ValueError(impl)
+
+    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    extra = peak_rss() - before
+    gc.collect()
+    ok = all(torch.equal(t, s) for t, s in zip(model.values(), model_state(spec).values()))
+    return {"seconds": seconds, "extra_rss": extra, "cold": cold, "cold_note": why, "correct": ok}
+
+
 OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager,
+       "restore_setup": op_restore_setup, "restore": op_restore,
        "inspect": op_inspect}
 
 

@@ -84,6 +84,14 @@ class StreamReader:
             done += take
         return buf
 
+    def advise(self, start: int, nbytes: int) -> None:
+        """Tell the store that stream bytes [start, start + nbytes) will be read soon."""
+        end = start + nbytes
+        for k, f in enumerate(self.files):
+            lo, hi = max(start, self.starts[k]), min(end, self.starts[k + 1])
+            if lo < hi:
+                self.store.prefetch(f.name, lo - self.starts[k], hi - lo)
+
     def _read(self, r: Range) -> memoryview:
         buf = r.into if r.into is not None else memoryview(bytearray(r.nbytes))
         return self.readinto(r.start, buf)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,18 +282,7 @@ def read_direct(store: Store, m: Manifest, direct: dict, verify: bool, where: st
     dev = {b: tg for b, tg in direct.items() if tg.tensor.device.type != "cpu"}
     with StreamReader(store, m.files) as reader:
         if host:
-            flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
-            ranges, left = [], {}
-            for b in sorted(host, key=lambda b: int(t.starts[b])):
-                start, n = int(t.starts[b]), int(t.sizes[b])
-                for o in range(0, n, step):
-                    k = min(step, n - o)
-                    ranges.append(Range(start + o, k, memoryview(flats[b][o:o + k]), b))
-                    left[b] = left.get(b, 0) + 1
-            for r, _ in reader.fetch(ranges):
-                left[r.tag] -= 1
-                if not left[r.tag] and verify:
-                    _check_blob(memoryview(flats[r.tag]), r.tag, m, where, store.uri)
+            _fill_host(reader, store, m, host, verify, where)
         if dev:
             pinned = torch.cuda.is_available()
             stage = torch.empty(min(STAGE, max(int(t.sizes[b]) for b in dev)), dtype=torch.uint8,
@@ -313,6 +303,43 @@ def read_direct(store: Store, m: Manifest, direct: dict, verify: bool, where: st
                     dst[o:o + k].copy_(stage[:k])
                 if verify and crc != int(t.crcs[b]):
                     raise _crc_mismatch(b, n, start, where, store.uri)
+
+
+def _fill_host(reader: StreamReader, store: Store, m: Manifest, host: dict, verify: bool, where: str) -> None:
+    """Read every host target's blob into its memory, chunks in parallel, each blob's CRC-32C
+    checked on a worker as soon as its last chunk is in (the disk and the CRC overlap)."""
+    t = m.blobs
+    step = store.read_bytes
+    flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
+    order = sorted(host, key=lambda b: int(t.starts[b]))
+    lock = threading.Lock()
+    left = {b: -(-int(t.sizes[b]) // step) for b in order}
+    runs: list[list[int]] = []       # the targets' stream ranges, adjacent ones merged
+    for b in order:
+        s, n = int(t.starts[b]), int(t.sizes[b])
+        if runs and s - runs[-1][1] <= COALESCE:
+            runs[-1][1] = max(runs[-1][1], s + n)
+        else:
+            runs.append([s, s + n])
+    for s, e in runs:
+        reader.advise(s, e - s)
+    with cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-into") as pool:
+        checks: list[cf.Future] = []
+
+        def read(b: int, o: int) -> None:
+            n = min(step, int(t.sizes[b]) - o)
+            reader.readinto(int(t.starts[b]) + o, memoryview(flats[b][o:o + n]))
+            with lock:
+                left[b] -= 1
+                last = not left[b]
+            if last and verify:
+                checks.append(pool.submit(_check_blob, memoryview(flats[b]), b, m, where, store.uri))
+
+        reads = [pool.submit(read, b, o) for b in order for o in range(0, int(t.sizes[b]), step)]
+        for f in reads:
+            f.result()
+        for f in checks:
+            f.result()
 
 
 def _crc_mismatch(b: int, n: int, start: int, where: str, uri: str) -> CorruptCheckpointError:

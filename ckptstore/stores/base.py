@@ -198,6 +198,9 @@ class Store(ABC):
         where the backend is a local disk; None means read it instead."""
         return None
 
+    def prefetch(self, name: str, offset: int, nbytes: int) -> None:
+        """Hint that bytes [offset, offset + nbytes) of ``name`` will be read soon (a no-op by default)."""
+
     def reported_crc32c(self, name: str) -> int | None:
         """The backend's own CRC-32C of a stored file, where it keeps one."""
         return None
