@@ -1255,6 +1255,66 @@ def bench_restore(site: Site) -> list[Row]:
     return rows
 
 
+SELECT_PEERS = (("safetensors_safe_open", "safetensors safe_open + get_tensor (model keys)"),
+                ("ckptstore_full", "ckptstore.load of everything"))
+EXPORT_SPEED_TARGET = 0.9
+EXPORT_RSS_TARGET = 0.10
+
+
+def bench_select(site: Site) -> list[Row]:
+    """Reading only the weights of a training checkpoint (weights + AdamW moments, --size-gib in
+    all), and exporting them as .safetensors, on the local disk, cold cache.
+
+    select: ``load(select="model")`` against safetensors ``safe_open`` + ``get_tensor`` of the
+    same tensors from a safetensors file of the whole state, and a full ``load``; the disk bytes
+    each read are in the note (/proc/self/io). export: ``ckptstore.export(select="model")`` from
+    the checkpoint against ``safetensors.torch.save_file`` of the same tensors already in memory
+    (+ fsync; export is durable). Targets: export at least 0.9x, extra RSS at most 10%.
+    """
+    ctx, root = site.ctx, site.scratch
+    root.mkdir(parents=True, exist_ok=True)
+    setup = Series()
+    setup.add(lambda: ctx.run({"op": "select_setup", "size_bytes": ctx.size_bytes, "dir": str(root)}))
+    sel = {k: Series() for k in ("ckptstore_select", *[p for p, _ in SELECT_PEERS])}
+    exp = {k: Series() for k in ("export", "save_file", "load_save_file")}
+    if setup.error:
+        for v in (*sel.values(), *exp.values()):
+            v.fail(f"setup failed: {setup.error}")
+        model = ctx.state_bytes // 3
+    else:
+        model = setup.results[0]["model_bytes"]
+        for r in range(ctx.repeat):
+            ctx.log(f"select/export: round {r + 1}/{ctx.repeat}")
+            for impl, series in sel.items():
+                series.add(lambda: ctx.run({"op": "select", "impl": impl, "dir": str(root), "cold": ctx.cold}))
+            for impl, series in exp.items():
+                series.add(lambda: ctx.run({"op": "export", "impl": impl, "dir": str(root), "cold": ctx.cold}))
+    cache = "cold" if ctx.cold else "warm cache"
+
+    def read_note(series: Series) -> str:
+        return f"disk read {min(r['disk_read'] for r in series.results) / model:.2f}x the model" \
+            if series.results else ""
+    rows = [compare("select", f'load(select="model") of a 3x checkpoint ({cache})', sel["ckptstore_select"],
+                    label, sel[impl], model,
+                    note=f"ckptstore {read_note(sel['ckptstore_select'])}; peer {read_note(sel[impl])}")
+            for impl, label in SELECT_PEERS]
+    rows.append(compare("select", "export(select=\"model\") to .safetensors", exp["export"],
+                        "safetensors save_file (tensors in memory) + fsync", exp["save_file"], model,
+                        target=EXPORT_SPEED_TARGET, rss_target=EXPORT_RSS_TARGET,
+                        note="export reads the checkpoint (cold) and writes; the peer only writes"))
+    rows.append(compare("select", "export(select=\"model\") to .safetensors", exp["export"],
+                        "load(select) + safetensors save_file + fsync", exp["load_save_file"], model,
+                        rss_target=EXPORT_RSS_TARGET, note="the same work: read the checkpoint, write the file"))
+    return rows
+
+
+def _select_notes(ctx: Context) -> list[str]:
+    return ["select: the checkpoint is the GPT training state (weights plus AdamW moments, about 3x the "
+            "weights); each way reads the weights only; cold cache; disk bytes read from /proc/self/io. "
+            f"export target: at least {EXPORT_SPEED_TARGET}x save_file, extra RSS at most "
+            f"{EXPORT_RSS_TARGET:.0%} of the weights."]
+
+
 def _restore_notes(ctx: Context) -> list[str]:
     return [f"restore: the model already exists (allocated and written) when the clock starts; each way "
             f"reads the same weights from its own format; extra RSS is the peak beyond the model; targets: "
@@ -1277,6 +1337,9 @@ REGISTRY: tuple[Backend, ...] = (
             notes=_object_store_notes, disk=4, baselines=("gcsfs pipe", "gcsfs cat + torch.load")),
     Backend("restore", bench_restore, notes=_restore_notes, disk=5, nbytes=_restore_model_bytes,
             baselines=tuple(label for _, label in RESTORE_PEERS)),
+    Backend("select", bench_select, notes=_select_notes, disk=3,
+            baselines=tuple(label for _, label in SELECT_PEERS) + ("safetensors save_file",
+                                                                    "load + safetensors save_file")),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",

@@ -790,8 +790,102 @@ def op_restore(spec: dict) -> dict:
     return {"seconds": seconds, "extra_rss": extra, "cold": cold, "cold_note": why, "correct": ok}
 
 
+def _flat(state: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a GPT state under a dotted name (the layout a safetensors file needs)."""
+    out = {f"model.{k}": v for k, v in state["model"].items() if k != "lm_head.weight"}
+    for pid, moments in state["optimizer"]["state"].items():
+        for k, v in moments.items():
+            out[f"optimizer.state.{pid}.{k}"] = v
+    return out
+
+
+def _disk_read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def op_select_setup(spec: dict) -> dict:
+    """A training checkpoint (weights + AdamW moments, about 3x the weights) in ckptstore and safetensors."""
+    import ckptstore
+    from safetensors.torch import save_file
+    state = gpt_state(spec["size_bytes"])
+    del state["model"]["lm_head.weight"]           # untied, so safetensors can hold it too
+    root = Path(spec["dir"])
+    ckptstore.save(state, str(root / "ckptstore"))
+    save_file(_flat(state), str(root / "state.safetensors"))
+    model = sum(t.numel() * t.element_size() for t in state["model"].values())
+    return {"seconds": 0.0, "model_bytes": model, "state_bytes": state_nbytes(state)}
+
+
+def op_select(spec: dict) -> dict:
+    """Read only the model's weights of spec["dir"]'s checkpoint with spec["impl"], cold cache."""
+    import ckptstore
+    root = Path(spec["dir"])
+    impl = spec["impl"]
+    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    gc.collect()
+    reset_peak_rss()
+    before, disk = current_rss(), _disk_read_bytes()
+    start = time.perf_counter()
+    if impl == "ckptstore_select":
+        got = ckptstore.load(str(root / "ckptstore"), select="model")["model"]
+    elif impl == "ckptstore_full":
+        got = ckptstore.load(str(root / "ckptstore"))["model"]
+    elif impl == "safetensors_safe_open":
+        from safetensors import safe_open
+        with safe_open(str(root / "state.safetensors"), "pt") as f:
+            got = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    else:
+        raise ValueError(impl)
+    touch(got)
+    seconds = time.perf_counter() - start
+    nbytes = state_nbytes(got)
+    return {"seconds": seconds, "extra_rss": peak_rss() - before - nbytes, "disk_read": _disk_read_bytes() - disk,
+            "nbytes": nbytes, "cold": cold, "cold_note": why}
+
+
+def op_export(spec: dict) -> dict:
+    """Write the model's weights as .safetensors: ckptstore.export from the checkpoint (cold), or
+    safetensors.save_file of the same tensors already in memory (+ fsync, as export is durable)."""
+    import ckptstore
+    root = Path(spec["dir"])
+    out = root / f"out-{spec['impl']}.safetensors"
+    if out.exists():
+        out.unlink()
+    tensors = None
+    if spec["impl"] == "save_file":     # the tensors are in memory before the clock starts
+        tensors = ckptstore.load(str(root / "ckptstore"), select="model")["model"]
+    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    gc.collect()
+    reset_peak_rss()
+    before = current_rss()
+    start = time.perf_counter()
+    if spec["impl"] == "export":
+        ckptstore.export(str(root / "ckptstore"), str(out), select="model")
+    elif spec["impl"] == "load_save_file":  # what a user does without export: load, then save_file
+        from safetensors.torch import save_file
+        save_file(ckptstore.load(str(root / "ckptstore"), select="model")["model"], str(out))
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors, str(out))
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    extra = peak_rss() - before
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "extra_rss": extra, "file_bytes": size, "cold": cold, "cold_note": why}
+
+
 OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager,
-       "restore_setup": op_restore_setup, "restore": op_restore,
+       "restore_setup": op_restore_setup, "restore": op_restore, "select_setup": op_select_setup,
+       "select": op_select, "export": op_export,
        "inspect": op_inspect}
 
 

@@ -142,7 +142,20 @@ def _batches(tensors: list, limit: int = EXPORT_BATCH):
 
 
 def _stream_tensors(view, tensors: list, write) -> None:
-    """Read the tensors in batches and hand each one's bytes to ``write``, in order."""
+    """Hand each tensor's bytes to ``write``, in order: straight from storage a read window at a
+    time where the saved tensor is its whole storage, else read in batches and written out."""
+    pending: list = []
+    for item in tensors:
+        _, path, info = item
+        if info.nbytes and view.stream_tensor(path, write):
+            continue
+        pending.append(item)
+        # Keep the order: a tensor that cannot stream is written before the next one that can.
+        _write_batches(view, pending, write)
+        pending.clear()
+
+
+def _write_batches(view, tensors: list, write) -> None:
     for batch in _batches(tensors):
         got = view.load(select=[p for _, p, _ in batch])
         for _, path, info in batch:

@@ -231,8 +231,13 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     if wanted is not None and not wanted:
         return values
     segs = segments(m) if wanted is None else selected_segments(m, wanted)
-    mapped = store.map_file(m.files[0].name, m.files[0].nbytes) if len(m.files) == 1 else None
+    mapped = store.map_file(m.files[0].name, m.files[0].nbytes, read_ahead=wanted is None) \
+        if len(m.files) == 1 else None
     if mapped is not None:
+        if wanted is not None:
+            # Only the selected runs: read ahead just those.
+            for sg in segs:
+                store.prefetch(m.files[0].name, sg.start, sg.end - sg.start)
         _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency, segs, wanted is None)
         return values
     with StreamReader(store, m.files) as reader:

@@ -12,6 +12,7 @@ loads it, and the view walks the loaded value.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,11 +22,11 @@ from .commit import choose
 from .errors import CorruptCheckpointError, PathNotFoundError
 from .format import tree
 from .format.dtypes import dtype_from_name
-from .format.manifest import Manifest
+from .format.manifest import STORAGE, Manifest
 from .format.paths import CONTAINER_TAGS, Tree, malformed_is_corrupt, normalize, show
 from .info import CheckpointInfo
 from .plan import select_value
-from .reader import load_manifest
+from .reader import load_manifest, stream_blob
 from .stores.base import Store
 
 
@@ -147,6 +148,32 @@ class Checkpoint:
                     stack.append((path + (k,), c))
 
     # -- reading
+    def stream_tensor(self, path: tuple, write) -> bool:
+        """Hand the bytes of the tensor at ``path`` (relative to this view) to ``write`` in order,
+        straight from storage a read window at a time, checked against its CRC-32C at the end.
+
+        Only where the saved tensor is exactly its storage (contiguous, offset 0, the storage's
+        size): returns False, having written nothing, for anything else (a view, a file)."""
+        if self._m is None or self._closed:
+            return False
+        with malformed_is_corrupt():
+            node = self._nav.lookup(self._prefix + tuple(path))[-1]
+            raw = self._nav.node(node)
+            if raw[0] != "tensor":
+                return False
+            t = tree.tensor_info(raw, self._m.version[0])
+            shape = _whole_numbers(t.shape, tuple(path))
+            b = t.blob
+            table = self._m.blobs
+            if type(b) is not int or not 0 <= b < len(table) or table.kind(b) != STORAGE or t.offset != 0 \
+                    or tuple(t.stride) != tuple(tree.contiguous_strides(shape)):
+                return False
+            if int(table.sizes[b]) != math.prod(shape) * dtype_from_name(t.dtype).itemsize:
+                return False
+        with self._store.errors("read"):
+            stream_blob(self._store, self._m, b, write, verify=self._verify)
+        return True
+
     def load(self, *, select: Any = None, into: Any = None, map_location=None) -> Any:
         """The value of this view (or ``select``-ed paths of it, relative to it), as ``ckptstore.load``."""
         paths = normalize(select)

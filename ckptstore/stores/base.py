@@ -193,9 +193,10 @@ class Store(ABC):
     def file_reader(self) -> Reader:
         """A Reader over the location itself (for single-file checkpoints)."""
 
-    def map_file(self, name: str, size: int):
+    def map_file(self, name: str, size: int, read_ahead: bool = True):
         """A private, copy-on-write mapping of a data file as a torch UntypedStorage,
-        where the backend is a local disk; None means read it instead."""
+        where the backend is a local disk; None means read it instead. ``read_ahead``:
+        ask the kernel to read the whole file now (not when only part of it is wanted)."""
         return None
 
     def prefetch(self, name: str, offset: int, nbytes: int) -> None:

@@ -253,7 +253,7 @@ class LocalStore(Store):
         finally:
             os.close(fd)
 
-    def map_file(self, name: str, size: int):
+    def map_file(self, name: str, size: int, read_ahead: bool = True):
         # Not on FUSE or network mounts: a mapping there faults over the
         # network, and a remote truncation would be a SIGBUS, not an error.
         if self.remote_mount or size == 0:
@@ -267,7 +267,10 @@ class LocalStore(Store):
                     return None  # the size check will report it
                 # Ask the kernel to start reading the whole file now, so the
                 # disk works while the checksum walks the pages.
-                os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+                if read_ahead:
+                    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+                else:
+                    os.posix_fadvise(fd, 0, size, os.POSIX_FADV_RANDOM)
             finally:
                 os.close(fd)
             return torch.UntypedStorage.from_file(path, shared=False, nbytes=size)
