@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
 from .stores.base import CHUNK, Store
 from .format.tree import restore_location
 
@@ -76,10 +76,12 @@ def load_torch(store: Store, map_location=None, allow_pickle: bool = False) -> A
                 "and unpickling them could run arbitrary code; pass allow_pickle=True only if you "
                 f"trust where it came from. Refused: {str(e).splitlines()[-1] if str(e) else 'pickle'}",
                 store.uri) from None
-        except (RuntimeError, EOFError, ValueError, LookupError, TypeError, AttributeError, ArithmeticError,
-                RecursionError, struct.error) as e:
+        except (OSError, CheckpointError):
+            raise           # reading the file failed: the store names it
+        except Exception as e:  # noqa: BLE001 - see below
             # The weights-only unpickler runs no code, so whatever else it raises
-            # on a malformed stream (an IndexError from an empty stack, ...) is corruption.
+            # on a malformed stream (an IndexError from an empty stack, an
+            # AssertionError on a persistent id, ...) is corruption.
             raise CorruptCheckpointError(f"{store.uri}: not a loadable torch.save file: "
                                          f"{type(e).__name__}: {e}", store.uri) from None
 
@@ -132,7 +134,7 @@ def load_safetensors(store: Store, map_location=None) -> dict:
             if dtype is None:
                 raise bad(f"tensor {name!r}: unsupported or missing dtype {info.get('dtype')!r:.40}")
             shape, offsets = info.get("shape"), info.get("data_offsets")
-            if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+            if not isinstance(shape, list) or not all(_whole(d) and 0 <= d < 2 ** 62 for d in shape):
                 raise bad(f"tensor {name!r}: shape is not a list of whole numbers")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(x) for x in offsets)):
                 raise bad(f"tensor {name!r}: data_offsets is not two whole numbers")

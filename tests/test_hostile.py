@@ -600,3 +600,26 @@ def test_a_safetensors_file_that_lies_loads_what_it_holds_or_raises_corrupt(tmp_
             begin, end = header[name]["data_offsets"]
             assert list(t.shape) == header[name]["shape"]
             assert t.reshape(-1).view(torch.uint8).numpy().tobytes() == raw[base + begin:base + end]
+
+
+# ---------------------------------------------------------------- cases `make fuzz` found, kept as examples
+
+def test_a_pickle_whose_persistent_id_is_not_a_tuple_is_corrupt(tmp_path):
+    # Found by make fuzz: torch's weights-only unpickler asserts on it (AssertionError).
+    path = tmp_path / "model.pt"
+    torch.save({"s": None, "keep": 1}, path)
+    members = _zip_members(path)
+    (pkl,) = [n for n in members if n.endswith("data.pkl")]
+    members[pkl] = b"K\x00Q" + members[pkl]
+    _write_zip(path, members)
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(str(path))
+
+
+def test_a_safetensors_shape_past_int64_with_no_elements_is_corrupt(tmp_path):
+    # Found by make fuzz: [0, 2**64] has no elements, so its offsets agree, but torch cannot hold it.
+    header = json.dumps({"x": {"dtype": "F32", "shape": [0, 2 ** 64], "data_offsets": [0, 0]}}).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(str(path))

@@ -533,6 +533,21 @@ class GCSStore(ObjectStore):
         except ValueError:
             return self.reported_crc32c(name)
 
+    def is_file(self) -> bool:
+        # fsspec's own _isfile() (before 2026.1) has a bare except that also
+        # swallows the cancellation of the deadline: a silent endpoint would
+        # answer False after one deadline and the caller would wait out another.
+        path = self.location.path
+
+        async def isfile():
+            try:
+                return (await self.fs._info(path))["type"] == "file"
+            except Exception:  # noqa: BLE001 - fsspec's isfile(): any failure is "not a file"
+                return False
+
+        with self.errors("stat"):
+            return self.within_deadline(isfile)
+
     def create_exclusive(self, name: str, data: bytes) -> bool:
         with self.errors("create", name):
             try:
