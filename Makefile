@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test bench fuzz clean
+.PHONY: venv tools test test-oldest bench fuzz clean
 
 venv: $(VENV)/.installed
 
@@ -36,8 +36,19 @@ FUZZ_CASES ?= 20000
 fuzz: venv
 	CKPTSTORE_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -q --hypothesis-show-statistics tests/test_hostile.py
 
+# The suite with the oldest fsspec, s3fs, gcsfs and numpy that pyproject.toml
+# allows (aiobotocore 2.18 is the first that allows botocore 1.36, which sends a
+# precomputed CRC-32C without awscrt), in a venv of its own.
+OLDEST := "fsspec==2024.12.0" "s3fs==2024.12.0" "gcsfs==2024.12.0" "numpy==1.23.5" "aiobotocore==2.18.0"
+test-oldest: tools
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --upgrade pip
+	.venv-oldest/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-oldest/bin/python -m pip install --quiet -e ".[dev]" $(OLDEST)
+	.venv-oldest/bin/python -m pytest -q -rs tests
+
 bench: venv tools
 	$(PY) -m benchmarks.bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest build *.egg-info .pytest_cache
