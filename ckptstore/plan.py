@@ -117,6 +117,9 @@ class ReadPlan:
         for i in nodes:
             b = node_blob(m.nodes[i], version)
             if b is not None:
+                if not 0 <= b < len(m.blobs):
+                    raise CorruptCheckpointError(f"malformed checkpoint structure: node {i} refers to blob "
+                                                 f"{b}, which does not exist")
                 blobs.add(b)
                 users[b] = users.get(b, 0) + 1
         for t in plan.targets:

@@ -623,3 +623,20 @@ def test_a_safetensors_shape_past_int64_with_no_elements_is_corrupt(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     with pytest.raises(CorruptCheckpointError):
         ckptstore.load(str(path))
+
+
+def test_a_selected_value_pointing_at_a_blob_that_does_not_exist_is_corrupt(tmp_path):
+    # Found by make fuzz: a bytes node's blob index 2**40, reached through select=.
+    d = tmp_path / "c"
+    ckptstore.save({"a": [b"x", b"y"]}, d)
+    raw = _record(d).read_bytes()
+    head_raw, nodes_raw = raw.split(b"\n", 1)[1].split(b"\n", 1)
+    head, nodes = json.loads(head_raw), json.loads(nodes_raw)
+    i = next(j for j, n in enumerate(nodes) if n[0] == "bytes")
+    nodes[i][1] = 2 ** 40
+    body = _dump(head) + b"\n" + _dump(nodes)
+    _record(d).write_bytes(b"CKPTSTORE 2 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body)
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(str(d), select="a")
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(str(d))
