@@ -146,6 +146,8 @@ def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, v
                                 f"has {list(dst.shape)}")
     if dst.device.type == "meta":
         raise PathMismatchError(f"into={show(path)}: a meta tensor has no memory to load into")
+    if info.blob is None:
+        raise PathMismatchError(f"into={show(path)}: the checkpoint holds a meta tensor there (no data to load)")
     b = info.blob if type(info.blob) is int else None
     if b is not None and (not 0 <= b < len(m.blobs) or m.blobs.kind(b) != STORAGE):
         raise CorruptCheckpointError(f"malformed checkpoint structure: tensor node {node} refers to blob "

@@ -285,3 +285,11 @@ def test_select_on_s3_moves_only_the_selected_bytes_and_open_only_the_record(mot
         listed = dict(view.tensors())
         record_only = proxy.stats["bytes_down"] - before
         assert len(listed) == 16 and record_only < 64 * 1024, record_only
+
+
+def test_into_a_saved_meta_tensor_is_a_value_error_before_anything_changes(tmp_path):
+    ckptstore.save({"m": torch.empty(3, device="meta"), "w": torch.ones(3)}, tmp_path / "c")
+    dst = {"m": torch.zeros(3), "w": torch.zeros(3)}
+    with pytest.raises(ValueError, match="meta"):
+        ckptstore.load(tmp_path / "c", into=dst)
+    assert torch.equal(dst["w"], torch.zeros(3))
