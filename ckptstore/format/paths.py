@@ -123,8 +123,10 @@ class Tree:
                     if type(k) is list and len(k) == 1:
                         kn = self._child(i, k[0])
                         yield None, self._child(i, v), kn
-                    else:
+                    elif type(k) is str or type(k) is int:
                         yield k, self._child(i, v), None
+                    else:
+                        raise _bad(f"node {i}: a key must be a string, an int or [node]")
             else:
                 return
         except (TypeError, IndexError) as e:
