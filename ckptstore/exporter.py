@@ -144,15 +144,10 @@ def _batches(tensors: list, limit: int = EXPORT_BATCH):
 def _stream_tensors(view, tensors: list, write) -> None:
     """Hand each tensor's bytes to ``write``, in order: straight from storage a read window at a
     time where the saved tensor is its whole storage, else read in batches and written out."""
-    pending: list = []
     for item in tensors:
         _, path, info = item
-        if info.nbytes and view.stream_tensor(path, write):
-            continue
-        pending.append(item)
-        # Keep the order: a tensor that cannot stream is written before the next one that can.
-        _write_batches(view, pending, write)
-        pending.clear()
+        if not (info.nbytes and view.stream_tensor(path, write)):
+            _write_batches(view, [item], write)     # in place, so the order stays the header's
 
 
 def _write_batches(view, tensors: list, write) -> None:
