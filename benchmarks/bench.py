@@ -1215,26 +1215,37 @@ RESTORE_PEERS = (
 RESTORE_RSS_TARGET = 0.05
 
 
+EXPORT_SPEED_TARGET = 0.9
+EXPORT_RSS_TARGET = 0.10
+EXPORTS = ("export", "export_warm", "save_file", "load_save_file")
+
+
 def _restore_model_bytes(ctx: Context) -> int:
     return ctx.size_bytes
 
 
 def bench_restore(site: Site) -> list[Row]:
     """Restoring a model that already exists (resume): ``load(into=)`` against every way a user
-    would do it instead, each from its own format of the same weights, cold cache.
+    would do it instead, each from its own format of the same weights, cold cache; and exporting
+    those weights as .safetensors.
 
     The model (the GPT state's weights, untied, about --size-gib) is allocated
     and written before the clock starts; extra RSS is the peak beyond it.
     Targets: extra RSS at most 5% of the model, and faster than every peer.
+    export: ``ckptstore.export(select="model")`` from the checkpoint (cold
+    cache, and warm as right after the save) against
+    ``safetensors.torch.save_file`` of the same tensors already in memory
+    (+ fsync; export is durable). Targets: at least 0.9x, extra RSS at most 10%.
     """
     ctx, root = site.ctx, site.scratch
     n = _restore_model_bytes(ctx)
     s = {k: Series() for k in ("ckptstore_into", *[p for p, _ in RESTORE_PEERS])}
+    exp = {k: Series() for k in EXPORTS}
     root.mkdir(parents=True, exist_ok=True)
     setup = Series()
     setup.add(lambda: ctx.run({"op": "restore_setup", "model_bytes": n, "dir": str(root)}))
     if setup.error:
-        for v in s.values():
+        for v in (*s.values(), *exp.values()):
             v.fail(f"setup failed: {setup.error}")
     else:
         n = setup.results[0]["nbytes"]
@@ -1245,6 +1256,11 @@ def bench_restore(site: Site) -> list[Row]:
                                                   "model_bytes": _restore_model_bytes(ctx), "cold": ctx.cold}))
                 if out is not None and not out.get("correct"):
                     series.fail(f"{impl} restored wrong values")
+            for impl, series in exp.items():
+                out = series.add(lambda: ctx.run({"op": "export", "impl": impl, "dir": str(root),
+                                                  "cold": ctx.cold, "check": r == 0}))
+                if out is not None and out.get("correct") is False:
+                    series.fail(f"{impl} wrote a file that does not equal the checkpoint")
     cache = "cold" if ctx.cold else "warm cache"
     rows = []
     for impl, label in RESTORE_PEERS:
@@ -1252,73 +1268,97 @@ def bench_restore(site: Site) -> list[Row]:
                             s[impl], n, target=1.0, rss_target=RESTORE_RSS_TARGET,
                             note=f"peer extra RSS +{max(s[impl].extra_rss) / n:.2f}x" if s[impl].extra_rss
                             else ""))
+    peer = "safetensors save_file (tensors in memory) + fsync"
+    rows += [
+        compare("restore", f'export(select="model") to .safetensors ({cache})', exp["export"], peer,
+                exp["save_file"], n, target=EXPORT_SPEED_TARGET, rss_target=EXPORT_RSS_TARGET,
+                note="export reads the checkpoint and writes the file; the peer only writes"),
+        compare("restore", 'export(select="model") to .safetensors (checkpoint in page cache)',
+                exp["export_warm"], peer, exp["save_file"], n, target=EXPORT_SPEED_TARGET,
+                rss_target=EXPORT_RSS_TARGET, note="as right after the save: the checkpoint's pages cached"),
+        compare("restore", f'export(select="model") to .safetensors ({cache})', exp["export"],
+                "load(select) + safetensors save_file + fsync", exp["load_save_file"], n,
+                rss_target=EXPORT_RSS_TARGET, note="the same work: read the checkpoint, write the file"),
+    ]
     return rows
 
 
 SELECT_PEERS = (("safetensors_safe_open", "safetensors safe_open + get_tensor (model keys)"),
                 ("ckptstore_full", "ckptstore.load of everything"))
-EXPORT_SPEED_TARGET = 0.9
-EXPORT_RSS_TARGET = 0.10
 
 
 def bench_select(site: Site) -> list[Row]:
     """Reading only the weights of a training checkpoint (weights + AdamW moments, --size-gib in
-    all), and exporting them as .safetensors, on the local disk, cold cache.
-
-    select: ``load(select="model")`` against safetensors ``safe_open`` + ``get_tensor`` of the
-    same tensors from a safetensors file of the whole state, and a full ``load``; the disk bytes
-    each read are in the note (/proc/self/io). export: ``ckptstore.export(select="model")`` from
-    the checkpoint against ``safetensors.torch.save_file`` of the same tensors already in memory
-    (+ fsync; export is durable). Targets: export at least 0.9x, extra RSS at most 10%.
+    all) on the local disk, cold cache: ``load(select="model")`` against safetensors ``safe_open``
+    + ``get_tensor`` of the same tensors from a safetensors file of the whole state, and a full
+    ``load``; the disk bytes each read are in the note (/proc/self/io).
     """
     ctx, root = site.ctx, site.scratch
     root.mkdir(parents=True, exist_ok=True)
     setup = Series()
     setup.add(lambda: ctx.run({"op": "select_setup", "size_bytes": ctx.size_bytes, "dir": str(root)}))
     sel = {k: Series() for k in ("ckptstore_select", *[p for p, _ in SELECT_PEERS])}
-    exp = {k: Series() for k in ("export", "save_file", "load_save_file")}
-    if setup.error:
-        for v in (*sel.values(), *exp.values()):
-            v.fail(f"setup failed: {setup.error}")
-        model = ctx.state_bytes // 3
-    else:
-        model = setup.results[0]["model_bytes"]
-        for r in range(ctx.repeat):
-            ctx.log(f"select/export: round {r + 1}/{ctx.repeat}")
-            for impl, series in sel.items():
-                series.add(lambda: ctx.run({"op": "select", "impl": impl, "dir": str(root), "cold": ctx.cold}))
-            for impl, series in exp.items():
-                series.add(lambda: ctx.run({"op": "export", "impl": impl, "dir": str(root), "cold": ctx.cold}))
+    model = _select_rounds(ctx, setup, sel, {"dir": str(root), "cold": ctx.cold}, "select")
     cache = "cold" if ctx.cold else "warm cache"
+    return _select_rows("select", f'load(select="model") of a 3x checkpoint ({cache})', sel, model, "disk read")
 
-    def read_note(series: Series) -> str:
-        return f"disk read {min(r['disk_read'] for r in series.results) / model:.2f}x the model" \
-            if series.results else ""
-    rows = [compare("select", f'load(select="model") of a 3x checkpoint ({cache})', sel["ckptstore_select"],
-                    label, sel[impl], model,
-                    note=f"ckptstore {read_note(sel['ckptstore_select'])}; peer {read_note(sel[impl])}")
+
+def bench_select_s3(site: Site) -> list[Row]:
+    """The select benchmark against S3 (moto, on this machine), --remote-size-gib in all: the bytes
+    moved are those received on the loopback interface. safetensors' ``safe_open`` reads local files,
+    so its row downloads the whole file first (boto3 ``download_file``), as a user would."""
+    ctx, root = site.ctx, site.scratch
+    root.mkdir(parents=True, exist_ok=True)
+    sel = {k: Series() for k in ("ckptstore_select", *[p for p, _ in SELECT_PEERS])}
+    got: dict = {}
+
+    def measure(server: Any) -> None:
+        spec = {"dir": str(root), "uri": site.uri(server, "select/ckpt"), "storage_options": server.options(),
+                "bucket": BUCKET, "key": "select/state.safetensors"}
+        setup = Series()
+        setup.add(lambda: ctx.run({"op": "select_setup", "size_bytes": ctx.size_bytes, **spec}))
+        got["model"] = _select_rounds(ctx, setup, sel, spec, "select-s3")
+
+    site.serve(measure, sel, None)
+    model = got.get("model") or ctx.state_bytes // 3
+    return _select_rows("select-s3", 'load(select="model") of a 3x checkpoint (S3)', sel, model,
+                        "received")
+
+
+def _select_rounds(ctx: Context, setup: Series, sel: dict, spec: dict, what: str) -> int:
+    """Run the select series after ``setup`` (already run); returns the model's bytes."""
+    if setup.error:
+        for v in sel.values():
+            v.fail(f"setup failed: {setup.error}")
+        return 0
+    for r in range(ctx.repeat):
+        ctx.log(f"{what}: round {r + 1}/{ctx.repeat}")
+        for impl, series in sel.items():
+            series.add(lambda: ctx.run({"op": "select", "impl": impl, **spec}))
+    return setup.results[0]["model_bytes"]
+
+
+def _select_rows(backend: str, operation: str, sel: dict, model: int, moved: str) -> list[Row]:
+    def note(series: Series) -> str:
+        return f"{moved} {min(r['disk_read'] for r in series.results) / model:.2f}x the model" \
+            if series.results and model else ""
+    return [compare(backend, operation, sel["ckptstore_select"], label, sel[impl], max(model, 1),
+                    note=f"ckptstore {note(sel['ckptstore_select'])}; peer {note(sel[impl])}")
             for impl, label in SELECT_PEERS]
-    rows.append(compare("select", "export(select=\"model\") to .safetensors", exp["export"],
-                        "safetensors save_file (tensors in memory) + fsync", exp["save_file"], model,
-                        target=EXPORT_SPEED_TARGET, rss_target=EXPORT_RSS_TARGET,
-                        note="export reads the checkpoint (cold) and writes; the peer only writes"))
-    rows.append(compare("select", "export(select=\"model\") to .safetensors", exp["export"],
-                        "load(select) + safetensors save_file + fsync", exp["load_save_file"], model,
-                        rss_target=EXPORT_RSS_TARGET, note="the same work: read the checkpoint, write the file"))
-    return rows
 
 
 def _select_notes(ctx: Context) -> list[str]:
     return ["select: the checkpoint is the GPT training state (weights plus AdamW moments, about 3x the "
-            "weights); each way reads the weights only; cold cache; disk bytes read from /proc/self/io. "
-            f"export target: at least {EXPORT_SPEED_TARGET}x save_file, extra RSS at most "
-            f"{EXPORT_RSS_TARGET:.0%} of the weights."]
+            "weights); each way reads the weights only; local: cold cache, disk bytes read from "
+            "/proc/self/io; select-s3: moto on this machine, bytes received on loopback (machine-wide)."]
 
 
 def _restore_notes(ctx: Context) -> list[str]:
     return [f"restore: the model already exists (allocated and written) when the clock starts; each way "
             f"reads the same weights from its own format; extra RSS is the peak beyond the model; targets: "
-            f"faster than each peer and extra RSS at most {RESTORE_RSS_TARGET:.0%} of the model."]
+            f"faster than each peer and extra RSS at most {RESTORE_RSS_TARGET:.0%} of the model. "
+            f"export target: at least {EXPORT_SPEED_TARGET}x save_file, extra RSS at most "
+            f"{EXPORT_RSS_TARGET:.0%} of the weights."]
 
 
 REGISTRY: tuple[Backend, ...] = (
@@ -1335,11 +1375,13 @@ REGISTRY: tuple[Backend, ...] = (
             baselines=("boto3 upload_file", "download_file + torch.load")),
     Backend("gcs", bench_gcs, remote=True, launcher=gcs_emulator, uri=gcs_uri,
             notes=_object_store_notes, disk=4, baselines=("gcsfs pipe", "gcsfs cat + torch.load")),
-    Backend("restore", bench_restore, notes=_restore_notes, disk=5, nbytes=_restore_model_bytes,
-            baselines=tuple(label for _, label in RESTORE_PEERS)),
+    Backend("restore", bench_restore, notes=_restore_notes, disk=6, nbytes=_restore_model_bytes,
+            baselines=tuple(label for _, label in RESTORE_PEERS) + ("safetensors save_file",
+                                                                     "load + safetensors save_file")),
     Backend("select", bench_select, notes=_select_notes, disk=3,
-            baselines=tuple(label for _, label in SELECT_PEERS) + ("safetensors save_file",
-                                                                    "load + safetensors save_file")),
+            baselines=tuple(label for _, label in SELECT_PEERS)),
+    Backend("select-s3", bench_select_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=2,
+            baselines=tuple(label for _, label in SELECT_PEERS)),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",

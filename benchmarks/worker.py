@@ -807,48 +807,77 @@ def _disk_read_bytes() -> int:
 
 
 def op_select_setup(spec: dict) -> dict:
-    """A training checkpoint (weights + AdamW moments, about 3x the weights) in ckptstore and safetensors."""
+    """A training checkpoint (weights + AdamW moments, about 3x the weights) in ckptstore and safetensors,
+    under spec["dir"], or (with spec["uri"]) at that S3 URL and as s3://bucket/key (boto3)."""
     import ckptstore
     from safetensors.torch import save_file
     state = gpt_state(spec["size_bytes"])
     del state["model"]["lm_head.weight"]           # untied, so safetensors can hold it too
     root = Path(spec["dir"])
-    ckptstore.save(state, str(root / "ckptstore"))
-    save_file(_flat(state), str(root / "state.safetensors"))
+    if "uri" in spec:
+        ckptstore.save(state, spec["uri"])
+        local = root / "upload.safetensors"
+        save_file(_flat(state), str(local))
+        _boto3_client(spec).upload_file(str(local), spec["bucket"], spec["key"])
+        local.unlink()
+    else:
+        ckptstore.save(state, str(root / "ckptstore"))
+        save_file(_flat(state), str(root / "state.safetensors"))
     model = sum(t.numel() * t.element_size() for t in state["model"].values())
     return {"seconds": 0.0, "model_bytes": model, "state_bytes": state_nbytes(state)}
 
 
 def op_select(spec: dict) -> dict:
-    """Read only the model's weights of spec["dir"]'s checkpoint with spec["impl"], cold cache."""
+    """Read only the model's weights of the select_setup checkpoint with spec["impl"]: from spec["dir"]
+    on local disk (cold cache; disk bytes read), or from S3 (spec["uri"]; bytes received on loopback)."""
     import ckptstore
     root = Path(spec["dir"])
     impl = spec["impl"]
-    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    remote = "uri" in spec
+    uri = spec["uri"] if remote else str(root / "ckptstore")
+    client = _boto3_client(spec) if remote else None       # built before the clock, like the imports
+    if remote:
+        cold, why = False, "from S3"
+    else:
+        cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
     gc.collect()
     reset_peak_rss()
-    before, disk = current_rss(), _disk_read_bytes()
+    before, moved = current_rss(), (_loopback_received() if remote else _disk_read_bytes())
     start = time.perf_counter()
     if impl == "ckptstore_select":
-        got = ckptstore.load(str(root / "ckptstore"), select="model")["model"]
+        got = ckptstore.load(uri, select="model")["model"]
     elif impl == "ckptstore_full":
-        got = ckptstore.load(str(root / "ckptstore"))["model"]
+        got = ckptstore.load(uri)["model"]
     elif impl == "safetensors_safe_open":
         from safetensors import safe_open
-        with safe_open(str(root / "state.safetensors"), "pt") as f:
+        path = root / "state.safetensors"
+        if remote:          # safe_open reads a local file: download it first
+            path = root / "download.safetensors"
+            client.download_file(spec["bucket"], spec["key"], str(path))
+        with safe_open(str(path), "pt") as f:
             got = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+        if remote:
+            path.unlink()
     else:
         raise ValueError(impl)
     touch(got)
     seconds = time.perf_counter() - start
+    moved = (_loopback_received() if remote else _disk_read_bytes()) - moved
     nbytes = state_nbytes(got)
-    return {"seconds": seconds, "extra_rss": peak_rss() - before - nbytes, "disk_read": _disk_read_bytes() - disk,
+    return {"seconds": seconds, "extra_rss": peak_rss() - before - nbytes, "disk_read": moved,
             "nbytes": nbytes, "cold": cold, "cold_note": why}
 
 
+def _loopback_received() -> int:
+    """Bytes received on the loopback interface, machine-wide: what an S3 server on it sent."""
+    import psutil
+    return psutil.net_io_counters(pernic=True)["lo"].bytes_recv
+
+
 def op_export(spec: dict) -> dict:
-    """Write the model's weights as .safetensors: ckptstore.export from the checkpoint (cold), or
-    safetensors.save_file of the same tensors already in memory (+ fsync, as export is durable)."""
+    """Write the model's weights (restore_setup's checkpoint) as .safetensors: ckptstore.export from
+    the checkpoint (cold cache, or warm: as right after the save), or safetensors.save_file of the same
+    tensors already in memory (+ fsync, as export is durable), or load + save_file."""
     import ckptstore
     root = Path(spec["dir"])
     out = root / f"out-{spec['impl']}.safetensors"
@@ -857,30 +886,51 @@ def op_export(spec: dict) -> dict:
     tensors = None
     if spec["impl"] == "save_file":     # the tensors are in memory before the clock starts
         tensors = ckptstore.load(str(root / "ckptstore"), select="model")["model"]
-    cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
+    if spec["impl"] == "export_warm":   # the checkpoint's files in the page cache, as after a save
+        os.sync()
+        for f in (root / "ckptstore").rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.read(8 << 20):
+                        pass
+        cold, why = False, "warm cache requested"
+    else:
+        cold, why = drop_caches() if spec.get("cold", True) else (False, "warm cache requested")
     gc.collect()
     reset_peak_rss()
     before = current_rss()
     start = time.perf_counter()
-    if spec["impl"] == "export":
+    if spec["impl"] in ("export", "export_warm"):
         ckptstore.export(str(root / "ckptstore"), str(out), select="model")
     elif spec["impl"] == "load_save_file":  # what a user does without export: load, then save_file
         from safetensors.torch import save_file
         save_file(ckptstore.load(str(root / "ckptstore"), select="model")["model"], str(out))
-        fd = os.open(out, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        _fsync(out)
     else:
         from safetensors.torch import save_file
         save_file(tensors, str(out))
-        fd = os.open(out, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+        _fsync(out)
     seconds = time.perf_counter() - start
     extra = peak_rss() - before
     size = out.stat().st_size
+    if spec.get("check"):
+        from safetensors.torch import load_file
+        saved = ckptstore.load(str(root / "ckptstore"), select="model")["model"]
+        got = load_file(str(out))
+        ok = got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    else:
+        ok = None
     out.unlink()
-    return {"seconds": seconds, "extra_rss": extra, "file_bytes": size, "cold": cold, "cold_note": why}
+    return {"seconds": seconds, "extra_rss": extra, "file_bytes": size, "cold": cold, "cold_note": why,
+            "correct": ok}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager,
