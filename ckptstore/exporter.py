@@ -2,9 +2,9 @@
 
 safetensors (one file, or the Hugging Face sharded layout with
 ``model.safetensors.index.json``) is written by streaming: the header is
-built from the commit record alone, then tensors are read in batches of at
-most EXPORT_BATCH bytes and written in order, so memory stays bounded
-whatever the checkpoint's size. ``format="torch"`` writes a file
+built from the commit record alone, then the tensors' bytes are streamed
+from storage in order, a few read windows in flight (``Checkpoint.stream_tensors``),
+so memory stays bounded whatever the checkpoint's size. ``format="torch"`` writes a file
 ``torch.load(weights_only=True)`` reads back equal; torch.save needs the
 objects, so that export holds the selection in memory once.
 
@@ -28,7 +28,6 @@ from .format.paths import normalize, show
 from .stores import open_store
 from .url import parse_size
 
-EXPORT_BATCH = 64 << 20          # tensor bytes read per request batch while exporting
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -128,41 +127,6 @@ def _header(tensors: list, metadata: dict | None = None) -> tuple[bytes, list[tu
 
 # ---------------------------------------------------------------- writing
 
-def _batches(tensors: list, limit: int = EXPORT_BATCH):
-    batch, size = [], 0
-    for item in tensors:
-        n = item[2].nbytes
-        if batch and size + n > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(item)
-        size += n
-    if batch:
-        yield batch
-
-
-def _stream_tensors(view, tensors: list, write) -> None:
-    """Hand each tensor's bytes to ``write``, in order: straight from storage a read window at a
-    time where the saved tensor is its whole storage, else read in batches and written out."""
-    for item in tensors:
-        _, path, info = item
-        if not (info.nbytes and view.stream_tensor(path, write)):
-            _write_batches(view, [item], write)     # in place, so the order stays the header's
-
-
-def _write_batches(view, tensors: list, write) -> None:
-    for batch in _batches(tensors):
-        got = view.load(select=[p for _, p, _ in batch])
-        for _, path, info in batch:
-            t = got
-            for k in path:
-                t = t[k]
-            if info.nbytes:
-                t = t.detach().to("cpu").contiguous()
-                write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        del got
-
-
 class _Output:
     """One file at a URL, appearing whole or not at all."""
 
@@ -197,7 +161,7 @@ def _write_safetensors_file(view, tensors: list, url: str, options, metadata: di
     try:
         with out.store.errors("export", out.name):
             out.write(memoryview(header))
-            _stream_tensors(view, tensors, out.write)
+            view.stream_tensors([p for _, p, _ in tensors], out.write)
             return out.close()
     except BaseException:
         out.abort()

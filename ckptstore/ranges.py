@@ -97,7 +97,11 @@ class StreamReader:
         return self.readinto(r.start, buf)
 
     def fetch(self, ranges: Iterable[Range], concurrency: int | None = None) -> Iterator[tuple[Range, memoryview]]:
-        """Each range with its bytes, in the order given, ``concurrency`` reads ahead."""
+        """Each range with its bytes, in the order given, ``concurrency`` reads ahead.
+
+        ``ranges`` is consumed lazily: at most ``concurrency`` ranges are taken
+        from it beyond the one last yielded (whose buffer the caller may reuse
+        once it asks for the next)."""
         depth = max(1, concurrency or self.store.concurrency)
         todo = iter(ranges)
         first, second = next(todo, None), next(todo, None)

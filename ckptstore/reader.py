@@ -409,26 +409,56 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
 
 
 def stream_blob(store: Store, m: Manifest, b: int, sink, verify: bool = True) -> int:
-    """Hand blob ``b``'s bytes to ``sink(memoryview)`` in order, ``Store.read_bytes`` at a time.
+    """Hand blob ``b``'s bytes to ``sink(memoryview)`` in order; see ``stream_blobs``."""
+    return stream_blobs(store, m, [b], sink, verify=verify)
 
-    Memory stays at a few read windows whatever the blob's size. The CRC-32C
-    is checked once the last byte has passed, so a sink must treat what it
-    got as provisional until this returns (write to a staging file).
+
+def stream_blobs(store: Store, m: Manifest, blobs: list[int], sink, verify: bool = True) -> int:
+    """Hand the bytes of each blob in ``blobs`` to ``sink(memoryview)``, one blob after another,
+    ``Store.read_bytes`` at a time; returns the bytes handed over.
+
+    One reader serves them all, so ``Store.concurrency`` reads stay in flight
+    across blob boundaries, into a ring of reused buffers: memory stays at a
+    few read windows whatever the sizes, and ``sink`` must be done with each
+    memoryview when it returns. Each blob's CRC-32C is checked once its last
+    byte has passed, so a sink must treat what it got as provisional until
+    this returns (write to a staging file).
     """
     t = m.blobs
-    if type(b) is not int or not 0 <= b < len(t):
-        raise CorruptCheckpointError(f"{store.uri}: malformed checkpoint structure: blob {b!r:.40} does not exist",
-                                     store.uri)
-    start, n, step = int(t.starts[b]), int(t.sizes[b]), store.read_bytes
+    for b in blobs:
+        if type(b) is not int or not 0 <= b < len(t):
+            raise CorruptCheckpointError(
+                f"{store.uri}: malformed checkpoint structure: blob {b!r:.40} does not exist", store.uri)
+    step, depth = store.read_bytes, max(1, store.concurrency)
+    total = sum(int(t.sizes[b]) for b in blobs)
+    ring = [memoryview(bytearray(min(step, total))) for _ in range(depth + 1)] if total else []
+
+    def ranges():
+        i = 0
+        for b in blobs:
+            start, n = int(t.starts[b]), int(t.sizes[b])
+            for o in range(0, n, step):
+                k = min(step, n - o)
+                # fetch pulls at most ``depth`` ranges ahead of the one it last yielded,
+                # so buffer i is free again by the time range i + depth + 1 is made
+                yield Range(start + o, k, ring[i % len(ring)][:k], (b, o + k == n))
+                i += 1
+
     crc = 0
     with StreamReader(store, m.files) as reader:
-        for _, data in reader.fetch(Range(start + o, min(step, n - o)) for o in range(0, n, step)):
+        for r, data in reader.fetch(ranges(), concurrency=depth):
             if verify:
                 crc = crc32c.crc32c(data, crc)
             sink(data)
-    if verify and crc != int(t.crcs[b]):
-        raise _crc_mismatch(b, n, start, store.uri, store.uri)
-    return n
+            b, last = r.tag
+            if last:
+                if verify and crc != int(t.crcs[b]):
+                    raise _crc_mismatch(b, int(t.sizes[b]), int(t.starts[b]), store.uri, store.uri)
+                crc = 0
+    for b in blobs:      # an empty blob passes no bytes: its CRC is that of nothing
+        if verify and not int(t.sizes[b]) and int(t.crcs[b]) != 0:
+            raise _crc_mismatch(b, 0, int(t.starts[b]), store.uri, store.uri)
+    return total
 
 
 def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False,

@@ -26,7 +26,7 @@ from .format.manifest import STORAGE, Manifest
 from .format.paths import CONTAINER_TAGS, Tree, malformed_is_corrupt, normalize, show
 from .info import CheckpointInfo
 from .plan import select_value
-from .reader import load_manifest, stream_blob
+from .reader import load_manifest, stream_blobs
 from .stores.base import Store
 
 
@@ -148,31 +148,55 @@ class Checkpoint:
                     stack.append((path + (k,), c))
 
     # -- reading
-    def stream_tensor(self, path: tuple, write) -> bool:
-        """Hand the bytes of the tensor at ``path`` (relative to this view) to ``write`` in order,
-        straight from storage a read window at a time, checked against its CRC-32C at the end.
+    def stream_tensors(self, paths: list[tuple], write) -> None:
+        """Hand the bytes of the tensors at ``paths`` (relative to this view) to ``write``, in order.
 
-        Only where the saved tensor is exactly its storage (contiguous, offset 0, the storage's
-        size): returns False, having written nothing, for anything else (a view, a file)."""
-        if self._m is None or self._closed:
-            return False
+        Runs of tensors that are exactly their storage (contiguous, offset 0, the
+        storage's size) go straight from storage through one reader, a read window at
+        a time, reads in flight across tensor boundaries, each checked against its
+        CRC-32C once it has passed (see ``reader.stream_blobs``); any other tensor (a
+        view of a larger storage) is loaded alone and its bytes handed over."""
+        if self._closed:
+            raise ValueError("the checkpoint view is closed")
+        run: list[int] = []
+
+        def flush() -> None:
+            if run:
+                with self._store.errors("read"):
+                    stream_blobs(self._store, self._m, run, write, verify=self._verify)
+                run.clear()
+        for path in paths:
+            b = self._whole_storage(tuple(path)) if self._m is not None else None
+            if b is not None:
+                run.append(b)
+                continue
+            flush()
+            t = self.load(select=[tuple(path)])
+            for k in path:
+                t = t[k]
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+        flush()
+
+    def _whole_storage(self, path: tuple) -> int | None:
+        """The blob of the tensor at ``path`` where the tensor is exactly that storage, else None."""
         with malformed_is_corrupt():
-            node = self._nav.lookup(self._prefix + tuple(path))[-1]
+            node = self._nav.lookup(self._prefix + path)[-1]
             raw = self._nav.node(node)
             if raw[0] != "tensor":
-                return False
+                return None
             t = tree.tensor_info(raw, self._m.version[0])
-            shape = _whole_numbers(t.shape, tuple(path))
+            shape = _whole_numbers(t.shape, path)
             b = t.blob
             table = self._m.blobs
             if type(b) is not int or not 0 <= b < len(table) or table.kind(b) != STORAGE or t.offset != 0 \
                     or tuple(t.stride) != tuple(tree.contiguous_strides(shape)):
-                return False
+                return None
             if int(table.sizes[b]) != math.prod(shape) * dtype_from_name(t.dtype).itemsize:
-                return False
-        with self._store.errors("read"):
-            stream_blob(self._store, self._m, b, write, verify=self._verify)
-        return True
+                return None
+        return b
 
     def load(self, *, select: Any = None, into: Any = None, map_location=None) -> Any:
         """The value of this view (or ``select``-ed paths of it, relative to it), as ``ckptstore.load``."""
