@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import logging
 import math
 import re
+import signal
 import threading
 import time
 import weakref
@@ -205,6 +206,38 @@ else:  # pragma: no cover - every supported Python has it
     atexit.register(_finish_pending_at_exit)
 
 
+# ---------------------------------------------------------------- preemption signals
+
+def _signal_numbers(signals: Any) -> tuple[int, ...]:
+    """``preemption_signals`` as signal numbers: None, one signal, or an iterable of them."""
+    if signals is None:
+        return ()
+    items = (signals,) if isinstance(signals, (int, signal.Signals, str)) else signals
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError("preemption_signals must be a signal (signal.SIGTERM), an iterable of them, or None, "
+                        f"got {type(signals).__name__}") from None
+    out = []
+    for sig in items:
+        if isinstance(sig, str):
+            try:
+                sig = signal.Signals[sig if sig.startswith("SIG") else "SIG" + sig]
+            except KeyError:
+                raise ValueError(f"preemption_signals: no signal named {sig!r}") from None
+        if isinstance(sig, bool) or not isinstance(sig, int):
+            raise TypeError(f"preemption_signals: {sig!r} is not a signal")
+        try:
+            sig = signal.Signals(sig)
+        except ValueError:
+            raise ValueError(f"preemption_signals: {sig!r} is not a signal of this platform") from None
+        if sig in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None)):
+            raise ValueError(f"preemption_signals: {sig.name} cannot be caught; nothing can save on it")
+        if int(sig) not in out:
+            out.append(int(sig))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------- the manager
 
 class CheckpointManager:
@@ -213,13 +246,19 @@ class CheckpointManager:
     def __init__(self, directory: Any, *, keep_last: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
                  max_age: float | None = None, async_save: bool = False,
-                 storage_options: Mapping[str, Any] | None = None, _probe: bool = True):
-        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+                 storage_options: Mapping[str, Any] | None = None, save_interval_steps: int | None = None,
+                 save_interval_seconds: float | None = None, preemption_signals: Any = None,
+                 grace_seconds: float | None = None, _probe: bool = True):
+        for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every),
+                        ("save_interval_steps", save_interval_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive whole number or None, got {v!r}")
-        if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float))
-                                    or max_age <= 0):
-            raise ValueError(f"max_age must be a positive number of seconds or None, got {max_age!r}")
+        for name, v in (("max_age", max_age), ("save_interval_seconds", save_interval_seconds),
+                        ("grace_seconds", grace_seconds)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                                  or not math.isfinite(v)):
+                raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
+        signals = _signal_numbers(preemption_signals)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if keep_best is not None and not best_metric:
@@ -236,8 +275,19 @@ class CheckpointManager:
         self._pending_step: int | None = None
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closed = False
+        # the save schedule (see should_save)
+        self.save_interval_steps, self.save_interval_seconds = save_interval_steps, save_interval_seconds
+        self.grace_seconds = grace_seconds
+        self._last_start = time.monotonic()   # when the last save started (or the manager was made)
+        self._saved: set[int] | None = None   # steps saved, read from the directory at first need
+        self._signals = 0                     # preemption signals received (a handler only counts)
+        self._signals_at_start = 0            # ... of them, when the last save started
+        self.last_signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
         if _probe:
             self._probe()
+        if signals:
+            self._install(signals)
         _live.add(self)
 
     # -- setup
@@ -256,8 +306,57 @@ class CheckpointManager:
                 f"{self.directory} is not writable for checkpoints: {e}", self.directory,
                 errno=getattr(e, "errno", None)) from None
 
+    def _install(self, signals: tuple[int, ...]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("preemption_signals: signal handlers can only be installed from the main thread; "
+                             "create the CheckpointManager there")
+        ref = weakref.ref(self)
+
+        def on_signal(signum, frame):    # records the signal, nothing more: no I/O, no lock
+            mgr = ref()
+            if mgr is not None:
+                mgr.last_signal = signum
+                mgr._signals += 1
+        for sig in signals:
+            self._previous_handlers[sig] = signal.signal(sig, on_signal)
+
+    def _uninstall(self) -> None:
+        if not self._previous_handlers:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("%s: close() ran outside the main thread, so the preemption signal handlers stay "
+                        "installed (they only record the signal)", self.directory)
+            return
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers.clear()
+
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
+
+    # -- the schedule
+
+    @property
+    def preempted(self) -> bool:
+        """True once one of ``preemption_signals`` has arrived."""
+        return self._signals > 0
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due for a save: a multiple of ``save_interval_steps``, at least
+        ``save_interval_seconds`` since the last save started (or the manager was created), or a
+        preemption signal since the last save started. Never for a step already saved."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if self._saved is None:
+            self._saved = set(self.steps())     # one listing: steps an earlier run committed count
+        if step in self._saved:
+            return False
+        if self._signals > self._signals_at_start:
+            return True
+        if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
+            return True
+        return self.save_interval_seconds is not None and \
+            time.monotonic() - self._last_start >= self.save_interval_seconds
 
     # -- discovery
 
@@ -334,17 +433,53 @@ class CheckpointManager:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         metrics = self._check_metrics(metrics)
+        start = time.monotonic()
         self.wait()   # at most one save in flight; raises the previous one's error
-        if not self.async_save:
-            return self._write(step, state, metrics, force, None)
+        self._last_start, self._signals_at_start = start, self._signals
+        if self._saved is not None:
+            self._saved.add(step)
+        if not self.async_save or self.preempted:
+            # Preempted: the process is about to go, so this save is committed before save returns.
+            try:
+                info = self._write(step, state, metrics, force, None)
+            except BaseException:
+                if self._saved is not None:
+                    self._saved.discard(step)
+                raise
+            took = time.monotonic() - start
+            log.info("%s: step %d saved in %.2f s%s", self.directory, step, took,
+                     " (preempted: blocking)" if self.preempted else "")
+            self._check_grace(step, took)
+            if not self.async_save:
+                return info
+            done: cf.Future = cf.Future()
+            done.set_result(info)
+            return SaveHandle(step, done)
         copied, devices = snapshot(state)
         if self._executor is None:
             self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save")
         with self._lock:
             self._in_flight.add(step)
         self._pending_step = step
-        self._pending = self._executor.submit(self._write, step, copied, metrics, force, devices)
+        self._pending = self._executor.submit(self._write_timed, step, copied, metrics, force, devices)
+        log.info("%s: step %d: save() blocked training %.2f s (the copy); writing in the background",
+                 self.directory, step, time.monotonic() - start)
         return SaveHandle(step, self._pending)
+
+    def _write_timed(self, step: int, state: Any, metrics: dict, force: bool, devices: dict | None):
+        start = time.monotonic()
+        info = self._write(step, state, metrics, force, devices)
+        took = time.monotonic() - start
+        log.info("%s: step %d written in the background in %.2f s", self.directory, step, took)
+        self._check_grace(step, took)
+        return info
+
+    def _check_grace(self, step: int, took: float) -> None:
+        """Warn when a save would not fit the grace window a preemption leaves."""
+        if self.grace_seconds is not None and took > self.grace_seconds:
+            log.warning("%s: saving step %d took %.1f s, longer than grace_seconds=%g: a save after a "
+                        "preemption signal may not finish before the machine goes", self.directory, step,
+                        took, self.grace_seconds)
 
     @staticmethod
     def _check_metrics(metrics) -> dict:
@@ -482,6 +617,7 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
+            self._uninstall()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None

@@ -55,8 +55,9 @@ def build(total: int):
     return model, opt, sched, loader, loader_gen, pos
 
 
-def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool = False):
-    """Train until pos["step"] == stop; returns the losses and learning rates of the steps run."""
+def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool = False, after_step=None):
+    """Train until pos["step"] == stop, or until ``after_step()`` (called after every step)
+    returns True; returns the losses and learning rates of the steps run."""
     losses, lrs = [], []
     model.train()
     while pos["step"] < stop:
@@ -83,8 +84,11 @@ def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool 
             losses.append(loss.item())
             pos["step"] += 1
             pos["batch"] += 1
-            if pos["step"] == stop:
-                break
+            # Saved here, after an epoch's last batch the position is (epoch, len(loader)), not
+            # (epoch + 1, 0): the loader has not yet reached its end, where the sampler draws from
+            # loader_gen once more; a resume replays the epoch to that end first.
+            if pos["step"] == stop or (after_step is not None and after_step()):
+                return losses, lrs
         if pos["batch"] == len(loader):
             pos["epoch"] += 1
             pos["batch"] = 0
@@ -116,16 +120,61 @@ def load_training_state(state, model, opt, sched, loader_gen, pos, restore_rng: 
         restore_rng_state(state["rng"])  # last: nothing after it may draw before training goes on
 
 
+def preempt(args) -> None:
+    """Train with async saves every --every steps and SIGTERM as the preemption signal, in the loop
+    shape docs/resume.md gives; print READY once the handler is installed, then STOPPED <step>."""
+    import signal
+    import time
+
+    model, opt, sched, loader, loader_gen, pos = build(args.total)
+    mgr = ckptstore.CheckpointManager(args.manager, async_save=True, save_interval_steps=args.every,
+                                      preemption_signals=signal.SIGTERM)
+    print("READY", flush=True)
+
+    def after_step() -> bool:
+        time.sleep(args.step_sleep)           # a step that takes a while, as real ones do
+        stop = mgr.preempted                  # read once: a signal after this is seen next step
+        step = pos["step"]
+        if stop or mgr.should_save(step):
+            mgr.save(step, training_state(model, opt, sched, loader_gen, pos))
+        return stop
+    train(model, opt, sched, loader, loader_gen, pos, args.total, after_step=after_step)
+    mgr.close()
+    print(f"STOPPED {pos['step']} {int(mgr.preempted)}", flush=True)
+
+
+def resume_many(args) -> None:
+    """Resume each --manager directory in turn, in this one fresh process, and train to --total."""
+    out = {}
+    for d in args.managers:
+        model, opt, sched, loader, loader_gen, pos = build(args.total)
+        with ckptstore.CheckpointManager(d, _probe=False) as mgr:
+            state = mgr.restore()
+        load_training_state(state, model, opt, sched, loader_gen, pos)
+        start = state["step"]
+        del state
+        losses, lrs = train(model, opt, sched, loader, loader_gen, pos, args.total, resuming=True)
+        out[d] = {"start": start, "losses": losses, "lrs": lrs, "params": model.state_dict()}
+    ckptstore.save(out, args.out)
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["full", "first", "resume"])
+    ap.add_argument("mode", choices=["full", "first", "resume", "preempt", "resume-many"])
+    ap.add_argument("--every", type=int, default=50, help="preempt: save every N steps")
+    ap.add_argument("--step-sleep", type=float, default=0.0, help="preempt: seconds added to each step")
+    ap.add_argument("--managers", nargs="*", default=[], help="resume-many: the directories")
     ap.add_argument("--total", type=int, required=True)
     ap.add_argument("--stop", type=int)
     ap.add_argument("--ckpt", help="checkpoint URI (first: written; resume: read)")
     ap.add_argument("--manager", help="CheckpointManager directory (first: also written; resume: read)")
     ap.add_argument("--skip-rng", action="store_true", help="control: resume without restore_rng_state")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.mode == "preempt":
+        return preempt(args)
+    if args.mode == "resume-many":
+        return resume_many(args)
 
     model, opt, sched, loader, loader_gen, pos = build(args.total)
     if args.mode == "full":
