@@ -8,6 +8,9 @@ and what a second Trainer resumed into its model, optimizer and scheduler.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -239,6 +242,49 @@ def test_local_disk_top_1_with_last_link_resumes_from_last(local_store):
     trainer(12, [checked], StoreCheckpointIO()).validate(TinyModule(), loader(), ckpt_path=ckpts / "last.ckpt",
                                                          verbose=False)
     assert_same_tensors(checked.at_validation, ckptstore.load(ckpts / "last.ckpt")["state_dict"])
+
+
+class SigtermAt(Callback):
+    """Sends this process a real SIGTERM from another thread during training step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+            t.start()
+            t.join()
+            time.sleep(0.01)   # the handler runs in the main thread at its next bytecode
+
+
+def test_lightnings_sigterm_handling_saves_through_the_plugin_with_on_exception_checkpoint(local_store):
+    """What docs/integrations.md says: Lightning records SIGTERM itself, stops after that batch with
+    SIGTERMException, and OnExceptionCheckpoint then saves through StoreCheckpointIO; a manager's
+    handler installed before fit is called too."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    ckpts = Path(local_store.root) / "ckpts"
+    mgr = ckptstore.CheckpointManager(Path(local_store.root) / "mgr", preemption_signals=signal.SIGTERM)
+    record = Record()
+    first = trainer(20, [OnExceptionCheckpoint(ckpts), SigtermAt(6), record], StoreCheckpointIO())
+    try:
+        with pytest.raises(SIGTERMException):
+            first.fit(TinyModule(), loader())
+        assert mgr.preempted                                  # Lightning called the handler before it
+    finally:
+        mgr.close()
+    assert first.global_step == 6
+    saved = ckpts / "on_exception.ckpt"
+    assert ckptstore.verify(saved, deep=True).ok
+    state = ckptstore.load(saved)
+    assert state["global_step"] == 6
+    assert_same_tensors(state["state_dict"], {k: v for k, v in first.lightning_module.state_dict().items()})
+
+    resumed = Record()
+    second = trainer(20, [resumed], StoreCheckpointIO())
+    second.fit(TinyModule(), loader(), ckpt_path=saved)
+    assert resumed.at_start["global_step"] == 6 and second.global_step == 20
 
 
 def test_resume_from_a_file_lightnings_default_plugin_wrote(local_store):

@@ -15,8 +15,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +192,44 @@ def test_async_save_is_committed_by_the_end_of_training(local_store, tmp_path):
     save_as_trainer(StoreCallback(local_store.uri("run"), async_save=True), training_args(tmp_path / "out"), 3)
     assert ckptstore.verify(local_store.uri("run/step-3"), deep=True).ok
     assert files_under(Path(restore_checkpoint(local_store.uri("run"), tmp_path / "restored"))) == original
+
+
+class SigtermAt(TrainerCallback):
+    """Sends this process a real SIGTERM from another thread during step ``step``, as a
+    preemption would, and waits until it has been delivered."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+            t.start()
+            t.join()
+            time.sleep(0.01)   # the handler runs in the main thread at its next bytecode
+
+
+def test_a_sigterm_makes_the_trainer_save_the_current_step_through_the_manager_and_stop(local_store, tmp_path):
+    callback = StoreCallback(local_store.uri("run"), preemption_signals=(signal.SIGTERM,), async_save=True)
+    trainer = Trainer(model=tiny_model(), args=training_args(tmp_path / "out", save_steps=4),
+                      train_dataset=dataset(), callbacks=[SigtermAt(7), callback])
+    trainer.train()
+    assert trainer.state.global_step == 7                       # stopped at the step the signal came in
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # the handler is gone with the manager
+    mgr = ckptstore.CheckpointManager(local_store.uri("run"), _probe=False)
+    assert mgr.steps() == [4, 7]
+    assert ckptstore.verify(local_store.uri("run/step-7"), deep=True).ok
+    restored = Path(restore_checkpoint(local_store.uri("run"), tmp_path / "restored"))
+    assert restored.name == "checkpoint-7"
+    assert files_under(restored) == files_under(tmp_path / "out" / "checkpoint-7")
+
+
+def test_save_interval_seconds_makes_the_trainer_save_on_time(local_store, tmp_path):
+    callback = StoreCallback(local_store.uri("run"), save_interval_seconds=1e-6)
+    trainer = Trainer(model=tiny_model(), args=training_args(tmp_path / "out", save_strategy="no", max_steps=3),
+                      train_dataset=dataset(), callbacks=[callback])
+    trainer.train()
+    assert ckptstore.CheckpointManager(local_store.uri("run"), _probe=False).steps() == [1, 2, 3]
 
 
 def test_only_world_process_zero_commits(local_store, tmp_path):

@@ -276,17 +276,28 @@ class StoreCallback(TrainerCallback):
 
     A step already in the store (training resumed from an older step) is
     replaced, as the Trainer replaces its own ``checkpoint-<step>``.
+
+    ``save_interval_seconds`` makes the Trainer save when that long has passed
+    since the last save started, on top of its own ``save_steps``.
+    ``preemption_signals`` (e.g. ``(signal.SIGTERM,)``) installs the manager's
+    handlers, which only record the signal; at the end of the step it arrived
+    in, the Trainer is told to save that step (committed before the save
+    returns) and to stop. Both need a single-process run: the Trainer must
+    decide to save on every rank alike.
     """
 
     def __init__(self, uri: Any, storage_options: Mapping[str, Any] | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
                  best_mode: str | None = None, keep_every: int | None = None, max_age: float | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, save_interval_seconds: float | None = None,
+                 preemption_signals: Any = None, grace_seconds: float | None = None):
         self.uri = uri
         self.storage_options = storage_options
         self.keep_last, self.keep_best, self.keep_every, self.max_age = keep_last, keep_best, keep_every, max_age
         self.best_metric, self.best_mode = best_metric, best_mode
         self.async_save = async_save
+        self.save_interval_seconds, self.preemption_signals = save_interval_seconds, preemption_signals
+        self.grace_seconds = grace_seconds
         self.manager: CheckpointManager | None = None
 
     def _open(self, args: TrainingArguments) -> CheckpointManager:
@@ -298,12 +309,31 @@ class StoreCallback(TrainerCallback):
             self.manager = CheckpointManager(
                 self.uri, keep_last=self.keep_last, keep_best=self.keep_best, best_metric=best_metric,
                 best_mode=best_mode or "min", keep_every=self.keep_every, max_age=self.max_age,
-                async_save=self.async_save, storage_options=self.storage_options)
+                async_save=self.async_save, storage_options=self.storage_options,
+                save_interval_seconds=self.save_interval_seconds, preemption_signals=self.preemption_signals,
+                grace_seconds=self.grace_seconds)
         return self.manager
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if (self.preemption_signals is not None or self.save_interval_seconds is not None) \
+                and args.world_size > 1:
+            raise CheckpointError(
+                "StoreCallback: preemption_signals= and save_interval_seconds= need a single-process run "
+                f"(this one has {args.world_size} processes, which must all decide to save alike)")
         if state.is_world_process_zero:
             self._open(args)   # a bad URL or missing credentials fail now, not at the first save
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        mgr = self.manager
+        if mgr is None:
+            return
+        if mgr.preempted:
+            log.info("%s: preemption signal %s: saving step %d and stopping", mgr.directory, mgr.last_signal,
+                     state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+        elif self.save_interval_seconds is not None and mgr.should_save(state.global_step):
+            control.should_save = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _wait_for_every_rank()
