@@ -1347,6 +1347,57 @@ def _select_rows(backend: str, operation: str, sel: dict, model: int, moved: str
             for impl, label in SELECT_PEERS]
 
 
+PREEMPT_TARGET = 1 / 1.2   # signal to commit at most 1.2x a blocking save
+
+
+def _preempt_rounds(ctx: Context, uri: str, opts: dict | None, what: str) -> tuple[Series, Series]:
+    got, base = Series(), Series()
+    for r in range(ctx.repeat):
+        ctx.log(f"{what}: round {r + 1}/{ctx.repeat}")
+        out = got.add(lambda: ctx.run({"op": "preempt", "size_bytes": ctx.size_bytes, "uri": uri,
+                                       "storage_options": opts, "round": r}))
+        if out is None:
+            base.fail(got.error or "the run failed")
+            break
+        base.add(lambda: {"seconds": out["blocking_seconds"]})
+    return got, base
+
+
+def _preempt_row(backend: str, got: Series, base: Series, n: int) -> Row:
+    return compare(backend, "preemption: SIGTERM to committed checkpoint", got,
+                   "a blocking CheckpointManager.save", base, n, target=PREEMPT_TARGET,
+                   note="training loop with async_save=True; the signal lands mid-step")
+
+
+def bench_preempt(site: Site) -> list[Row]:
+    """From a SIGTERM sent mid-step to the committed checkpoint of that step (``preemption_signals``,
+    ``async_save=True``, the loop shape of docs/resume.md), on the local disk, against a blocking
+    ``CheckpointManager.save`` of the same state in the same process. Target: at most 1.2x."""
+    ctx = site.ctx
+    site.scratch.mkdir(parents=True, exist_ok=True)
+    got, base = _preempt_rounds(ctx, str(site.scratch / "runs"), None, "preempt")
+    return [_preempt_row("preempt", got, base, ctx.state_bytes)]
+
+
+def bench_preempt_s3(site: Site) -> list[Row]:
+    """The preemption row on S3 (moto, --remote-size-gib)."""
+    ctx = site.ctx
+    got, base = Series(), Series()
+
+    def measure(server: Any) -> None:
+        g, b = _preempt_rounds(ctx, site.uri(server, "preempt"), server.options(), "preempt-s3")
+        got.__dict__.update(g.__dict__)
+        base.__dict__.update(b.__dict__)
+    site.serve(measure, {"got": got, "base": base}, None)
+    return [_preempt_row("preempt-s3", got, base, ctx.state_bytes)]
+
+
+def _preempt_notes(ctx: Context) -> list[str]:
+    return [f"preempt: seconds from the SIGTERM (sent from another thread while a step computes) until "
+            f"save() returned with that step committed; target at most {1 / PREEMPT_TARGET:.1f}x a blocking "
+            "save of the same state (ratio >= 0.83)."]
+
+
 def _select_notes(ctx: Context) -> list[str]:
     return ["select: the checkpoint is the GPT training state (weights plus AdamW moments, about 3x the "
             "weights); each way reads the weights only; local: cold cache, disk bytes read from "
@@ -1382,6 +1433,10 @@ REGISTRY: tuple[Backend, ...] = (
             baselines=tuple(label for _, label in SELECT_PEERS)),
     Backend("select-s3", bench_select_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=2,
             baselines=tuple(label for _, label in SELECT_PEERS)),
+    Backend("preempt", bench_preempt, notes=_preempt_notes, disk=2.5,
+            baselines=("a blocking CheckpointManager.save",)),
+    Backend("preempt-s3", bench_preempt_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=0.5,
+            baselines=("a blocking CheckpointManager.save",)),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",

@@ -675,6 +675,62 @@ def op_manager(spec: dict) -> dict:
             "train": _train_section(state, nbytes, root, rnd, list(spec["threads"]))}
 
 
+# --- preemption: from the signal to a committed checkpoint -----------------------
+
+def op_preempt(spec: dict) -> dict:
+    """A training loop with ``CheckpointManager(async_save=True, preemption_signals=SIGTERM)`` at
+    spec["uri"]: another thread sends this process SIGTERM part-way through a step, the loop
+    sees it at the step's end and saves, and the clock runs from the signal until ``save``
+    returns (the step committed). The baseline, in the same process on the same state: a
+    blocking ``CheckpointManager.save`` of it (no signal), to another directory."""
+    import signal
+    import threading
+
+    import ckptstore
+    state = gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
+    opts = spec.get("storage_options")
+    base = spec["uri"].rstrip("/")
+
+    def child(name: str) -> str:
+        path, q, query = base.partition("?")
+        return f"{path}/{name}" + (q + query if q else "")
+    rnd = spec.get("round", 0)
+    with ckptstore.CheckpointManager(child(f"r{rnd}-warmup"), storage_options=opts) as warm:
+        warm.save(0, {"w": torch.ones(1 << 16)})        # first-call costs out of both figures
+    blocking = ckptstore.CheckpointManager(child(f"r{rnd}-blocking"), storage_options=opts)
+    start = time.perf_counter()
+    blocking.save(1, state)
+    blocking_seconds = time.perf_counter() - start
+    blocking.close()
+
+    mgr = ckptstore.CheckpointManager(child(f"r{rnd}-preempted"), async_save=True, save_interval_steps=10**9,
+                                      preemption_signals=signal.SIGTERM, storage_options=opts)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    sent: list[float] = []
+
+    def send() -> None:
+        time.sleep(0.2)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGTERM)
+    t = threading.Thread(target=send)
+    t.start()
+    step = 0
+    while True:
+        for _ in range(20):               # a step of a few milliseconds of compute
+            a = (a @ b).tanh_()
+        step += 1
+        stop = mgr.preempted
+        if stop or mgr.should_save(step):
+            mgr.save(step, state)
+        if stop:
+            break
+    seconds = time.perf_counter() - sent[0]
+    t.join()
+    mgr.close()
+    return {"seconds": seconds, "blocking_seconds": blocking_seconds, "steps": step,
+            "state_bytes": state_nbytes(state)}
+
+
 # --- inspecting a checkpoint: verify, info, ls ----------------------------------
 
 def _inspect_calls(uri: str, parent: str) -> dict[str, tuple[Callable[[], int], list[str]]]:
@@ -935,7 +991,7 @@ def _fsync(path: Path) -> None:
 
 OPS = {"save": op_save, "load": op_load, "roundtrip": op_roundtrip, "manager": op_manager,
        "restore_setup": op_restore_setup, "restore": op_restore, "select_setup": op_select_setup,
-       "select": op_select, "export": op_export,
+       "select": op_select, "export": op_export, "preempt": op_preempt,
        "inspect": op_inspect}
 
 
