@@ -282,7 +282,7 @@ def test_lightnings_sigterm_handling_saves_through_the_plugin_with_on_exception_
     assert_same_tensors(state["state_dict"], {k: v for k, v in first.lightning_module.state_dict().items()})
 
     resumed = Record()
-    second = trainer(20, [resumed], StoreCheckpointIO())
+    second = trainer(20, [resumed, ModelCheckpoint(dirpath=ckpts / "later")], StoreCheckpointIO())
     second.fit(TinyModule(), loader(), ckpt_path=saved)
     assert resumed.at_start["global_step"] == 6 and second.global_step == 20
 
