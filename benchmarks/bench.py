@@ -1350,8 +1350,8 @@ def _select_rows(backend: str, operation: str, sel: dict, model: int, moved: str
 PREEMPT_TARGET = 1 / 1.2   # signal to commit at most 1.2x a blocking save
 
 
-def _preempt_rounds(ctx: Context, uri: str, opts: dict | None, what: str) -> tuple[Series, Series]:
-    got, base = Series(), Series()
+def _preempt_rounds(ctx: Context, uri: str, opts: dict | None, what: str, got: Series, base: Series) -> None:
+    """Fill ``got`` (signal to commit) and ``base`` (the blocking save), one worker per round."""
     for r in range(ctx.repeat):
         ctx.log(f"{what}: round {r + 1}/{ctx.repeat}")
         out = got.add(lambda: ctx.run({"op": "preempt", "size_bytes": ctx.size_bytes, "uri": uri,
@@ -1360,7 +1360,6 @@ def _preempt_rounds(ctx: Context, uri: str, opts: dict | None, what: str) -> tup
             base.fail(got.error or "the run failed")
             break
         base.add(lambda: {"seconds": out["blocking_seconds"]})
-    return got, base
 
 
 def _preempt_row(backend: str, got: Series, base: Series, n: int) -> Row:
@@ -1375,7 +1374,8 @@ def bench_preempt(site: Site) -> list[Row]:
     ``CheckpointManager.save`` of the same state in the same process. Target: at most 1.2x."""
     ctx = site.ctx
     site.scratch.mkdir(parents=True, exist_ok=True)
-    got, base = _preempt_rounds(ctx, str(site.scratch / "runs"), None, "preempt")
+    got, base = Series(), Series()
+    _preempt_rounds(ctx, str(site.scratch / "runs"), None, "preempt", got, base)
     return [_preempt_row("preempt", got, base, ctx.state_bytes)]
 
 
@@ -1384,11 +1384,8 @@ def bench_preempt_s3(site: Site) -> list[Row]:
     ctx = site.ctx
     got, base = Series(), Series()
 
-    def measure(server: Any) -> None:
-        g, b = _preempt_rounds(ctx, site.uri(server, "preempt"), server.options(), "preempt-s3")
-        got.__dict__.update(g.__dict__)
-        base.__dict__.update(b.__dict__)
-    site.serve(measure, {"got": got, "base": base}, None)
+    site.serve(lambda server: _preempt_rounds(ctx, site.uri(server, "preempt"), server.options(), "preempt-s3",
+                                              got, base), {"got": got, "base": base}, None)
     return [_preempt_row("preempt-s3", got, base, ctx.state_bytes)]
 
 

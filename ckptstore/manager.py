@@ -238,6 +238,11 @@ def _signal_numbers(signals: Any) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _check_step(step: Any) -> None:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+
+
 # ---------------------------------------------------------------- the manager
 
 class CheckpointManager:
@@ -345,8 +350,7 @@ class CheckpointManager:
         """Whether ``step`` is due for a save: a multiple of ``save_interval_steps``, at least
         ``save_interval_seconds`` since the last save started (or the manager was created), or a
         preemption signal since the last save started. Never for a step already saved."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        _check_step(step)
         if self._saved is None:
             self._saved = set(self.steps())     # one listing: steps an earlier run committed count
         if step in self._saved:
@@ -430,8 +434,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise CheckpointError(f"{self.directory}: the manager is closed")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        _check_step(step)
         metrics = self._check_metrics(metrics)
         start = time.monotonic()
         self.wait()   # at most one save in flight; raises the previous one's error
