@@ -79,7 +79,7 @@ def best_steps(records: list[StepRecord], best_metric: str | None, best_mode: st
 
 def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, keep_best: int | None,
             best_metric: str | None, best_mode: str, keep_every: int | None, max_age: float | None,
-            in_flight: set[int] = frozenset()) -> set[int]:
+            in_flight: set[int] = frozenset(), settle: float | None = None) -> set[int]:
     """Steps retention keeps. With no policy, all of them.
 
     The union of the ``keep_last`` most recently committed, the ``keep_best``
@@ -87,6 +87,12 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
     than ``max_age`` seconds ago; plus, always, the newest committed step, the
     best one, saves in flight, and every step not proven committed with a
     known commit time.
+
+    ``settle`` (on a mount that uploads in the background) is how long after
+    its commit a step is taken to have reached the remote: the newest step
+    that old is kept too, and the oldest step after it (the next to become that
+    old), so a machine that dies with the newer steps still uploading leaves
+    one behind, and that one is never more than about ``2 * settle`` old.
     """
     every = {r.step for r in records}
     if keep_last is None and keep_best is None and keep_every is None and max_age is None:
@@ -107,6 +113,16 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
         keep.update(r.step for r in committed if r.step % keep_every == 0)
     if max_age is not None:
         keep.update(r.step for r in committed if now - r.time < max_age)
+    if settle is not None and by_time:
+        # The net under the uploads: the newest step old enough to have reached the
+        # remote, and the oldest step after it, kept until it is that old in turn
+        # (so the net moves on however fast saves come and go).
+        settled = [r for r in by_time if now - r.time >= settle]
+        if settled:
+            keep.add(settled[0].step)
+        newer = by_time[:by_time.index(settled[0])] if settled else by_time
+        if newer:
+            keep.add(newer[-1].step)
     return keep & every
 
 
@@ -253,13 +269,14 @@ class CheckpointManager:
                  max_age: float | None = None, async_save: bool = False,
                  storage_options: Mapping[str, Any] | None = None, save_interval_steps: int | None = None,
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
-                 grace_seconds: float | None = None, _probe: bool = True):
+                 grace_seconds: float | None = None, upload_settle_seconds: float | None = 300.0,
+                 _probe: bool = True):
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every),
                         ("save_interval_steps", save_interval_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive whole number or None, got {v!r}")
         for name, v in (("max_age", max_age), ("save_interval_seconds", save_interval_seconds),
-                        ("grace_seconds", grace_seconds)):
+                        ("grace_seconds", grace_seconds), ("upload_settle_seconds", upload_settle_seconds)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                   or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
@@ -283,6 +300,7 @@ class CheckpointManager:
         # the save schedule (see should_save)
         self.save_interval_steps, self.save_interval_seconds = save_interval_steps, save_interval_seconds
         self.grace_seconds = grace_seconds
+        self.upload_settle_seconds = upload_settle_seconds
         self._last_start = time.monotonic()   # when the last save started (or the manager was made)
         self._saved: set[int] | None = None   # steps saved, read from the directory at first need
         self._signals = 0                     # preemption signals received (a handler only counts)
@@ -591,7 +609,8 @@ class CheckpointManager:
             in_flight = set(self._in_flight)
         keep = to_keep(records, now=time.time(), keep_last=self.keep_last, keep_best=self.keep_best,
                        best_metric=self.best_metric, best_mode=self.best_mode, keep_every=self.keep_every,
-                       max_age=self.max_age, in_flight=in_flight)
+                       max_age=self.max_age, in_flight=in_flight,
+                       settle=self.upload_settle_seconds if self._store.keep_previous else None)
         return [r.step for r in records if r.committed and r.step not in keep]
 
     def _remove_step(self, step: int) -> None:

@@ -56,6 +56,21 @@ def test_the_best_is_never_removed_even_under_a_total_limit():
     assert keep(RUN, keep_last=1, best_metric="loss") == {20, 60}
 
 
+def test_on_a_mount_the_newest_step_old_enough_to_have_uploaded_is_kept():
+    """Retention on a write-back mount: steps committed within `settle` s may exist
+    only in the machine's cache; the newest older one stays as the net under them."""
+    # RUN commits at 110..160; now=1000: all settled, the net is the newest (60), kept anyway
+    assert keep(RUN, keep_last=1, settle=300) == {60}
+    # commits at 910..960: only 10 and 20 are 75+ s old; the net is 20, and 30
+    # (the next to settle) stays so the net can move on to it
+    recent = [R(s, 900.0 + s) for s in (10, 20, 30, 40, 50, 60)]
+    assert keep(recent, keep_last=2, settle=75) == {20, 30, 50, 60}
+    # none is old enough: the oldest (the likeliest to have reached the remote) stays
+    assert keep(recent, keep_last=1, settle=500) == {10, 60}
+    # off a mount (settle None) only the policy counts
+    assert keep(recent, keep_last=1) == {60}
+
+
 def test_steps_without_the_metric_are_not_ranked():
     records = [R(1, 1.0, 0.5), R(2, 2.0), R(3, 3.0, None)]
     assert keep(records, keep_best=1, best_metric="loss") == {1, 3}
@@ -144,7 +159,9 @@ def test_retention_prunes_after_each_commit_and_keeps_the_best(store):
     losses = {1: 9.0, 2: 1.0, 3: 5.0, 4: 7.0, 5: 8.0}
     for s, loss in losses.items():
         mgr.save(s, state(s), metrics={"loss": loss})
-    assert mgr.steps() == [2, 4, 5]
+    # on a write-back mount, where none of them is old enough to have surely
+    # reached the remote, the oldest stays too (the net under the uploads)
+    assert mgr.steps() == ([1, 2, 4, 5] if store.kind == "fuse" else [2, 4, 5])
     assert mgr.prune() == []
     assert mgr.restore(step=2)["step"] == 2
 

@@ -128,6 +128,34 @@ def test_on_a_mount_the_previous_checkpoint_is_kept_until_the_next_commit(rclone
     assert same(ckptstore.load(uri), state_for(1, 3))
 
 
+def test_retention_on_a_mount_keeps_a_step_that_had_time_to_upload(rclone_vm):
+    """keep_last=1 with saves faster than the mount uploads: each new step would
+    remove the only one on the remote. The manager keeps the newest step older
+    than upload_settle_seconds (here just over the mount's 2 s write-back) as a
+    net, and the VM dying right after a burst of saves still leaves it."""
+    mgrs = {name: ckptstore.CheckpointManager(str(rclone_vm.mountpoint / name), keep_last=1,
+                                              upload_settle_seconds=settle)
+            for name, settle in (("netted", 3.0), ("unnetted", None))}
+    for mgr in mgrs.values():
+        mgr.save(1, state_for(3, 1))
+    time.sleep(3.5)                          # step 1 reaches the remote (2 s write-back) and settles
+    for step in range(2, 7):                 # then five saves in about a second
+        for mgr in mgrs.values():
+            mgr.save(step, state_for(3, step))
+    assert mgrs["netted"].steps() == [1, 2, 6]   # the net, the next to settle, keep_last
+    assert mgrs["unnetted"].steps() == [6]
+    for mgr in mgrs.values():
+        mgr.close()
+    rclone_vm.kill_vm()
+    rclone_vm.remount()
+    with ckptstore.CheckpointManager(str(rclone_vm.mountpoint / "netted")) as mgr:
+        restored = mgr.restore()
+    assert restored is not None and same(restored, state_for(3, 1)), "the net under the uploads was lost"
+    # the control: without the net, retention had removed the only step that reached the remote
+    with ckptstore.CheckpointManager(str(rclone_vm.mountpoint / "unnetted")) as mgr:
+        assert mgr.restore() is None
+
+
 @pytest.fixture
 def slow_upload_vm(tmp_path):
     """A private mount whose uploads crawl (--bwlimit), so a small commit record

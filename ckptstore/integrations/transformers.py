@@ -283,14 +283,16 @@ class StoreCallback(TrainerCallback):
     handlers, which only record the signal; at the end of the step it arrived
     in, the Trainer is told to save that step (committed before the save
     returns) and to stop. Both need a single-process run: the Trainer must
-    decide to save on every rank alike.
+    decide to save on every rank alike. ``upload_settle_seconds``: the
+    manager's, for a run on a FUSE mount such as Colab's Drive.
     """
 
     def __init__(self, uri: Any, storage_options: Mapping[str, Any] | None = None, *,
                  keep_last: int | None = None, keep_best: int | None = None, best_metric: str | None = None,
                  best_mode: str | None = None, keep_every: int | None = None, max_age: float | None = None,
                  async_save: bool = False, save_interval_seconds: float | None = None,
-                 preemption_signals: Any = None, grace_seconds: float | None = None):
+                 preemption_signals: Any = None, grace_seconds: float | None = None,
+                 upload_settle_seconds: float | None = 300.0):
         self.uri = uri
         self.storage_options = storage_options
         self.keep_last, self.keep_best, self.keep_every, self.max_age = keep_last, keep_best, keep_every, max_age
@@ -298,6 +300,7 @@ class StoreCallback(TrainerCallback):
         self.async_save = async_save
         self.save_interval_seconds, self.preemption_signals = save_interval_seconds, preemption_signals
         self.grace_seconds = grace_seconds
+        self.upload_settle_seconds = upload_settle_seconds
         self.manager: CheckpointManager | None = None
 
     def _open(self, args: TrainingArguments) -> CheckpointManager:
@@ -311,7 +314,7 @@ class StoreCallback(TrainerCallback):
                 best_mode=best_mode or "min", keep_every=self.keep_every, max_age=self.max_age,
                 async_save=self.async_save, storage_options=self.storage_options,
                 save_interval_seconds=self.save_interval_seconds, preemption_signals=self.preemption_signals,
-                grace_seconds=self.grace_seconds)
+                grace_seconds=self.grace_seconds, upload_settle_seconds=self.upload_settle_seconds)
         return self.manager
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
