@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test test-oldest bench fuzz clean
+.PHONY: venv tools test test-oldest bench fuzz soak clean
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,14 @@ test: venv tools
 FUZZ_CASES ?= 20000
 fuzz: venv
 	CKPTSTORE_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -q --hypothesis-show-statistics tests/test_hostile.py
+
+# The Colab-like soak, long version: a notebook in a real Jupyter kernel trains
+# to a Drive-like rclone mount while the "VM" (kernel and rclone) is killed
+# SOAK_DEATHS times at random instants; writes benchmarks/results/soak/report.{md,json}.
+# `make test` runs a short one (3 deaths, tests/test_soak.py).
+SOAK_DEATHS ?= 30
+soak: venv tools
+	$(PY) tests/helpers/soak.py --deaths $(SOAK_DEATHS) --report benchmarks/results/soak
 
 # The suite with the oldest fsspec, s3fs, gcsfs and numpy that pyproject.toml
 # allows (aiobotocore 2.18 is the first that allows botocore 1.36, which sends a

@@ -38,7 +38,7 @@ from ckptstore.rng import capture_rng_state, restore_rng_state
 N_SAMPLES, BATCH = 48, 8  # 6 batches per epoch
 
 
-def build(total: int):
+def build(total: int, width: int = 32):
     torch.set_num_threads(1)  # same BLAS blocking in every process
     torch.manual_seed(0)
     np.random.seed(0)
@@ -46,7 +46,7 @@ def build(total: int):
     data_gen = torch.Generator().manual_seed(123)
     x = torch.randn(N_SAMPLES, 6, generator=data_gen)
     y = (x @ torch.randn(6, 1, generator=data_gen)).tanh()
-    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
+    model = nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=total)
     loader_gen = torch.Generator().manual_seed(1234)
@@ -55,10 +55,13 @@ def build(total: int):
     return model, opt, sched, loader, loader_gen, pos
 
 
-def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool = False, after_step=None):
+def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool = False, after_step=None,
+          losses: list | None = None):
     """Train until pos["step"] == stop, or until ``after_step()`` (called after every step)
-    returns True; returns the losses and learning rates of the steps run."""
-    losses, lrs = [], []
+    returns True; returns the losses and learning rates of the steps run (the losses
+    appended to ``losses`` when it is given, so ``after_step`` can see them)."""
+    losses = [] if losses is None else losses
+    lrs = []
     model.train()
     while pos["step"] < stop:
         if pos["batch"] == 0:
@@ -87,7 +90,8 @@ def train(model, opt, sched, loader, loader_gen, pos, stop: int, resuming: bool 
             # Saved here, after an epoch's last batch the position is (epoch, len(loader)), not
             # (epoch + 1, 0): the loader has not yet reached its end, where the sampler draws from
             # loader_gen once more; a resume replays the epoch to that end first.
-            if pos["step"] == stop or (after_step is not None and after_step()):
+            stop_now = after_step is not None and after_step()
+            if pos["step"] == stop or stop_now:
                 return losses, lrs
         if pos["batch"] == len(loader):
             pos["epoch"] += 1
