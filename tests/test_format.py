@@ -24,6 +24,7 @@ import torch
 import ckptstore
 from ckptstore.cli import main as cli
 from ckptstore.errors import CorruptCheckpointError, FormatTooNewError
+from ckptstore.format.manifest import Manifest
 
 V1 = Path(__file__).parent / "data" / "v1-checkpoint"
 
@@ -312,7 +313,7 @@ def test_cp_of_a_version_1_checkpoint_stays_version_1_and_loads(tmp_path):
     assert ckptstore.load(tmp_path / "copy")["step"] == 7
 
 
-def _add_newer_generation(d: Path, major: int = 3) -> str:
+def _add_newer_generation(d: Path, major: int = 4) -> str:
     from ckptstore.format.manifest import commit_name, new_generation
     gens = [n.split(".")[0] for n in os.listdir(d) if n.endswith(".commit")]
     gen = new_generation(gens)
@@ -395,3 +396,59 @@ def test_a_record_whose_first_line_hides_a_pickle_is_refused_without_unpickling(
     record_path(tmp_path / "p").write_bytes(b"CKPTSTORE 2 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body)
     with pytest.raises(CorruptCheckpointError, match="counts"):
         ckptstore.load(tmp_path / "p")
+
+
+# ---------------------------------------------------------------- version 3 (incremental steps)
+
+
+def _v3(files=None, starts=(0, 128), sizes=(100, 64), hashes=None, **changes):
+    from ckptstore.format.manifest import SHARED_DIR, BlobTable, FileEntry, Manifest, data_name, new_generation
+
+    old = new_generation()
+    gen = new_generation([old])
+    if files is None:
+        files = [FileEntry(data_name(old, 0), 128, 5, SHARED_DIR), FileEntry(data_name(gen, 0), 64, 7, SHARED_DIR)]
+    blobs = BlobTable(list(starts), list(sizes), [1] * len(sizes), "s" * len(sizes), ["cpu"], None,
+                      bytes(range(16 * len(sizes))) if hashes is None else hashes)
+    nodes = [["list", list(range(1, len(sizes) + 1))]] + [["tensor", i, "uint8", [n]] for i, n in enumerate(sizes)]
+    return Manifest(generation=gen, files=files, blobs=blobs, nodes=nodes, version=(3, 0), **changes)
+
+
+def test_a_version_3_record_round_trips_with_shared_files_starts_and_hashes():
+    m = _v3()
+    back = Manifest.from_bytes(m.to_bytes(), "x")
+    assert back.version == (3, 0)
+    assert [(f.name, f.dir) for f in back.files] == [(f.name, f.dir) for f in m.files]
+    assert back.blobs.starts.tolist() == [0, 128] and back.blobs.hash_of(1) == bytes(range(16, 32))
+    assert back.nbytes == 64            # only what this generation wrote
+    assert back.logical == 164          # every blob's bytes
+
+
+@pytest.mark.parametrize("lie", ["no dir", "listed twice", "overlap", "unaligned", "outside", "short hashes",
+                                 "a commit name"])
+def test_a_version_3_record_that_lies_is_corrupt(lie):
+    import json as _json
+
+    m = _v3()
+    raw = m.to_bytes()
+    head, rest = raw.split(b"\n", 1)
+    doc_raw, nodes = rest.split(b"\n", 1)
+    doc = _json.loads(doc_raw)
+    if lie == "no dir":
+        del doc["files"][0]["dir"]
+    elif lie == "listed twice":
+        doc["files"][1]["name"] = doc["files"][0]["name"]
+    elif lie == "overlap":
+        doc["blobs"]["start"] = [0, 64]
+    elif lie == "unaligned":
+        doc["blobs"]["start"] = [0, 130]
+    elif lie == "outside":
+        doc["blobs"]["start"] = [0, 192]
+    elif lie == "short hashes":
+        doc["blobs"]["xxh3"] = doc["blobs"]["xxh3"][:-2]
+    elif lie == "a commit name":
+        doc["files"][0]["name"] = doc["files"][0]["name"].replace("-00000.bin", ".commit")
+    body = _json.dumps(doc, separators=(",", ":")).encode() + b"\n" + nodes
+    record = b"CKPTSTORE 3 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body
+    with pytest.raises(CorruptCheckpointError):
+        Manifest.from_bytes(record, "x")

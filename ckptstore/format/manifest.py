@@ -38,7 +38,9 @@ from ..errors import CorruptCheckpointError, FormatTooNewError
 MAGIC = b"CKPTSTORE"
 FORMAT_MAJOR = 2          # what this ckptstore writes
 FORMAT_MINOR = 0
-READABLE_MAJORS = (1, 2)  # what it reads
+INCREMENTAL_MAJOR = 3     # what an incremental step is written as (data in the run's shared directory)
+READABLE_MAJORS = (1, 2, 3)  # what it reads
+SHARED_DIR = ".shared"    # an incremental run's data files: <run>/.shared/<gen>-<n>.bin
 COMMIT_SUFFIX = ".commit"
 TMP_SUFFIX = ".tmp"
 DATA_SUFFIX = ".bin"
@@ -126,6 +128,7 @@ class FileEntry:
     name: str
     nbytes: int
     crc32c: int
+    dir: str | None = None    # None: the checkpoint's own directory; SHARED_DIR: the run's shared one
 
 
 # Blob kinds: how a blob's bytes become a Python value again.
@@ -168,15 +171,21 @@ class BlobTable:
     an index per blob into ``devices``. ``blob[i]`` gives one ``BlobEntry``.
     """
 
-    __slots__ = ("starts", "sizes", "crcs", "kinds", "devices", "device")
+    __slots__ = ("starts", "sizes", "crcs", "kinds", "devices", "device", "hashes")
 
-    def __init__(self, starts, sizes, crcs, kinds: str, devices: list[str], device=None):
+    def __init__(self, starts, sizes, crcs, kinds: str, devices: list[str], device=None,
+                 hashes: bytes | None = None):
         self.starts = np.asarray(starts, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.crcs = np.asarray(crcs, dtype=np.uint32)
         self.kinds = kinds
         self.devices = list(devices) or ["cpu"]
         self.device = None if device is None else np.asarray(device, dtype=np.int64)
+        #: 16 bytes of xxh3-128 (big-endian) per blob, or None (versions 1 and 2)
+        self.hashes = hashes
+
+    def hash_of(self, i: int) -> bytes | None:
+        return None if self.hashes is None else self.hashes[16 * i:16 * i + 16]
 
     @staticmethod
     def sequential(sizes, crcs, kinds: str, devices: list[str], device=None) -> "BlobTable":
@@ -293,7 +302,13 @@ class Manifest:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
+        """Bytes of data this generation wrote (an incremental step's own files only)."""
+        return sum(f.nbytes for f in self.files if f.dir is None or f.name.startswith(self.generation))
+
+    @property
+    def logical(self) -> int:
+        """Bytes of all blobs: the checkpoint's size as if it held every byte itself."""
+        return int(self.blobs.sizes.sum()) if len(self.blobs) else 0
 
     def file_starts(self) -> list[int]:
         """Where each data file begins in the data stream, and (last) where the stream ends."""
@@ -311,7 +326,7 @@ class Manifest:
             "created": self.created,
             "writer": self.writer,
             "nbytes": self.nbytes,
-            "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": crc_hex(f.crc32c)} for f in self.files],
+            "files": [_file_doc(f) for f in self.files],
             "meta": self.meta,
         }
         dump = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
@@ -320,7 +335,9 @@ class Manifest:
             body = dump(doc).encode("ascii")
         else:
             tensors, pickled = self._summary()
-            doc["blobs"] = _blobs_v2(self.blobs)
+            doc["blobs"] = _blobs_v2(self.blobs) if self.version[0] == 2 else _blobs_v3(self.blobs)
+            if self.version[0] >= 3:
+                doc["logical"] = self.logical
             doc["tensors"], doc["pickled"] = tensors, pickled
             nodes = self._raw_nodes if self._nodes is None else dump(self._nodes).encode("ascii")
             body = dump(doc).encode("ascii") + b"\n" + nodes
@@ -353,10 +370,10 @@ class Manifest:
         if crc32c.crc32c(body) != crc:
             raise bad("CRC-32C mismatch")
         if major not in READABLE_MAJORS:
-            if major > FORMAT_MAJOR:
+            if major > max(READABLE_MAJORS):
                 raise FormatTooNewError(
                     f"checkpoint {where} was written by a newer ckptstore (format {major}.x; this one reads "
-                    f"up to {FORMAT_MAJOR}.x); upgrade ckptstore to load it")
+                    f"up to {max(READABLE_MAJORS)}.x); upgrade ckptstore to load it")
             raise bad(f"unknown format version {major}")
         head, raw_nodes = body, None
         if major >= 2:
@@ -402,6 +419,24 @@ def _blobs_v1(m: Manifest) -> list[dict]:
         out.append({"file": int(k), "offset": b.start - starts[k], "nbytes": b.nbytes, "crc32c": crc_hex(b.crc32c),
                     "kind": b.kind, "device": b.device})
     return out
+
+
+def _file_doc(f: FileEntry) -> dict:
+    doc = {"name": f.name, "nbytes": f.nbytes, "crc32c": crc_hex(f.crc32c)}
+    if f.dir is not None:
+        doc["dir"] = f.dir
+    return doc
+
+
+def _blobs_v3(t: BlobTable) -> dict:
+    if t.hashes is None or len(t.hashes) != 16 * len(t):
+        raise ValueError("version 3 blobs need an xxh3-128 hash each")
+    doc: dict[str, Any] = {"nbytes": t.sizes.tolist(), "start": t.starts.tolist(),
+                           "crc32c": t.crcs.astype(">u4").tobytes().hex(), "xxh3": t.hashes.hex(),
+                           "kind": t.kinds, "devices": t.devices}
+    if t.device is not None:
+        doc["device"] = t.device.tolist()
+    return doc
 
 
 def _blobs_v2(t: BlobTable) -> dict:
@@ -457,10 +492,15 @@ def _parse(doc: Any, major: int, raw_nodes: bytes | None, where: str) -> Manifes
         counts = (_int(tensors, "the tensor count"), pickled)
         if type(pickled) is not bool:
             raise CorruptCheckpointError("pickled must be true or false")
-    files = _files(doc["files"], gen)
+    files = _files(doc["files"], gen) if major < 3 else _shared_files(doc["files"])
     stream = sum(f.nbytes for f in files)
-    blobs = _blobs_from_v1(doc["blobs"], files) if major == 1 else _blobs_from_v2(doc["blobs"])
-    _check_layout(blobs, stream, strict=major >= 2)
+    if major == 1:
+        blobs = _blobs_from_v1(doc["blobs"], files)
+    elif major == 2:
+        blobs = _blobs_from_v2(doc["blobs"])
+    else:
+        blobs = _blobs_from_v3(doc["blobs"])
+    _check_layout(blobs, stream, strict=major == 2)
     return Manifest(generation=gen, files=files, blobs=blobs, nodes=nodes, created=float(created), meta=meta,
                     version=version, writer=writer, raw_nodes=raw_nodes, counts=counts, where=where)
 
@@ -481,6 +521,41 @@ def _files(raw: Any, gen: str) -> list[FileEntry]:
         last = parsed.number
         files.append(FileEntry(name, _int(f["nbytes"], f"size of {name}"), _crc(f["crc32c"], f"CRC of {name}")))
     return files
+
+
+def _shared_files(raw: Any) -> list[FileEntry]:
+    """Version 3: data files in the run's shared directory, of any generation, each named once."""
+    if type(raw) is not list or not raw:
+        raise CorruptCheckpointError("no data files listed")
+    files, seen = [], set()
+    for f in raw:
+        if type(f) is not dict:
+            raise CorruptCheckpointError("a data file entry is not an object")
+        name = f["name"]
+        parsed = FileName.parse(name)
+        if parsed is None or parsed.role != "data":
+            raise CorruptCheckpointError(f"data file name {name!r:.80} is not a data file's name")
+        if f.get("dir") != SHARED_DIR:
+            raise CorruptCheckpointError(f"data file {name} is not in {SHARED_DIR}")
+        if name in seen:
+            raise CorruptCheckpointError(f"data file {name} is listed twice")
+        seen.add(name)
+        files.append(FileEntry(name, _int(f["nbytes"], f"size of {name}"), _crc(f["crc32c"], f"CRC of {name}"),
+                               SHARED_DIR))
+    return files
+
+
+def _blobs_from_v3(raw: Any) -> BlobTable:
+    t = _blobs_from_v2(raw)
+    starts, hashes = raw["start"], raw["xxh3"]
+    n = len(t)
+    array = np.array(starts) if type(starts) is list and starts else np.zeros(0, np.int64)
+    if type(starts) is not list or len(starts) != n or (n and (array.ndim != 1 or array.dtype.kind not in "iu"
+                                                              or array.min() < 0 or array.max() > 2 ** 62)):
+        raise CorruptCheckpointError("blob starts must be one whole number per blob")
+    if type(hashes) is not str or len(hashes) != 32 * n or not re.fullmatch(r"[0-9a-f]*", hashes):
+        raise CorruptCheckpointError("blob hashes must be 32 hex digits per blob")
+    return BlobTable(array.astype(np.int64), t.sizes, t.crcs, t.kinds, t.devices, t.device, bytes.fromhex(hashes))
 
 
 def _blobs_from_v1(raw: Any, files: list[FileEntry]) -> BlobTable:
