@@ -24,7 +24,9 @@ import torch
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError
 from .format import tree
-from .format.manifest import NDARRAY, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name
+from .format.manifest import (
+    NDARRAY, SHARED_DIR, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name,
+)
 from .info import VerifyReport
 from .plan import ReadPlan
 from .ranges import Range, StreamReader
@@ -52,6 +54,17 @@ def shallow_problems(files: list[FileEntry], listing: dict) -> list[str]:
     return out
 
 
+def data_store(store: Store, m: Manifest) -> Store:
+    """Where ``m``'s data files are: the checkpoint's own directory, or for an
+    incremental step (version 3) its run's shared directory."""
+    if m.files and m.files[0].dir == SHARED_DIR:
+        try:
+            return store.sibling(SHARED_DIR)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{store.uri}: an incremental step outside a run: {e}", store.uri) from None
+    return store
+
+
 def find_commit(store: Store, listing: dict) -> Found:
     """The newest generation whose commit record is intact and whose files are all there.
 
@@ -59,6 +72,7 @@ def find_commit(store: Store, listing: dict) -> Found:
     FormatTooNewError: falling back past it would silently read an older state.
     """
     found = Found(None)
+    shared = None   # the run's shared directory's listing, once an incremental step needs it
     for gen in commit_generations(listing):
         found.record_count += 1
         name = commit_name(gen)
@@ -75,7 +89,12 @@ def find_commit(store: Store, listing: dict) -> Found:
         except FormatTooNewError as e:
             e.uri = e.uri or store.uri
             raise
-        missing = shallow_problems(m.files, listing)
+        if m.files[0].dir == SHARED_DIR:
+            if shared is None:
+                shared = data_store(store, m).list() or {}
+            missing = shallow_problems(m.files, shared)
+        else:
+            missing = shallow_problems(m.files, listing)
         if missing:
             found.problems.append(f"generation {gen}: " + "; ".join(missing))
             continue
@@ -222,12 +241,16 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     tensors' memory. Blobs not read stay None.
     """
     values: list[Any] = [None] * len(m.blobs)
+    store = data_store(store, m)
     where = f"{store.uri}/{m.files[0].name}" if len(m.files) == 1 else store.uri
     partial = plan is not None and (plan.blobs is not None or plan.targets)
     direct = plan.direct if plan is not None else {}
     if direct:
         read_direct(store, m, direct, verify, where)
     wanted = None if not partial else (plan.blobs if plan.blobs is not None else set(range(len(m.blobs))))
+    if wanted is None and m.version[0] >= 3:
+        # An incremental step's files also hold bytes of other steps: read its blobs' ranges only.
+        wanted = set(range(len(m.blobs)))
     if wanted is not None and not wanted:
         return values
     segs = segments(m) if wanted is None else selected_segments(m, wanted)
@@ -282,6 +305,7 @@ def read_direct(store: Store, m: Manifest, direct: dict, verify: bool, where: st
     time, the CRC computed on the staged bytes as they pass.
     """
     t = m.blobs
+    store = data_store(store, m)
     step = store.read_bytes
     host = {b: tg for b, tg in direct.items() if tg.tensor.device.type == "cpu"}
     dev = {b: tg for b, tg in direct.items() if tg.tensor.device.type != "cpu"}
@@ -425,6 +449,7 @@ def stream_blobs(store: Store, m: Manifest, blobs: list[int], sink, verify: bool
     this returns (write to a staging file).
     """
     t = m.blobs
+    store = data_store(store, m)
     for b in blobs:
         if type(b) is not int or not 0 <= b < len(t):
             raise CorruptCheckpointError(
@@ -499,7 +524,7 @@ def verify_store(store: Store, deep: bool) -> VerifyReport:
     problems: list[str] = []
     if deep:
         # The file CRC covers every byte, padding included, in one pass.
-        with StreamReader(store, m.files) as reader:
+        with StreamReader(data_store(store, m), m.files) as reader:
             for k, f in enumerate(m.files):
                 try:
                     crc = reader.file_crc(k)

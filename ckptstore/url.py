@@ -121,6 +121,14 @@ class Location:
         """The URI safe to print."""
         return scrub(redact(self.uri), self.secrets)
 
+    def parent(self) -> "Location":
+        """The directory (or prefix) this one is in: an incremental step's run."""
+        path, uri = self.path.rstrip("/"), self.uri.rstrip("/")
+        if "/" not in path.lstrip("/") or "/" not in uri.split("://", 1)[-1]:
+            raise ValueError(f"{self.display} has no parent directory")
+        return Location(self.protocol, path.rsplit("/", 1)[0] or "/", uri.rsplit("/", 1)[0], self.options,
+                        self.commit, self.secrets, self.part_size, self.concurrency)
+
     def child(self, name: str) -> "Location":
         sep = "" if self.path.endswith("/") else "/"
         uri_sep = "" if self.uri.endswith("/") else "/"

@@ -120,6 +120,10 @@ class Store(ABC):
     def child(self, name: str) -> "Store":
         return type(self)(self.location.child(name), **self._child_kwargs())
 
+    def sibling(self, name: str) -> "Store":
+        """The directory ``name`` next to this one (an incremental step's ``../.shared``)."""
+        return type(self)(self.location.parent().child(name), **self._child_kwargs())
+
     def _child_kwargs(self) -> dict:
         return {}
 
