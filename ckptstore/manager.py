@@ -267,7 +267,8 @@ class CheckpointManager:
     def __init__(self, directory: Any, *, keep_last: int | None = None, keep_best: int | None = None,
                  best_metric: str | None = None, best_mode: str = "min", keep_every: int | None = None,
                  max_age: float | None = None, async_save: bool = False,
-                 storage_options: Mapping[str, Any] | None = None, save_interval_steps: int | None = None,
+                 storage_options: Mapping[str, Any] | None = None, incremental: bool = False,
+                 save_interval_steps: int | None = None,
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
                  grace_seconds: float | None = None, upload_settle_seconds: float | None = 300.0,
                  _probe: bool = True):
@@ -280,6 +281,13 @@ class CheckpointManager:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                   or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
+        if type(incremental) is not bool:
+            raise ValueError(f"incremental must be True or False, got {incremental!r}")
+        if incremental:
+            # Saves that write only the bytes that changed since an earlier step are not in this
+            # version; refusing is better than writing full steps the caller believes deduplicated.
+            raise NotImplementedError("incremental=True is not available in this version of ckptstore; "
+                                      "every step is saved whole (incremental=False)")
         signals = _signal_numbers(preemption_signals)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
