@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import contextlib
 import logging
 import math
 import re
@@ -31,13 +32,14 @@ import torch
 from .errors import (
     CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
 )
-from .format.manifest import FileName, Manifest, commit_generations, commit_name, generation_time
+from .format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
 from .format.walk import transform
 from .info import CheckpointInfo
-from .reader import find_commit, load_committed
+from .incremental import SharedIndex, write_incremental
+from .reader import find_commit, load_committed, open_commit
 from .stores import open_store
 from .stores.base import Store
-from .writer import remove_files, write_checkpoint
+from .writer import Generation, info_of, remove_files, write_checkpoint, writer_fields
 
 log = logging.getLogger("ckptstore")
 
@@ -283,11 +285,8 @@ class CheckpointManager:
                 raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
         if type(incremental) is not bool:
             raise ValueError(f"incremental must be True or False, got {incremental!r}")
-        if incremental:
-            # Saves that write only the bytes that changed since an earlier step are not in this
-            # version; refusing is better than writing full steps the caller believes deduplicated.
-            raise NotImplementedError("incremental=True is not available in this version of ckptstore; "
-                                      "every step is saved whole (incremental=False)")
+        self.incremental = incremental
+        self._index = None   # SharedIndex of the run's bytes, built at the first incremental save
         signals = _signal_numbers(preemption_signals)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -533,8 +532,11 @@ class CheckpointManager:
             self._in_flight.add(step)
         try:
             with store.errors("save to"):
-                info = write_checkpoint(store, state, overwrite=force, meta={"step": step, "metrics": metrics},
-                                        devices=devices)
+                meta = {"step": step, "metrics": metrics}
+                if self.incremental:
+                    info = self._write_incremental(store, state, force, meta, devices)
+                else:
+                    info = write_checkpoint(store, state, overwrite=force, meta=meta, devices=devices)
         except CheckpointExistsError as e:
             raise CheckpointExistsError(
                 f"{self.directory}: step {step} is already committed; pass force=True to replace it",
@@ -548,6 +550,59 @@ class CheckpointManager:
             log.warning("%s: retention after step %d failed (nothing else is affected): %s",
                         self.directory, step, e)
         return info
+
+    # -- incremental steps
+
+    def _shared(self) -> Store:
+        return self._store.child(SHARED_DIR)
+
+    def _committed_manifests(self) -> dict[int, Manifest]:
+        """The commit record of every committed step, read now."""
+        out = {}
+        for step in self.steps():
+            try:
+                m, _ = open_commit(self._store.child(step_dir(step)))
+            except CheckpointError:
+                continue
+            out[step] = m
+        return out
+
+    def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
+                           devices: dict | None) -> CheckpointInfo:
+        t0 = time.perf_counter()
+        if self._index is None:
+            self._index = SharedIndex()
+            for m in self._committed_manifests().values():
+                self._index.add(m)
+        shared = self._shared()
+        with Generation.begin(store, overwrite=force) as gen:
+            written: list[str] = []
+            try:
+                m, written = write_incremental(store, shared, gen, state, self._index, meta=meta,
+                                               devices=devices, writer=writer_fields())
+                gen.commit(m)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    shared.remove(written)
+                raise
+        self._index.add(m)
+        return info_of(store, m, gen.strategy.name, time.perf_counter() - t0)
+
+    def _sweep_shared(self) -> list[str]:
+        """Remove the shared data files no committed step's record lists (only this
+        manager writes the run, one save at a time, so none is in flight now)."""
+        shared = self._shared()
+        listing = shared.list() or {}
+        if not listing:
+            return []
+        live = {f.name for m in self._committed_manifests().values() if m.version[0] >= 3 for f in m.files}
+        dead = sorted(n for n in listing if (f := FileName.parse(n)) is not None and f.role == "data"
+                      and n not in live)
+        if dead:
+            shared.remove(dead)
+            if self._index is not None:
+                self._index.forget(set(dead))
+        return dead
 
     def wait(self) -> None:
         """Block until the save in flight is committed; re-raise its error."""
@@ -603,6 +658,8 @@ class CheckpointManager:
         for step in self._plan_prune():
             self._remove_step(step)
             removed.append(step)
+        if self.incremental:
+            self._sweep_shared()   # the bytes only the removed steps (or replaced generations) listed
         if removed:
             log.info("%s: retention removed steps %s", self.directory, removed)
         return removed
