@@ -17,16 +17,18 @@ import crc32c
 
 from .datafiles import check_stored
 from .errors import CorruptCheckpointError
-from .format.manifest import FileEntry, Manifest
+from .format.manifest import INCREMENTAL_MAJOR, FileEntry, Manifest
 from .ranges import READ_BACK, Range, StreamReader
-from .reader import open_commit
+from .reader import load_manifest, open_commit
 from .stores.base import Store
-from .writer import Generation, progress_bar
+from .writer import Generation, progress_bar, write_checkpoint
 
 
 def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress: bool = False) -> Manifest:
     """Copy the checkpoint committed at ``src`` to ``dst``; returns the manifest committed there."""
     m, _ = open_commit(src)
+    if m.version[0] >= INCREMENTAL_MAJOR:
+        return _copy_incremental(src, dst, m, overwrite=overwrite, progress=progress)
     with Generation.begin(dst, overwrite=overwrite, nbytes=m.nbytes) as gen, \
             progress_bar(progress, m.nbytes, f"copying to {dst.uri}") as bar:
         files = [dataclasses.replace(f, name=gen.data_name(k)) for k, f in enumerate(m.files)]
@@ -37,6 +39,15 @@ def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress:
         check_stored(dst, files, [None] * len(files))
         copied = m.replace(generation=gen.id, files=files)
         gen.commit(copied)
+    return copied
+
+
+def _copy_incremental(src: Store, dst: Store, m: Manifest, *, overwrite: bool, progress: bool) -> Manifest:
+    """An incremental step becomes a self-contained version 2 checkpoint: its state is
+    read (every blob checked) and saved whole at ``dst``, with the same meta."""
+    state = load_manifest(src, m, allow_pickle=m.pickled)
+    write_checkpoint(dst, state, overwrite=overwrite, allow_pickle=m.pickled, progress=progress, meta=m.meta)
+    copied, _ = open_commit(dst)
     return copied
 
 

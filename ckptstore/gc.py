@@ -15,8 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .errors import FormatTooNewError
-from .format.manifest import FileName, generation_time
+from .errors import CheckpointError, FormatTooNewError
+from .format.manifest import SHARED_DIR, FileName, generation_time
+from .incremental import sweep
 from .reader import find_commit
 from .stores.base import Store
 from .writer import remove_files
@@ -69,18 +70,54 @@ def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None =
 
 
 def walk(store: Store):
-    """The store's directory and every directory below it."""
+    """The store's directory and every directory below it (an incremental run's shared
+    directory is not a checkpoint: ``shared_leftovers`` judges it)."""
     stack = [store]
     while stack:
         s = stack.pop()
         yield s
-        stack.extend(s.child(n) for n in reversed(s.subdirs()))
+        stack.extend(s.child(n) for n in reversed(s.subdirs()) if n != SHARED_DIR)
+
+
+def listed_by_steps(run: Store) -> set[str]:
+    """The shared files the committed incremental steps directly under ``run`` list."""
+    names: set[str] = set()
+    for d in run.subdirs():
+        if d == SHARED_DIR:
+            continue
+        step = run.child(d)
+        listing = step.list() or {}
+        try:
+            found = find_commit(step, listing)
+        except FormatTooNewError:
+            raise
+        except CheckpointError:
+            continue
+        m = found.manifest
+        if m is not None and m.version[0] >= 3:
+            names.update(f.name for f in m.files)
+    return names
+
+
+def shared_leftovers(run: Store, dry_run: bool = False) -> list[Leftover]:
+    """The shared files of incremental run ``run`` that no committed step and no save in flight
+    lists, removed unless ``dry_run`` (see docs/format.md, "Removing steps")."""
+    shared = run.child(SHARED_DIR)
+    sizes = {n: e.size for n, e in (shared.list() or {}).items()}
+    try:
+        names = sweep(run, lambda: listed_by_steps(run), dry_run=dry_run)
+    except FormatTooNewError as e:
+        log.warning("%s: left alone: %s", run.uri, e)
+        return []
+    return [Leftover(shared, n, sizes.get(n, 0), "listed by no committed step") for n in names]
 
 
 def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:
     """Remove (or with dry_run, only find) leftovers under ``store``, recursively."""
     found: list[Leftover] = []
     for s in walk(store):
+        if SHARED_DIR in s.subdirs():
+            found.extend(shared_leftovers(s, dry_run=dry_run))
         garbage = leftovers_in(s, grace)
         if not garbage:
             continue

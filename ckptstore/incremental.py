@@ -13,6 +13,7 @@ when files are removed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,11 @@ import numpy as np
 import xxhash
 
 from .datafiles import blob_chunks, plan, write_files
+from .errors import CheckpointError
 from .format import tree
 from .format.manifest import (
     INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
-    device_column,
+    device_column, new_generation,
 )
 from .stores.base import Store
 
@@ -87,13 +89,16 @@ class SharedIndex:
 
 def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: SharedIndex, *,
                       verify: bool = True, meta: dict | None = None, devices: dict | None = None,
-                      writer: dict | None = None) -> tuple[Manifest, list[str]]:
+                      writer: dict | None = None, written: list[str] | None = None) -> Manifest:
     """Write the blobs of ``state`` that ``index`` does not hold into ``shared``, and return the
-    version 3 manifest of generation ``gen`` (not yet committed) and the shared files written.
+    version 3 manifest of generation ``gen`` (not yet committed).
 
-    ``gen`` is the step's ``writer.Generation``; files written are named in
-    the returned list as they are started, so a failure can remove them.
+    ``gen`` is the step's ``writer.Generation``. Every file written in
+    ``shared`` (the intent first, then data files as they are started) is
+    appended to ``written``, so a failure can remove them; once the record is
+    committed the caller removes the intent (``written[0]``).
     """
+    written = [] if written is None else written
     nodes, blobs = tree.encode(state, devices=devices)
     hashes = [blob_hash(b) for b in blobs]
     reuse: dict[int, Known] = {}
@@ -107,6 +112,15 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         if known is not None and known not in taken and blob_crc(b) == known.crc32c:
             reuse[i] = known
             taken.add(known)
+    # Announce the files this save may list, then drop any that vanished or a sweep condemned
+    # meanwhile (those bytes are written again instead).
+    wanted = {f.name for k in reuse.values() for f in k.files}
+    written.append(gen.id + INTENT_SUFFIX)
+    write_intent(shared, gen.id, sorted(wanted))
+    if wanted:
+        bad = unusable(shared, wanted)
+        if bad:
+            reuse = {i: k for i, k in reuse.items() if not any(f.name in bad for f in k.files)}
     new = [i for i in range(len(blobs)) if i not in reuse]
 
     # The stream: the reused files, grouped by the generation that wrote them and in
@@ -125,7 +139,6 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         pos += f.nbytes
     own_start = pos
 
-    written: list[str] = []
     crcs = [0] * len(blobs)
     starts = [0] * len(blobs)
     if new or not files:
@@ -145,4 +158,91 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
                       table_devices, device_index, b"".join(hashes))
     m = Manifest(generation=gen.id, files=files, blobs=table, nodes=nodes, meta=meta or {},
                  writer=writer or {}, version=(INCREMENTAL_MAJOR, 0), created=time.time())
-    return m, written
+    return m
+
+
+# ---------------------------------------------------------------- who may still need a shared file
+
+INTENT_SUFFIX = ".intent"        # <gen>.intent: a save in flight and the shared files it may list
+CONDEMNED_SUFFIX = ".condemned"  # <gen>.condemned: files a sweep is about to remove
+STALE = 24 * 3600.0              # an intent or condemned list this old belongs to a process that died
+
+
+def _json_files(shared: Store, listing: dict, suffix: str, now: float) -> dict[str, dict]:
+    """{name: parsed body} of the fresh ``suffix`` files in ``listing``; stale or unreadable ones are skipped."""
+    out = {}
+    for name, entry in listing.items():
+        if not name.endswith(suffix):
+            continue
+        if entry.mtime is not None and now - entry.mtime > STALE:
+            continue
+        try:
+            body = json.loads(shared.get(name))
+        except (CheckpointError, ValueError):
+            continue
+        if isinstance(body, dict):
+            out[name] = body
+    return out
+
+
+def write_intent(shared: Store, gen: str, names: list[str]) -> str:
+    """Announce a save of generation ``gen`` that may list ``names`` (and writes files of ``gen``)."""
+    name = gen + INTENT_SUFFIX
+    shared.makedirs()
+    shared.put(name, json.dumps({"generation": gen, "files": sorted(names), "time": time.time()}).encode())
+    return name
+
+
+def unusable(shared: Store, names: set[str]) -> set[str]:
+    """Of ``names``, those a save must not list: gone from the shared directory, or condemned
+    by a sweep. Called after the save's intent is written (see docs/format.md)."""
+    listing = shared.list() or {}
+    now = time.time()
+    condemned: set[str] = set()
+    for body in _json_files(shared, listing, CONDEMNED_SUFFIX, now).values():
+        files = body.get("files")
+        if isinstance(files, list):
+            condemned.update(f for f in files if isinstance(f, str))
+    return {n for n in names if n not in listing or n in condemned}
+
+
+def sweep(run: Store, live_of, *, dry_run: bool = False) -> list[str]:
+    """Remove the shared data files of run ``run`` that no committed step lists and no save in
+    flight may list. ``live_of()`` reads the committed records now and returns the file names they
+    list. Sound against saves in other processes without any wait: see docs/format.md."""
+    shared = run.child(SHARED_DIR)
+    listing = shared.list() or {}
+    if not listing:
+        return []
+    now = time.time()
+
+    def protected() -> set[str]:
+        # intents first, then the records: a save deletes its intent only after its record is in place
+        names: set[str] = set()
+        gens: set[str] = set()
+        for body in _json_files(shared, shared.list() or {}, INTENT_SUFFIX, now).values():
+            if isinstance(body.get("generation"), str):
+                gens.add(body["generation"])
+            files = body.get("files")
+            if isinstance(files, list):
+                names.update(f for f in files if isinstance(f, str))
+        names |= live_of()
+        return names | {n for n in listing if (f := FileName.parse(n)) is not None and f.gen in gens}
+
+    data = {n for n in listing if (f := FileName.parse(n)) is not None and f.role == "data"}
+    candidates = sorted(data - protected())
+    if not candidates or dry_run:
+        return candidates
+    marker = new_generation() + CONDEMNED_SUFFIX
+    shared.put(marker, json.dumps({"files": candidates, "time": time.time()}).encode())
+    try:
+        dead = sorted(set(candidates) - protected())
+        if dead:
+            shared.remove(dead)
+    finally:
+        shared.remove([marker])
+    stale = [n for n, e in listing.items() if n.endswith((INTENT_SUFFIX, CONDEMNED_SUFFIX))
+             and e.mtime is not None and now - e.mtime > STALE]
+    if stale:
+        shared.remove(stale)
+    return dead

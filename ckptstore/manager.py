@@ -35,7 +35,7 @@ from .errors import (
 from .format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
 from .format.walk import transform
 from .info import CheckpointInfo
-from .incremental import SharedIndex, write_incremental
+from .incremental import SharedIndex, sweep, write_incremental
 from .reader import find_commit, load_committed, open_commit
 from .stores import open_store
 from .stores.base import Store
@@ -578,30 +578,25 @@ class CheckpointManager:
         with Generation.begin(store, overwrite=force) as gen:
             written: list[str] = []
             try:
-                m, written = write_incremental(store, shared, gen, state, self._index, meta=meta,
-                                               devices=devices, writer=writer_fields())
+                m = write_incremental(store, shared, gen, state, self._index, meta=meta, devices=devices,
+                                      writer=writer_fields(), written=written)
                 gen.commit(m)
             except BaseException:
                 with contextlib.suppress(Exception):
                     shared.remove(written)
                 raise
+        with contextlib.suppress(CheckpointError):
+            shared.remove(written[:1])     # the intent: the record lists the files now
         self._index.add(m)
         return info_of(store, m, gen.strategy.name, time.perf_counter() - t0)
 
-    def _sweep_shared(self) -> list[str]:
-        """Remove the shared data files no committed step's record lists (only this
-        manager writes the run, one save at a time, so none is in flight now)."""
-        shared = self._shared()
-        listing = shared.list() or {}
-        if not listing:
-            return []
-        live = {f.name for m in self._committed_manifests().values() if m.version[0] >= 3 for f in m.files}
-        dead = sorted(n for n in listing if (f := FileName.parse(n)) is not None and f.role == "data"
-                      and n not in live)
-        if dead:
-            shared.remove(dead)
-            if self._index is not None:
-                self._index.forget(set(dead))
+    def _sweep_shared(self, dry_run: bool = False) -> list[str]:
+        """Remove the shared data files no committed step lists and no save in flight may list."""
+        def live() -> set[str]:
+            return {f.name for m in self._committed_manifests().values() if m.version[0] >= 3 for f in m.files}
+        dead = sweep(self._store, live, dry_run=dry_run)
+        if dead and not dry_run and self._index is not None:
+            self._index.forget(set(dead))
         return dead
 
     def wait(self) -> None:
