@@ -99,13 +99,13 @@ def listed_by_steps(run: Store) -> set[str]:
     return names
 
 
-def shared_leftovers(run: Store, dry_run: bool = False) -> list[Leftover]:
+def shared_leftovers(run: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:
     """The shared files of incremental run ``run`` that no committed step and no save in flight
     lists, removed unless ``dry_run`` (see docs/format.md, "Removing steps")."""
     shared = run.child(SHARED_DIR)
     sizes = {n: e.size for n, e in (shared.list() or {}).items()}
     try:
-        names = sweep(run, lambda: listed_by_steps(run), dry_run=dry_run)
+        names = sweep(run, lambda: listed_by_steps(run), grace=grace, dry_run=dry_run)
     except FormatTooNewError as e:
         log.warning("%s: left alone: %s", run.uri, e)
         return []
@@ -117,7 +117,7 @@ def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -
     found: list[Leftover] = []
     for s in walk(store):
         if SHARED_DIR in s.subdirs():
-            found.extend(shared_leftovers(s, dry_run=dry_run))
+            found.extend(shared_leftovers(s, grace, dry_run=dry_run))
         garbage = leftovers_in(s, grace)
         if not garbage:
             continue

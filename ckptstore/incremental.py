@@ -165,16 +165,17 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
 
 INTENT_SUFFIX = ".intent"        # <gen>.intent: a save in flight and the shared files it may list
 CONDEMNED_SUFFIX = ".condemned"  # <gen>.condemned: files a sweep is about to remove
-STALE = 24 * 3600.0              # an intent or condemned list this old belongs to a process that died
+STALE = 3600.0                   # an intent or condemned list this old belongs to a process that died
+                                 # (gc's default grace: no save is expected to take longer)
 
 
-def _json_files(shared: Store, listing: dict, suffix: str, now: float) -> dict[str, dict]:
+def _json_files(shared: Store, listing: dict, suffix: str, now: float, stale: float = STALE) -> dict[str, dict]:
     """{name: parsed body} of the fresh ``suffix`` files in ``listing``; stale or unreadable ones are skipped."""
     out = {}
     for name, entry in listing.items():
         if not name.endswith(suffix):
             continue
-        if entry.mtime is not None and now - entry.mtime > STALE:
+        if entry.mtime is not None and now - entry.mtime > stale:
             continue
         try:
             body = json.loads(shared.get(name))
@@ -206,10 +207,11 @@ def unusable(shared: Store, names: set[str]) -> set[str]:
     return {n for n in names if n not in listing or n in condemned}
 
 
-def sweep(run: Store, live_of, *, dry_run: bool = False) -> list[str]:
+def sweep(run: Store, live_of, *, grace: float = STALE, dry_run: bool = False) -> list[str]:
     """Remove the shared data files of run ``run`` that no committed step lists and no save in
     flight may list. ``live_of()`` reads the committed records now and returns the file names they
-    list. Sound against saves in other processes without any wait: see docs/format.md."""
+    list. Sound against saves in other processes without any wait (see docs/format.md); an intent
+    older than ``grace`` seconds is taken to be a save that died."""
     shared = run.child(SHARED_DIR)
     listing = shared.list() or {}
     if not listing:
@@ -220,7 +222,7 @@ def sweep(run: Store, live_of, *, dry_run: bool = False) -> list[str]:
         # intents first, then the records: a save deletes its intent only after its record is in place
         names: set[str] = set()
         gens: set[str] = set()
-        for body in _json_files(shared, shared.list() or {}, INTENT_SUFFIX, now).values():
+        for body in _json_files(shared, shared.list() or {}, INTENT_SUFFIX, now, grace).values():
             if isinstance(body.get("generation"), str):
                 gens.add(body["generation"])
             files = body.get("files")
@@ -242,7 +244,7 @@ def sweep(run: Store, live_of, *, dry_run: bool = False) -> list[str]:
     finally:
         shared.remove([marker])
     stale = [n for n, e in listing.items() if n.endswith((INTENT_SUFFIX, CONDEMNED_SUFFIX))
-             and e.mtime is not None and now - e.mtime > STALE]
+             and e.mtime is not None and now - e.mtime > grace]
     if stale:
         shared.remove(stale)
     return dead

@@ -193,3 +193,62 @@ def test_gc_of_the_run_frees_what_no_step_lists_and_keeps_the_rest(tmp_path):
     for s in (1, 2):
         assert ckptstore.verify(str(d / f"step-{s}"), deep=True).ok
         assert equal(ckptstore.load(str(d / f"step-{s}")), frozen_state(s, base))
+
+
+# ---------------------------------------------------------------- kill -9 at random instants
+
+def _kill_rounds(writers, store, rounds: int, seed: str, megabytes: float = 1.0, longest: float = 0.8) -> int:
+    """Incremental saves that also prune (keep_last=2), SIGKILLed at random instants; after every
+    kill every kept step loads and deep-verifies. Returns how many steps were committed."""
+    import random
+    import time
+
+    from helpers.save_loop import check_incremental_state
+
+    rng = random.Random(seed)
+    run = run_uri(store)
+    version, commits = 0, 0
+    for _ in range(rounds):
+        pid = writers.start_writer("incremental+" + run, version, megabytes)
+        time.sleep(rng.uniform(0.05, longest))
+        committed = writers.kill_writer(pid)
+        commits += len(committed)
+        version = (committed[-1] + 1 if committed else version) + 1000   # never reuse a step number
+        with ckptstore.CheckpointManager(run, _probe=False) as mgr:
+            for step in mgr.steps():
+                uri = store.uri(f"run/step-{step}")
+                report = ckptstore.verify(uri, deep=True)
+                assert report.ok, f"kept step {step} after a kill: {report.problems}"
+                assert check_incremental_state(ckptstore.load(uri)) == step
+    return commits
+
+
+def _gc_frees_the_rest(store) -> None:
+    from ckptstore.cli import main as cli
+
+    assert cli(["gc", "--grace", "0", run_uri(store)]) == 0
+    with ckptstore.CheckpointManager(run_uri(store), _probe=False) as mgr:
+        steps = mgr.steps()
+        listed = set()
+        for step in steps:
+            with ckptstore.open(store.uri(f"run/step-{step}")) as ck:
+                assert ck.load()["version"] == step
+            from ckptstore.format.manifest import Manifest
+            from ckptstore.reader import open_commit
+            from ckptstore.stores import open_store
+            m, _ = open_commit(open_store(store.uri(f"run/step-{step}")))
+            listed |= {f.name for f in m.files}
+    left = {p.rsplit("/", 1)[-1] for p in store.files() if "/.shared/" in p}
+    assert left == listed, f"gc left files no step lists: {sorted(left - listed)}"
+
+
+def test_kill_9_during_incremental_saves_and_prunes_never_breaks_a_kept_step_local(writers, local_store):
+    commits = _kill_rounds(writers, local_store, rounds=20, seed="incremental-kill-local")
+    assert commits >= 10, "the kills came too early to test anything"
+    _gc_frees_the_rest(local_store)
+
+
+def test_kill_9_during_incremental_saves_and_prunes_never_breaks_a_kept_step_s3(writers, s3_store):
+    commits = _kill_rounds(writers, s3_store, rounds=10, seed="incremental-kill-s3", megabytes=0.5, longest=2.5)
+    assert commits >= 5, "the kills came too early to test anything"
+    _gc_frees_the_rest(s3_store)

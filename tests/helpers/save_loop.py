@@ -60,11 +60,35 @@ def check_state(state) -> int:
     return v
 
 
+def make_incremental_state(version: int, megabytes: float):
+    """make_state plus a frozen part of the same size, equal in every version."""
+    import torch
+
+    state = make_state(version, megabytes)
+    state["frozen"] = torch.full((int(megabytes * 2**20) // 4,), 7.0)
+    return state
+
+
+def check_incremental_state(state) -> int:
+    v = check_state(state)
+    assert bool((state["frozen"] == 7.0).all()), "the frozen part changed"
+    return v
+
+
 def save_loop(uri: str, first: int, megabytes: float) -> None:
     import ckptstore
 
     pid = os.getpid()
     version = first
+    if uri.startswith("incremental+"):
+        # Steps of an incremental run that also prunes (keep_last=2): the kill test of
+        # reference-safe retention.
+        mgr = ckptstore.CheckpointManager(uri[len("incremental+"):], incremental=True, keep_last=2)
+        while True:
+            mgr.save(version, make_incremental_state(version, megabytes))
+            sys.stdout.write(f"committed {pid} {version}\n")
+            sys.stdout.flush()
+            version += 1
     while True:
         ckptstore.save(make_state(version, megabytes), uri)
         sys.stdout.write(f"committed {pid} {version}\n")
