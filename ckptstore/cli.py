@@ -66,8 +66,9 @@ def cmd_ls(args) -> int:
         m = found.manifest
         meta = m.meta if m else {}
         metrics = meta.get("metrics") or {}
-        rows.append((name or ".", str(meta.get("step", "-")), _size(m.nbytes) if m else "-",
-                     _when(m.created) if m else "-", strategy,
+        size = "-" if m is None else _size(m.nbytes) if m.version[0] < 3 else \
+            f"{_size(m.logical)} (wrote {_size(m.nbytes)})"   # an incremental step shares the rest
+        rows.append((name or ".", str(meta.get("step", "-")), size, _when(m.created) if m else "-", strategy,
                      " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                      or "-",
                      "ok" if m else "damaged: " + "; ".join(found.problems)[:80]))
@@ -99,7 +100,11 @@ def cmd_info(args) -> int:
     print(f"format:     {d['format']}")
     print(f"generation: {d['generation']}")
     print(f"committed:  {_when(d['created'])}")
-    print(f"size:       {_size(d['nbytes'])} ({d['nbytes']} bytes) in {len(d['files'])} data file(s)")
+    if d["format"].startswith("3."):
+        print(f"size:       {_size(d['logical'])} ({d['logical']} bytes) in {len(d['files'])} shared data file(s); "
+              f"this step wrote {_size(d['nbytes'])} ({d['nbytes']} bytes), the rest it shares with earlier steps")
+    else:
+        print(f"size:       {_size(d['nbytes'])} ({d['nbytes']} bytes) in {len(d['files'])} data file(s)")
     print(f"tensors:    {d['tensors']}")
     print(f"pickled:    {'yes (load needs allow_pickle=True)' if d['pickled'] else 'no'}")
     if d["writer"]:

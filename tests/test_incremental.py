@@ -252,3 +252,22 @@ def test_kill_9_during_incremental_saves_and_prunes_never_breaks_a_kept_step_s3(
     commits = _kill_rounds(writers, s3_store, rounds=10, seed="incremental-kill-s3", megabytes=0.5, longest=2.5)
     assert commits >= 5, "the kills came too early to test anything"
     _gc_frees_the_rest(s3_store)
+
+
+def test_ls_and_info_show_what_each_step_wrote_and_its_whole_size(tmp_path, capsys):
+    from ckptstore.cli import main as cli
+
+    d = tmp_path / "run"
+    base = torch.randn(2 * MiB // 4)
+    with ckptstore.CheckpointManager(str(d), incremental=True) as mgr:
+        mgr.save(1, frozen_state(1, base))
+        mgr.save(2, frozen_state(2, base))
+    capsys.readouterr()
+    assert cli(["ls", str(d)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "2.5 MiB (wrote 2.5 MiB)" in rows["step-1"], out
+    assert "2.5 MiB (wrote 512.0 KiB)" in rows["step-2"], out
+    assert cli(["info", str(d / "step-2")]) == 0
+    out = capsys.readouterr().out
+    assert "this step wrote 512.0 KiB (524288 bytes)" in out and "format:     3.0" in out, out

@@ -336,7 +336,9 @@ def describe(m: Manifest) -> dict[str, Any]:
         "generation": m.generation,
         "created": m.created,
         "nbytes": m.nbytes,
-        "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": f"{f.crc32c:08x}"} for f in m.files],
+        "logical": m.logical,
+        "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": f"{f.crc32c:08x}", **({"dir": f.dir} if f.dir else {})}
+                  for f in m.files],
         "tensors": m.tensors,
         "blobs": m.blobs.count(),
         "pickled": m.pickled,
