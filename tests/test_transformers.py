@@ -388,3 +388,23 @@ print(json.dumps({{"extra": hwm() - before, "target": target}}))
     # A copy of the step would be at least its 192 MiB; streaming holds the in-flight read
     # windows (4 MiB x 4 requests, each held twice by the HTTP client) and the allocator's slack.
     assert result["extra"] < size / 2, f"restore peaked {result['extra'] / 2**20:.0f} MiB above the start"
+
+
+def test_incremental_stores_a_file_that_did_not_change_once(local_store, tmp_path):
+    """incremental=True: the frozen part of a Trainer checkpoint (here a big unchanged file)
+    is written by the first step only; both steps restore exactly."""
+    args = training_args(tmp_path / "out")
+    frozen = bytes(range(256)) * 4096            # 1 MiB that never changes
+    for step in (3, 6):
+        d = fake_checkpoint(tmp_path / "out", step, f"adapter at {step}".encode())
+        (d / "base.bin").write_bytes(frozen)
+        save_as_trainer(StoreCallback(local_store.uri("run"), incremental=True), args, step)
+    infos = {}
+    for step in (3, 6):
+        with ckptstore.open(local_store.uri(f"run/step-{step}")) as ck:
+            infos[step] = ck.info
+    assert infos[3].nbytes > len(frozen) and infos[6].nbytes < len(frozen) // 8, infos
+    for step in (3, 6):
+        path = restore_checkpoint(local_store.uri("run"), tmp_path / f"restored-{step}", step=step)
+        assert Path(path, "base.bin").read_bytes() == frozen
+        assert Path(path, "model.safetensors").read_bytes() == f"adapter at {step}".encode()

@@ -284,7 +284,9 @@ class StoreCallback(TrainerCallback):
     in, the Trainer is told to save that step (committed before the save
     returns) and to stop. Both need a single-process run: the Trainer must
     decide to save on every rank alike. ``upload_settle_seconds``: the
-    manager's, for a run on a FUSE mount such as Colab's Drive.
+    manager's, for a run on a FUSE mount such as Colab's Drive. ``incremental``:
+    the manager's; each checkpoint-<step> directory's files are stored once
+    across steps when their bytes did not change (a frozen base model).
     """
 
     def __init__(self, uri: Any, storage_options: Mapping[str, Any] | None = None, *,
@@ -292,8 +294,9 @@ class StoreCallback(TrainerCallback):
                  best_mode: str | None = None, keep_every: int | None = None, max_age: float | None = None,
                  async_save: bool = False, save_interval_seconds: float | None = None,
                  preemption_signals: Any = None, grace_seconds: float | None = None,
-                 upload_settle_seconds: float | None = 300.0):
+                 upload_settle_seconds: float | None = 300.0, incremental: bool = False):
         self.uri = uri
+        self.incremental = incremental
         self.storage_options = storage_options
         self.keep_last, self.keep_best, self.keep_every, self.max_age = keep_last, keep_best, keep_every, max_age
         self.best_metric, self.best_mode = best_metric, best_mode
@@ -314,7 +317,8 @@ class StoreCallback(TrainerCallback):
                 best_mode=best_mode or "min", keep_every=self.keep_every, max_age=self.max_age,
                 async_save=self.async_save, storage_options=self.storage_options,
                 save_interval_seconds=self.save_interval_seconds, preemption_signals=self.preemption_signals,
-                grace_seconds=self.grace_seconds, upload_settle_seconds=self.upload_settle_seconds)
+                grace_seconds=self.grace_seconds, upload_settle_seconds=self.upload_settle_seconds,
+                incremental=self.incremental)
         return self.manager
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
