@@ -1389,6 +1389,77 @@ def bench_preempt_s3(site: Site) -> list[Row]:
     return [_preempt_row("preempt-s3", got, base, ctx.state_bytes)]
 
 
+INCREMENTAL_SECOND_TARGET = 1 / 0.15   # the frozen-base second save at most 0.15x a whole save
+INCREMENTAL_SAME_TARGET = 0.95         # full change and restore: at least 0.95x the plain way
+INCREMENTAL_TRAINED = 8 << 20          # the part that changes between steps
+
+
+_INCREMENTAL_SERIES = ("second", "full", "full_inc", "full_plain", "restore_inc", "restore_plain")
+
+
+def _incremental_rounds(ctx: Context, uri: str, opts: dict | None, what: str, size: int,
+                        series: dict[str, Series]) -> None:
+    for r in range(ctx.repeat):
+        ctx.log(f"{what}: round {r + 1}/{ctx.repeat}")
+        out = series["second"].add(lambda: ctx.run({"op": "incremental", "size_bytes": size, "uri": uri,
+                                                    "trained_bytes": INCREMENTAL_TRAINED, "storage_options": opts,
+                                                    "round": r, "cold": ctx.cold}))
+        if out is None:
+            for k, s in series.items():
+                if k != "second":
+                    s.fail(series["second"].error or "the run failed")
+            break
+        series["full"].add(lambda: {"seconds": out["plain_second_s"]})
+        series["full_inc"].add(lambda: {"seconds": out["inc_full_change_s"]})
+        series["full_plain"].add(lambda: {"seconds": out["plain_full_change_s"]})
+        series["restore_inc"].add(lambda: {"seconds": out["inc_restore_s"]})
+        series["restore_plain"].add(lambda: {"seconds": out["plain_restore_s"]})
+
+
+def _incremental_rows(backend: str, series: dict[str, Series], size: int) -> list[Row]:
+    res = series["second"].results
+    wrote = max((r["inc_second_bytes"] for r in res), default=0)
+    changed = INCREMENTAL_TRAINED
+    total = size + INCREMENTAL_TRAINED
+    return [
+        compare(backend, "incremental: second save, frozen base", series["second"], "a whole save (plain run)",
+                series["full"], total, target=INCREMENTAL_SECOND_TARGET,
+                note=f"wrote {wrote} bytes, {wrote / changed:.3f}x the {changed} changed (target <= 1.1x)"),
+        compare(backend, "incremental: save, every byte changed", series["full_inc"],
+                "the same save with incremental=False", series["full_plain"], total,
+                target=INCREMENTAL_SAME_TARGET),
+        compare(backend, "incremental: restore (cold load)", series["restore_inc"],
+                "a load of the same step saved whole", series["restore_plain"], total,
+                target=INCREMENTAL_SAME_TARGET),
+    ]
+
+
+def bench_incremental(site: Site) -> list[Row]:
+    """CheckpointManager(incremental=True) on the local disk: a frozen part of --size-gib and
+    8 MiB that changes (see worker.op_incremental)."""
+    ctx = site.ctx
+    site.scratch.mkdir(parents=True, exist_ok=True)
+    series = {k: Series() for k in _INCREMENTAL_SERIES}
+    _incremental_rounds(ctx, str(site.scratch / "runs"), None, "incremental", ctx.size_bytes, series)
+    return _incremental_rows("incremental", series, ctx.size_bytes)
+
+
+def bench_incremental_s3(site: Site) -> list[Row]:
+    """The incremental rows on S3 (moto, --remote-size-gib)."""
+    ctx = site.ctx
+    series = {k: Series() for k in _INCREMENTAL_SERIES}
+    site.serve(lambda server: _incremental_rounds(ctx, site.uri(server, "incremental"), server.options(),
+                                                  "incremental-s3", ctx.size_bytes, series), series, None)
+    return _incremental_rows("incremental-s3", series, ctx.size_bytes)
+
+
+def _incremental_notes(ctx: Context) -> list[str]:
+    return ["incremental: a state of --size-gib (s3: --remote-size-gib) that does not change and 8 MiB that "
+            "does; the second save's target is at most 0.15x a whole save (ratio >= 6.67) writing at most "
+            "1.1x the changed bytes; a save where every byte changed and a cold restore at least 0.95x the "
+            "plain way."]
+
+
 def _preempt_notes(ctx: Context) -> list[str]:
     return [f"preempt: seconds from the SIGTERM (sent from another thread while a step computes) until "
             f"save() returned with that step committed; target at most {1 / PREEMPT_TARGET:.1f}x a blocking "
@@ -1434,6 +1505,12 @@ REGISTRY: tuple[Backend, ...] = (
             baselines=("a blocking CheckpointManager.save",)),
     Backend("preempt-s3", bench_preempt_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=0.5,
             baselines=("a blocking CheckpointManager.save",)),
+    Backend("incremental", bench_incremental, notes=_incremental_notes, disk=5,
+            baselines=("a whole save (plain run)", "the same save with incremental=False",
+                       "a load of the same step saved whole")),
+    Backend("incremental-s3", bench_incremental_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=0.5,
+            baselines=("a whole save (plain run)", "the same save with incremental=False",
+                       "a load of the same step saved whole")),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",
