@@ -50,6 +50,11 @@ def step_dir(step: int) -> str:
     return f"step-{step}"
 
 
+def step_of(store: Store) -> int:
+    """The step of a step directory's store (``<run>/step-<N>``)."""
+    return int(store.uri.rstrip("/").rsplit("/", 1)[-1][len("step-"):])
+
+
 # ---------------------------------------------------------------- retention (pure)
 
 @dataclass
@@ -287,6 +292,8 @@ class CheckpointManager:
             raise ValueError(f"incremental must be True or False, got {incremental!r}")
         self.incremental = incremental
         self._index = None   # SharedIndex of the run's bytes, built at the first incremental save
+        self._manifests: dict[int, Manifest] = {}   # step -> its commit record, as read or written here
+        self._sweep_due = False                      # a save replaced a generation: its files may be unlisted
         signals = _signal_numbers(preemption_signals)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -557,14 +564,21 @@ class CheckpointManager:
         return self._store.child(SHARED_DIR)
 
     def _committed_manifests(self) -> dict[int, Manifest]:
-        """The commit record of every committed step, read now."""
+        """The commit record of every committed step: one listing of the run, and a read of
+        each record this manager has not read or written itself (records never change; a step
+        replaced with force=True here updates the cache)."""
         out = {}
         for step in self.steps():
-            try:
-                m, _ = open_commit(self._store.child(step_dir(step)))
-            except CheckpointError:
-                continue
+            m = self._manifests.get(step)
+            if m is None:
+                try:
+                    m, _ = open_commit(self._store.child(step_dir(step)))
+                except CheckpointError:
+                    continue
+                self._manifests[step] = m
             out[step] = m
+        for step in set(self._manifests) - set(out):
+            del self._manifests[step]
         return out
 
     def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
@@ -588,6 +602,8 @@ class CheckpointManager:
         with contextlib.suppress(CheckpointError):
             shared.remove(written[:1])     # the intent: the record lists the files now
         self._index.add(m)
+        self._sweep_due = self._sweep_due or step_of(store) in self._manifests
+        self._manifests[step_of(store)] = m
         return info_of(store, m, gen.strategy.name, time.perf_counter() - t0)
 
     def _sweep_shared(self, dry_run: bool = False) -> list[str]:
@@ -653,7 +669,8 @@ class CheckpointManager:
         for step in self._plan_prune():
             self._remove_step(step)
             removed.append(step)
-        if self.incremental:
+        if self.incremental and (removed or self._sweep_due):
+            self._sweep_due = False
             self._sweep_shared()   # the bytes only the removed steps (or replaced generations) listed
         if removed:
             log.info("%s: retention removed steps %s", self.directory, removed)
