@@ -254,6 +254,8 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     if wanted is not None and not wanted:
         return values
     segs = segments(m) if wanted is None else selected_segments(m, wanted)
+    if len(m.files) > 1 and m.version[0] >= 3 and _take_mapped_files(store, m, verify, values, where, segs):
+        return values
     mapped = store.map_file(m.files[0].name, m.files[0].nbytes, read_ahead=wanted is None) \
         if len(m.files) == 1 else None
     if mapped is not None:
@@ -395,6 +397,32 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
     with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
         for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri, whole) for s in segs]:
             fut.result()
+
+
+def _take_mapped_files(store: Store, m: Manifest, verify: bool, values: list, where: str, segs: list) -> bool:
+    """An incremental step on a local disk: each segment as slices of a private mapping of the
+    one shared file it lies in (as ``_take_mapped`` does for one file). False, having read
+    nothing, where some segment spans two files or the store cannot map them."""
+    starts = m.file_starts()
+    home = []
+    for sg in segs:
+        k = int(np.searchsorted(starts, sg.start, side="right")) - 1
+        if not 0 <= k < len(m.files) or sg.end > starts[k + 1]:
+            return False
+        home.append(k)
+    maps: dict[int, Any] = {}
+    for k in sorted(set(home)):
+        mapped = store.map_file(m.files[k].name, m.files[k].nbytes, read_ahead=False)
+        if mapped is None:
+            return False
+        maps[k] = mapped
+    for sg, k in zip(segs, home):
+        store.prefetch(m.files[k].name, sg.start - starts[k], sg.end - sg.start)
+    with cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-crc") as pool:
+        for fut in [pool.submit(_take, sg, maps[k], starts[k], m, verify, values, where, store.uri, False)
+                    for sg, k in zip(segs, home)]:
+            fut.result()
+    return True
 
 
 def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False,
