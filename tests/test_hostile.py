@@ -247,17 +247,19 @@ def _every_reader(d: Path) -> object:
     return loaded
 
 
-def _lie(raw: bytes, data) -> bytes | None:
-    """The commit record ``raw`` with one value replaced by a hostile one, its CRC recomputed."""
+def _lie(raw: bytes, data, extra: list | None = None) -> bytes | None:
+    """The commit record ``raw`` with one value replaced by a hostile one (or one of ``extra``),
+    its CRC recomputed; the record's major version is kept."""
+    major = int(raw.split(b" ", 2)[1])
     head_raw, nodes_raw = raw.split(b"\n", 1)[1].split(b"\n", 1)
     doc = {"head": json.loads(head_raw), "nodes": json.loads(nodes_raw)}
     path = data.draw(st.sampled_from(_paths(doc)[1:]), label="path")
-    value = data.draw(st.sampled_from(HOSTILE + [DEEP]), label="value")
+    value = data.draw(st.sampled_from(HOSTILE + [DEEP] + list(extra or [])), label="value")
     doc = _replace(doc, path, value)
     if not isinstance(doc.get("head"), dict):
         return None
     body = _dump(doc["head"]) + b"\n" + _dump(doc["nodes"])
-    return b"CKPTSTORE 2 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body
+    return b"CKPTSTORE %d %d %08x\n" % (major, len(body), crc32c.crc32c(body)) + body
 
 
 def _mutate(raw: bytes, pos: float, how: str) -> bytes | None:
@@ -292,6 +294,34 @@ def test_a_record_that_lies_with_its_crc_recomputed_is_a_correct_load_or_a_check
         return
     _record(d).write_bytes(lied)
     _every_reader(d)
+
+
+@SETTINGS
+@given(state=states, data=st.data())
+def test_an_incremental_record_that_lies_is_a_correct_load_or_a_checkpoint_error(tmp_path_factory, state, data):
+    """Version 3 records (references into the run's shared files): lying starts, sizes,
+    hashes, CRCs, directories, and names of shared files that are missing or hold other bytes."""
+    root = tmp_path_factory.mktemp("lie3")
+    (root / "sentinel").write_text("must never be opened")
+    run = root / "run"
+    with ckptstore.CheckpointManager(str(run), incremental=True) as mgr:
+        mgr.save(1, {"s": state, "other": torch.arange(100)})
+        mgr.save(2, {"s": state, "new": torch.ones(33)})
+    d = run / "step-2"
+    shared = sorted(p.name for p in (run / ".shared").iterdir())
+    foreign = [shared[0], shared[-1], "0000000000000000-00000000-00000.bin", "../sentinel", ".shared",
+               "ffffffffffffffff-ffffffff-99999.bin", "0" * 32, "f" * 32]
+    lied = _lie(_record(d).read_bytes(), data, extra=foreign)
+    if lied is None:
+        return
+    _record(d).write_bytes(lied)
+    size = sum(p.stat().st_size for p in (run / ".shared").iterdir())
+    with watching_opens() as opened, bounded(size):
+        _readers(str(d))
+    allowed = (str(d) + os.sep, str(run / ".shared") + os.sep)
+    outside = [p for p in opened if p.startswith(str(root)) and not p.startswith(allowed)
+               and os.path.realpath(p) not in (str(d), str(run / ".shared"))]
+    assert not outside, f"opened outside the step and its run's shared files: {outside}"
 
 
 @SETTINGS
