@@ -3,7 +3,7 @@
 An incremental run keeps its data files in ``<run>/.shared/`` and each step
 directory holds only its commit record (format version 3, docs/format.md).
 A blob's bytes are reused when an earlier committed step of the run holds a
-blob of the same size, xxh3-128 and CRC-32C; the new record lists the files
+blob of the same size and xxh3-128; the new record lists the files
 those bytes are in and gives each blob's offset in the stream they form.
 
 ``SharedIndex`` is what the manager knows of the run's bytes: built from the
@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import crc32c
 import numpy as np
 import xxhash
 
@@ -38,13 +37,6 @@ def blob_hash(blob) -> bytes:
     for piece in blob_chunks(blob):
         h.update(piece)
     return h.digest()
-
-
-def blob_crc(blob) -> int:
-    crc = 0
-    for piece in blob_chunks(blob):
-        crc = crc32c.crc32c(piece, crc)
-    return crc
 
 
 @dataclass(frozen=True)
@@ -107,9 +99,10 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         if b.nbytes == 0:
             continue
         known = index.find(b.nbytes, hashes[i])
-        # The hash and size must match, and the CRC too: the CRC alone never decides. Two
-        # blobs of one save never share bytes (a record's blobs do not overlap).
-        if known is not None and known not in taken and blob_crc(b) == known.crc32c:
+        # Equal size and xxh3-128 decide (the CRC-32C never does: it is only copied over and
+        # checked when the bytes are read). Two blobs of one save never share bytes (a
+        # record's blobs do not overlap).
+        if known is not None and known not in taken:
             reuse[i] = known
             taken.add(known)
     # Announce the files this save may list, then drop any that vanished or a sweep condemned

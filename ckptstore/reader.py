@@ -410,14 +410,23 @@ def _take_mapped_files(store: Store, m: Manifest, verify: bool, values: list, wh
         if not 0 <= k < len(m.files) or sg.end > starts[k + 1]:
             return False
         home.append(k)
+    needed: dict[int, int] = {}
+    for sg, k in zip(segs, home):
+        needed[k] = needed.get(k, 0) + sg.end - sg.start
     maps: dict[int, Any] = {}
-    for k in sorted(set(home)):
-        mapped = store.map_file(m.files[k].name, m.files[k].nbytes, read_ahead=False)
+    whole: set[int] = set()
+    for k in sorted(needed):
+        # Most of a file needed: read all of it ahead, as for a plain checkpoint; else only the segments.
+        ahead = 2 * needed[k] >= m.files[k].nbytes
+        mapped = store.map_file(m.files[k].name, m.files[k].nbytes, read_ahead=ahead)
         if mapped is None:
             return False
         maps[k] = mapped
+        if ahead:
+            whole.add(k)
     for sg, k in zip(segs, home):
-        store.prefetch(m.files[k].name, sg.start - starts[k], sg.end - sg.start)
+        if k not in whole:
+            store.prefetch(m.files[k].name, sg.start - starts[k], sg.end - sg.start)
     with cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-crc") as pool:
         for fut in [pool.submit(_take, sg, maps[k], starts[k], m, verify, values, where, store.uri, False)
                     for sg, k in zip(segs, home)]:
