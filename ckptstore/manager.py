@@ -669,9 +669,11 @@ class CheckpointManager:
         for step in self._plan_prune():
             self._remove_step(step)
             removed.append(step)
-        if self.incremental and (removed or self._sweep_due):
+        if (removed or self._sweep_due) and (self.incremental or self._shared().list() is not None):
+            # the bytes only the removed steps (or replaced generations) listed; also from a manager
+            # that only prunes an incremental run (`ckptstore prune`)
             self._sweep_due = False
-            self._sweep_shared()   # the bytes only the removed steps (or replaced generations) listed
+            self._sweep_shared()
         if removed:
             log.info("%s: retention removed steps %s", self.directory, removed)
         return removed

@@ -271,3 +271,18 @@ def test_ls_and_info_show_what_each_step_wrote_and_its_whole_size(tmp_path, caps
     assert cli(["info", str(d / "step-2")]) == 0
     out = capsys.readouterr().out
     assert "this step wrote 512.0 KiB (524288 bytes)" in out and "format:     3.0" in out, out
+
+
+def test_ckptstore_prune_of_an_incremental_run_frees_the_bytes_only_removed_steps_listed(tmp_path):
+    from ckptstore.cli import main as cli
+
+    d = tmp_path / "run"
+    base = torch.randn(MiB // 4)
+    with ckptstore.CheckpointManager(str(d), incremental=True) as mgr:
+        for s in range(1, 6):
+            mgr.save(s, frozen_state(s, base))
+    before = len(list((d / ".shared").iterdir()))
+    assert cli(["prune", str(d), "--keep-last", "1"]) == 0
+    after = sorted(p.name for p in (d / ".shared").iterdir())
+    assert len(after) == 2 and before == 5, (before, after)   # step 1's file (the base) and step 5's
+    assert equal(ckptstore.load(str(d / "step-5")), frozen_state(5, base))
