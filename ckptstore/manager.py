@@ -124,12 +124,12 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
         # The net under the uploads: the newest step old enough to have reached the
         # remote, and the oldest step after it, kept until it is that old in turn
         # (so the net moves on however fast saves come and go).
-        settled = [r for r in by_time if now - r.time >= settle]
-        if settled:
-            keep.add(settled[0].step)
-        newer = by_time[:by_time.index(settled[0])] if settled else by_time
-        if newer:
-            keep.add(newer[-1].step)
+        # by_time is newest first, so the steps that old are a suffix of it, from index k
+        k = next((i for i, r in enumerate(by_time) if now - r.time >= settle), len(by_time))
+        if k < len(by_time):
+            keep.add(by_time[k].step)
+        if k > 0:
+            keep.add(by_time[k - 1].step)
     return keep & every
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -363,7 +362,6 @@ def run_soak(base: Path, *, deaths: int, seed: int, total: int | None = None, ev
     try:
         for n in range(deaths + 1):
             life = Life(nb, base, f"life{n}")
-            events: list[dict] = []
             if n < deaths:
                 at = rng.uniform(earliest * startup, startup + window)
                 while time.time() < life.launched + at and not life.finished():
@@ -376,14 +374,11 @@ def run_soak(base: Path, *, deaths: int, seed: int, total: int | None = None, ev
                 mount.kill_vm()                  # ... rclone, and the cache on the VM's disk
                 t_kill = time.monotonic() - t_kill
                 life.reap(procs)
-                events = read_log(log)[seen:]
-                seen += len(events)
             else:
                 life.join(3600)
-                events = read_log(log)[seen:]
-                seen += len(events)
             # what this life did
-            mine = events
+            mine = read_log(log)[seen:]
+            seen += len(mine)
             res = [e for e in mine if e["event"] == "resumed"]
             steps = [e for e in mine if e["event"] == "step"]
             if res:
@@ -432,10 +427,10 @@ def run_soak(base: Path, *, deaths: int, seed: int, total: int | None = None, ev
                      f"{t_kill * 1000:.0f} ms")
         for i, d in enumerate(report.deaths):
             d.next_resumed_from = report.deaths[i + 1].resumed_from if i + 1 < len(report.deaths) else resumed_from
-            d.steps_lost = d.last_step - d.next_resumed_from
-            if d.next_resumed_from != d.uploaded_step or d.steps_lost < 0:
-                report.problems.append(f"death {i}: resumed from {d.next_resumed_from}, newest uploaded "
-                                       f"{d.uploaded_step}, last step run {d.last_step}")
+            d.steps_lost = d.last_step - d.next_resumed_from   # the resume itself is checked per life
+            if d.steps_lost < 0:
+                report.problems.append(f"death {i}: resumed from {d.next_resumed_from}, past the last step "
+                                       f"run, {d.last_step}")
 
         # The run is over: wait until the final checkpoint is on the remote, then
         # the VM goes away once more, and a new one reads the result.
@@ -450,23 +445,14 @@ def run_soak(base: Path, *, deaths: int, seed: int, total: int | None = None, ev
         else:
             if final["losses"] != reference["losses"] or len(final["losses"]) != total:
                 report.problems.append("the per-step losses differ from the uninterrupted run's")
-            if digest(final) != digest(reference):
+            if digest(final) != digest(reference):     # every byte of every tensor, parameters included
                 report.problems.append("the final state (parameters, optimizer, RNG, ...) differs from the "
                                        "uninterrupted run's")
-            for k, v in reference["model"].items():
-                if not (v.view(-1).view(dtype=_int_of(v)) == final["model"][k].view(-1).view(dtype=_int_of(v))).all():
-                    report.problems.append(f"parameter {k} differs from the uninterrupted run's")
     finally:
         mount.kill_vm()
     report.wall_s = time.monotonic() - t_start
     report.step_s = statistics.median(gaps) if gaps else 0.0
     return report
-
-
-def _int_of(t):
-    import torch
-
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
 
 
 def summary(report: Report) -> str:
