@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ if str(TESTS_DIR) not in sys.path:  # make `helpers` importable from every test 
 from helpers.backends import DEFAULT_BUCKET, FakeGcsServer, GcsEmulator, MotoServer, RcloneMount  # noqa: E402
 
 BUCKET = DEFAULT_BUCKET  # "ckptstore-tests", on both moto and the GCS emulator
+
+# Hypothesis keeps its example database and caches in ./.hypothesis by default: the suite
+# writes nothing into the directory it runs from.
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ckptstore-hypothesis")
 
 
 @dataclass
