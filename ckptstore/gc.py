@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .errors import CheckpointError, FormatTooNewError
+from .errors import FormatTooNewError
 from .format.manifest import SHARED_DIR, FileName, generation_time
-from .incremental import sweep
+from .incremental import listed_by, run_records, sweep
 from .reader import find_commit
 from .stores.base import Store
 from .writer import remove_files
@@ -81,22 +81,7 @@ def walk(store: Store):
 
 def listed_by_steps(run: Store) -> set[str]:
     """The shared files the committed incremental steps directly under ``run`` list."""
-    names: set[str] = set()
-    for d in run.subdirs():
-        if d == SHARED_DIR:
-            continue
-        step = run.child(d)
-        listing = step.list() or {}
-        try:
-            found = find_commit(step, listing)
-        except FormatTooNewError:
-            raise
-        except CheckpointError:
-            continue
-        m = found.manifest
-        if m is not None and m.version[0] >= 3:
-            names.update(f.name for f in m.files)
-    return names
+    return listed_by(run_records(run).values())
 
 
 def shared_leftovers(run: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:

@@ -13,6 +13,7 @@ when files are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -22,13 +23,16 @@ import numpy as np
 import xxhash
 
 from .datafiles import blob_chunks, plan, write_files
-from .errors import CheckpointError
+from .errors import CheckpointError, FormatTooNewError
 from .format import tree
 from .format.manifest import (
-    INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
+    ALIGN, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
     device_column, new_generation,
 )
+from .info import CheckpointInfo
+from .reader import find_commit
 from .stores.base import Store
+from .writer import Generation, info_of, writer_fields
 
 
 def blob_hash(blob) -> bytes:
@@ -135,7 +139,10 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
     crcs = [0] * len(blobs)
     starts = [0] * len(blobs)
     if new or not files:
-        p = plan([blobs[i] for i in new], shared.part_bytes)
+        # Every shared file's size a multiple of 64 (its stream padded at the end, parts cut at
+        # multiples of 64): a later record that lists it before other files keeps their blobs aligned.
+        part = shared.part_bytes // ALIGN * ALIGN if shared.part_bytes else None
+        p = plan([blobs[i] for i in new], part, pad_end=True)
         names = [data_name(gen.id, k) for k in range(len(p.sizes))]
         shared.makedirs()
         entries, new_crcs = write_files(shared, names, p, verify=verify, written=written)
@@ -152,6 +159,53 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
     m = Manifest(generation=gen.id, files=files, blobs=table, nodes=nodes, meta=meta or {},
                  writer=writer or {}, version=(INCREMENTAL_MAJOR, 0), created=time.time())
     return m
+
+
+def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool, verify: bool = True,
+                meta: dict | None = None, devices: dict | None = None) -> tuple[Manifest, CheckpointInfo]:
+    """Save ``state`` as the incremental step at ``store`` (its data in ``../.shared``) and commit
+    it; ``index`` learns its blobs. A failure removes what this save wrote in the shared directory."""
+    t0 = time.perf_counter()
+    shared = store.sibling(SHARED_DIR)
+    with Generation.begin(store, overwrite=overwrite) as gen:
+        written: list[str] = []
+        try:
+            m = write_incremental(store, shared, gen, state, index, verify=verify, meta=meta, devices=devices,
+                                  writer=writer_fields(), written=written)
+            gen.commit(m)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                shared.remove(written)
+            raise
+    with contextlib.suppress(CheckpointError):
+        shared.remove(written[:1])     # the intent: the record lists the files now
+    index.add(m)
+    return m, info_of(store, m, gen.strategy.name, time.perf_counter() - t0)
+
+
+def run_records(run: Store) -> dict[str, Manifest]:
+    """{directory: record} of the committed checkpoints directly under ``run`` (its shared
+    directory aside). A record of a newer format raises ``FormatTooNewError``: what it lists
+    cannot be known, so nothing may be swept."""
+    out: dict[str, Manifest] = {}
+    for d in run.subdirs():
+        if d == SHARED_DIR:
+            continue
+        step = run.child(d)
+        try:
+            found = find_commit(step, step.list() or {})
+        except FormatTooNewError:
+            raise
+        except CheckpointError:
+            continue
+        if found.manifest is not None:
+            out[d] = found.manifest
+    return out
+
+
+def listed_by(records) -> set[str]:
+    """The shared files that the version 3 records among ``records`` list."""
+    return {f.name for m in records if m.version[0] >= INCREMENTAL_MAJOR for f in m.files}
 
 
 # ---------------------------------------------------------------- who may still need a shared file

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
-import contextlib
 import logging
 import math
 import re
@@ -35,11 +34,11 @@ from .errors import (
 from .format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
 from .format.walk import transform
 from .info import CheckpointInfo
-from .incremental import SharedIndex, sweep, write_incremental
+from .incremental import SharedIndex, commit_step, listed_by, sweep
 from .reader import find_commit, load_committed, open_commit
 from .stores import open_store
 from .stores.base import Store
-from .writer import Generation, info_of, remove_files, write_checkpoint, writer_fields
+from .writer import remove_files, write_checkpoint
 
 log = logging.getLogger("ckptstore")
 
@@ -583,33 +582,19 @@ class CheckpointManager:
 
     def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
                            devices: dict | None) -> CheckpointInfo:
-        t0 = time.perf_counter()
         if self._index is None:
             self._index = SharedIndex()
             for m in self._committed_manifests().values():
                 self._index.add(m)
-        shared = self._shared()
-        with Generation.begin(store, overwrite=force) as gen:
-            written: list[str] = []
-            try:
-                m = write_incremental(store, shared, gen, state, self._index, meta=meta, devices=devices,
-                                      writer=writer_fields(), written=written)
-                gen.commit(m)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    shared.remove(written)
-                raise
-        with contextlib.suppress(CheckpointError):
-            shared.remove(written[:1])     # the intent: the record lists the files now
-        self._index.add(m)
+        m, info = commit_step(store, state, self._index, overwrite=force, meta=meta, devices=devices)
         self._sweep_due = self._sweep_due or step_of(store) in self._manifests
         self._manifests[step_of(store)] = m
-        return info_of(store, m, gen.strategy.name, time.perf_counter() - t0)
+        return info
 
     def _sweep_shared(self, dry_run: bool = False) -> list[str]:
         """Remove the shared data files no committed step lists and no save in flight may list."""
         def live() -> set[str]:
-            return {f.name for m in self._committed_manifests().values() if m.version[0] >= 3 for f in m.files}
+            return listed_by(self._committed_manifests().values())
         dead = sweep(self._store, live, dry_run=dry_run)
         if dead and not dry_run and self._index is not None:
             self._index.forget(set(dead))

@@ -50,6 +50,27 @@ def test_a_frozen_base_is_written_once_and_every_step_restores_bit_for_bit(store
             assert torch.equal(ck["adapter"], states[3]["adapter"])
 
 
+def test_odd_sized_blobs_keep_every_reused_blob_aligned(tmp_path):
+    # Step 1's data ends on an odd-sized blob; step 2 reuses from it and writes after it, step 3
+    # reuses from both. Every shared file is a multiple of 64 bytes, so no listed file's blobs
+    # shift off the 64-byte grid however the files are combined.
+    g = torch.Generator().manual_seed(0)
+    base, bias = torch.randn(1000, generator=g), torch.randn(3, generator=g)
+    states = {1: {"base": base, "bias": bias, "n": torch.randn(5, generator=g)},
+              2: {"base": base, "bias": torch.randn(3, generator=g), "n": torch.randn(7, generator=g)}}
+    states[3] = {"base": base, "bias": states[2]["bias"], "n": torch.randn(11, generator=g)}
+    with ckptstore.CheckpointManager(str(tmp_path / "run"), incremental=True) as mgr:
+        for step, state in states.items():
+            mgr.save(step, state)
+        for step, state in states.items():
+            got = mgr.restore(step=step)
+            assert all(torch.equal(got[k], state[k]) for k in state), step
+            report = ckptstore.verify(str(tmp_path / f"run/step-{step}"), deep=True)
+            assert report.ok, (step, report.problems)
+    sizes = [p.stat().st_size for p in (tmp_path / "run" / ".shared").glob("*.bin")]
+    assert len(sizes) == 3 and all(n % 64 == 0 for n in sizes), sizes
+
+
 def test_everything_changed_means_nothing_is_reused(tmp_path):
     with ckptstore.CheckpointManager(str(tmp_path / "run"), incremental=True) as mgr:
         a = mgr.save(1, {"w": torch.randn(MiB // 4)})

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ckptstore
 from ckptstore import CheckpointNotFoundError, UnsafeCheckpointError, UnsupportedObjectError
+from ckptstore.api import info as describe
 from ckptstore.integrations.lightning import StoreCheckpointIO
 
 # Lightning's advice for real runs, not about checkpoints.
@@ -412,3 +413,111 @@ def test_standalone_pytorch_lightning_trainer_accepts_the_plugin(local_store):
                      callbacks=[PL.callbacks.ModelCheckpoint(dirpath=ckpts, every_n_train_steps=2)])
     run.fit(Module(), loader())
     assert ckptstore.verify(ckpts / "epoch=0-step=2.ckpt", deep=True).ok
+
+
+class FrozenBase(L.LightningModule):
+    """A frozen 1 MiB embedding (a pretrained base) and a small trained head."""
+
+    def __init__(self, scores: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        g = torch.Generator().manual_seed(1)
+        self.base = torch.nn.Embedding(4096, 64)
+        with torch.no_grad():
+            self.base.weight.copy_(torch.randn(4096, 64, generator=g))
+        self.base.weight.requires_grad_(False)
+        self.head = torch.nn.Linear(64, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("score", float(self.hparams.scores.get(self.global_step + 1, 0.0)))
+        return torch.nn.functional.mse_loss(self.head(self.base(x)), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.head.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def token_loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 4096, (4 * BATCHES_PER_EPOCH,), generator=g),
+                         torch.randn(4 * BATCHES_PER_EPOCH, 1, generator=g))
+    return DataLoader(data, batch_size=4, shuffle=False)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_incremental_checkpoints_store_the_frozen_base_once_and_pruning_frees_the_rest(where, request):
+    store = request.getfixturevalue("lightning_s3" if where == "s3" else "local_store")
+    options = store.backend.options() if where == "s3" else {}
+    root = f"{store.uri_root}/ckpts"       # no query: Lightning appends file names to it
+
+    def ckpts(name: str) -> str:
+        return store.uri(f"ckpts/{name}")
+
+    def listing(path: str) -> dict[str, int]:
+        """{name: size} under ckpts/<path>, from the bucket or the disk itself."""
+        return {e["name"].rstrip("/").rsplit("/", 1)[1]: int(e.get("size") or 0)
+                for e in store.fs.ls(store.path(f"ckpts/{path}".rstrip("/")), detail=True)}
+
+    def names() -> set[str]:
+        return set(listing("")) - {".shared"}
+    frozen_bytes = 4096 * 64 * 4
+    scores = {2: 5.0, 4: 1.0, 6: 3.0, 8: 4.0, 10: 2.0}
+    record = Record()
+    checkpoint = ModelCheckpoint(dirpath=root, filename="{step}", monitor="score", mode="max", save_top_k=2,
+                                 every_n_train_steps=2, save_last=True)
+    plugin = StoreCheckpointIO(storage_options=options, incremental=True)
+    trainer(10, [checkpoint, record], plugin).fit(FrozenBase(scores=scores), token_loader())
+
+    # Top 2 by score (as in the plain test above), and last.ckpt, rewritten at every save.
+    assert names() == {"step=2.ckpt", "step=8.ckpt", "last.ckpt"}
+    kept = {"step=2.ckpt": 2, "step=8.ckpt": 8, "last.ckpt": 10}
+    infos = {}
+    for name, step in kept.items():
+        report = ckptstore.verify(ckpts(name), deep=True)
+        assert report.ok, (name, report.problems)
+        stored = ckptstore.load(ckpts(name))
+        assert stored["global_step"] == step
+        assert_same_tensors(stored["state_dict"], record.saved[step])
+        infos[name] = describe(ckpts(name))     # what `ckptstore info` prints
+        assert infos[name]["format"].startswith("3."), infos[name]["format"]
+        assert infos[name]["logical"] > frozen_bytes
+    # The first save wrote the base; every later one wrote only the head, its momentum and the rest.
+    assert infos["step=2.ckpt"]["nbytes"] > frozen_bytes
+    assert infos["step=8.ckpt"]["nbytes"] < 64 << 10
+    assert infos["last.ckpt"]["nbytes"] < 64 << 10
+    # Removed checkpoints (4 and 6, and every earlier last.ckpt) took their bytes with them:
+    # the shared directory holds exactly the data files the kept records list.
+    listed = {f["name"] for i in infos.values() for f in i["files"]}
+    data = {n: size for n, size in listing(".shared").items() if n.endswith(".bin")}
+    assert set(data) == listed
+    assert frozen_bytes < sum(data.values()) < frozen_bytes + 3 * (64 << 10)
+    assert not [n for n in listing(".shared") if n.endswith((".intent", ".condemned"))]
+
+    # A fresh Trainer (a new plugin: it learns the run from the records) resumes from a kept
+    # checkpoint, and its own checkpoint reuses the base the first Trainer wrote.
+    resumed = Record()
+    again = trainer(10, [ModelCheckpoint(dirpath=root, filename="again-{step}", every_n_train_steps=2,
+                                         save_top_k=-1), resumed],
+                    StoreCheckpointIO(storage_options=options, incremental=True))
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        again.fit(FrozenBase(scores=scores), token_loader(), ckpt_path=ckpts("step=8.ckpt"))
+    assert describe(ckpts("again-step=10.ckpt"))["nbytes"] < 64 << 10
+    assert_same_tensors(ckptstore.load(ckpts("again-step=10.ckpt"))["state_dict"], record.saved[10])
+    assert resumed.at_start["global_step"] == 8
+    assert_same_tensors(resumed.at_start["weights"], record.saved[8])
+    saved8 = ckptstore.load(ckpts("step=8.ckpt"))
+    saved_momentum = [s["momentum_buffer"] for s in saved8["optimizer_states"][0]["state"].values()]
+    assert len(resumed.at_start["momentum"]) == len(saved_momentum) == 2      # the head's weight and bias
+    for got, want in zip(resumed.at_start["momentum"], saved_momentum):
+        assert torch.equal(got, want)
+    assert resumed.at_start["scheduler_epoch"] == 8
+
+
+def test_incremental_plugin_arguments_are_checked():
+    with pytest.raises(TypeError, match="incremental"):
+        StoreCheckpointIO(incremental="yes")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        StoreCheckpointIO(incremental=True, allow_pickle=True)
+    assert "incremental=True" in repr(StoreCheckpointIO(incremental=True))

@@ -31,8 +31,10 @@ import sys
 from typing import Any, Mapping, Optional, Union
 
 from ..api import load, save
-from ..errors import UnsupportedObjectError
+from ..errors import CheckpointError, UnsupportedObjectError
+from ..format.manifest import SHARED_DIR
 from ..format.walk import transform
+from ..incremental import SharedIndex, commit_step, listed_by, run_records, sweep
 from ..stores import open_location, open_store
 from ..stores.base import Store
 from ..url import redact
@@ -118,18 +120,32 @@ class StoreCheckpointIO(_BASES[0]):
     format cannot hold by pickling them (only for checkpoints from trusted
     storage). ``verify`` checks what was stored before each commit and every
     byte read on load.
+
+    ``incremental=True``: the checkpoints in one directory (``ModelCheckpoint``'s
+    ``dirpath``) form one incremental run, as a ``CheckpointManager(incremental=True)``'s
+    steps do. A tensor storage whose bytes a checkpoint in that directory already
+    holds is not written again, the data lives in ``<dirpath>/.shared/``, and removing
+    or replacing a checkpoint (``ModelCheckpoint`` pruning, ``last.ckpt`` rewritten)
+    frees what only it listed. Not with ``allow_pickle`` (an incremental step holds
+    tensors and plain values only).
     """
 
     def __init__(self, storage_options: Optional[Mapping[str, Any]] = None, *, allow_pickle: bool = False,
-                 verify: bool = True):
+                 verify: bool = True, incremental: bool = False):
         super().__init__()
+        if not isinstance(incremental, bool):
+            raise TypeError(f"incremental must be True or False, got {incremental!r:.40}")
+        if incremental and allow_pickle:
+            raise ValueError("incremental=True cannot be combined with allow_pickle=True")
         self.storage_options: dict[str, Any] = dict(_mapping("storage_options", storage_options))
         self.allow_pickle = allow_pickle
         self.verify = verify
+        self.incremental = incremental
 
     def __repr__(self) -> str:
         # storage_options may hold credentials: never shown.
-        return f"StoreCheckpointIO(allow_pickle={self.allow_pickle}, verify={self.verify})"
+        return (f"StoreCheckpointIO(allow_pickle={self.allow_pickle}, verify={self.verify}, "
+                f"incremental={self.incremental})")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         """Save ``checkpoint`` as a ckptstore checkpoint at ``path`` (replacing one that is there).
@@ -139,7 +155,10 @@ class StoreCheckpointIO(_BASES[0]):
         """
         options = {**self.storage_options, **_mapping("storage_options", storage_options)}
         try:
-            info = save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
+            if self.incremental:
+                info = _save_incremental(_safe_tree(checkpoint), open_store(path, options), self.verify)
+            else:
+                info = save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
                             allow_pickle=self.allow_pickle)
         except UnsupportedObjectError as e:
             raise UnsupportedObjectError(f"{e}. {_LIGHTNING_HINT}", e.uri) from None
@@ -181,6 +200,10 @@ class StoreCheckpointIO(_BASES[0]):
                 return
             remove_files(store, store.list() or {})
             store.remove_dir()
+            run = store.parent()
+            if SHARED_DIR in run.subdirs():
+                # An incremental run: free the shared bytes only the removed checkpoint listed.
+                _sweep(run)
         log.debug("lightning checkpoint removed: %s", store.uri)
 
     def teardown(self) -> None:
@@ -191,6 +214,31 @@ for _other in _BASES[1:]:
     # pytorch_lightning checks plugins against its own CheckpointIO; the plugin
     # implements that interface in full, so it is registered as one.
     _other.register(StoreCheckpointIO)
+
+
+def _save_incremental(state: Any, store: Store, verify: bool):
+    """Save ``state`` at ``store`` as a step of the incremental run in its parent directory."""
+    run = store.parent()
+    index = SharedIndex()
+    records = run_records(run)
+    for m in records.values():
+        index.add(m)
+    with store.errors("save to"):
+        _, info = commit_step(store, state, index, overwrite=True, verify=verify)
+    if store.location.path.rstrip("/").rsplit("/", 1)[-1] in records:
+        _sweep(run)      # it replaced a checkpoint (last.ckpt): what only the old one listed goes
+    return info
+
+
+def _sweep(run: Store) -> None:
+    try:
+        gone = sweep(run, lambda: listed_by(run_records(run).values()))
+    except CheckpointError as e:
+        # Nothing a kept checkpoint needs is lost; what stays, ``ckptstore gc`` removes later.
+        log.warning("%s: removing unreferenced shared files failed: %s", _shown(run.uri), e)
+        return
+    if gone:
+        log.debug("%s: removed %d shared files no checkpoint lists", _shown(run.uri), len(gone))
 
 
 def _is_local_link(store: Store) -> bool:

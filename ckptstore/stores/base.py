@@ -120,9 +120,13 @@ class Store(ABC):
     def child(self, name: str) -> "Store":
         return type(self)(self.location.child(name), **self._child_kwargs())
 
+    def parent(self) -> "Store":
+        """The directory this one is in (an incremental step's run)."""
+        return type(self)(self.location.parent(), **self._child_kwargs())
+
     def sibling(self, name: str) -> "Store":
         """The directory ``name`` next to this one (an incremental step's ``../.shared``)."""
-        return type(self)(self.location.parent().child(name), **self._child_kwargs())
+        return self.parent().child(name)
 
     def _child_kwargs(self) -> dict:
         return {}
