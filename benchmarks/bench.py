@@ -474,19 +474,31 @@ def bench_local(site: Site) -> list[Row]:
     return rows
 
 
+# The peers a user would pick instead, on the same bytes: (series, worker impl, row label).
+DIRECTORY_SAVE_PEERS = (("pt_save", "torch", "torch.save + fsync"),
+                        ("st_save", "safetensors", "safetensors save_file + fsync"))
+DIRECTORY_LOAD_PEERS = (("pt_load", "torch", "torch.load", "pt"),
+                        ("pt_mmap_load", "torch_mmap", "torch.load(mmap=True)", "pt"),
+                        ("st_load", "safetensors", "safetensors load_file", "st"))
+
+
 def _directory_series() -> dict[str, Series]:
-    return {k: Series() for k in ("dd", "ck_save", "pt_save", "cat_ck", "ck_load", "cat_pt", "pt_load")}
+    return {k: Series() for k in ("dd", "ck_save", "cat", "ck_load", *(p[0] for p in DIRECTORY_SAVE_PEERS),
+                                  *(p[0] for p in DIRECTORY_LOAD_PEERS))}
 
 
 def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Series],
                        settle: Callable[[], Any] = lambda: None, crc: bool = False) -> None:
-    """dd / ckptstore.save / torch.save into ``base``, then cat / load of each.
+    """dd / ckptstore.save / torch.save / safetensors save_file into ``base``, then cat and
+    every loader of what was saved.
 
-    ``settle`` runs, untimed, after every write and removal: on a FUSE mount
-    it waits for the background upload so that it never overlaps the next
-    measurement.
+    Each round measures the baseline and every candidate once, one after the other, so every
+    ratio in a table shares one baseline series measured in the same rounds. ``settle`` runs,
+    untimed, after every write and removal: on a FUSE mount it waits for the background
+    upload so that it never overlaps the next measurement.
     """
-    ckpt, torch_file, zeros = base / "ckpt", base / "state.pt", base / "dd.bin"
+    ckpt, zeros = base / "ckpt", base / "dd.bin"
+    files = {"pt": base / "state.pt", "st": base / "state.safetensors"}
     n = ctx.state_bytes
     save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
 
@@ -494,8 +506,7 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
         remove(path)
         settle()
 
-    # Repeats are interleaved (dd, ckptstore, torch, dd, ...) so a slow drift
-    # in the disk's speed hits every series alike. Each target is removed
+    # A slow drift in the disk's speed hits every series alike. Each target is removed
     # first: a save over an existing checkpoint would also time its deletion.
     for r in range(ctx.repeat):
         ctx.log(f"{backend}: save round {r + 1}/{ctx.repeat}")
@@ -506,27 +517,39 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
         clear(ckpt)
         s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": str(ckpt)}))
         settle()
-        clear(torch_file)
-        # The crc32c figure rides on the torch.save process: it already holds
-        # the state, and torch.save works even while ckptstore does not.
-        s["pt_save"].add(lambda: ctx.run({**save, "impl": "torch", "uri": str(torch_file), "crc": crc}))
-        settle()
+        for key, impl, _ in DIRECTORY_SAVE_PEERS:
+            path = files[key[:2]]
+            clear(path)
+            # The crc32c figure rides on the torch.save process: it already holds
+            # the state, and torch.save works even while ckptstore does not.
+            s[key].add(lambda: ctx.run({**save, "impl": impl, "uri": str(path),
+                                        "crc": crc and impl == "torch"}))
+            settle()
 
     load = {"op": "load", "state_bytes": n, "cold": ctx.cold}
+    saved = {"pt": bool(s["pt_save"].seconds), "st": bool(s["st_save"].seconds)}
     for r in range(ctx.repeat):
         ctx.log(f"{backend}: load round {r + 1}/{ctx.repeat}")
         if s["ck_save"].seconds:
-            s["cat_ck"].add(lambda: ctx.run({**load, "impl": "cat", "uri": str(ckpt)}))
+            s["cat"].add(lambda: ctx.run({**load, "impl": "cat", "uri": str(ckpt)}))
             s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": str(ckpt)}))
-        if s["pt_save"].seconds:
-            s["cat_pt"].add(lambda: ctx.run({**load, "impl": "cat", "uri": str(torch_file)}))
-            s["pt_load"].add(lambda: ctx.run({**load, "impl": "torch", "uri": str(torch_file)}))
+        for key, impl, _, src in DIRECTORY_LOAD_PEERS:
+            if saved[src]:
+                s[key].add(lambda: ctx.run({**load, "impl": impl, "uri": str(files[src])}))
     if not s["ck_save"].seconds:
-        for k in ("ck_load", "cat_ck"):
+        for k in ("ck_load", "cat"):
             s[k].fail("nothing saved to load (ckptstore.save failed)")
-    if not s["pt_save"].seconds:
-        for k in ("pt_load", "cat_pt"):
-            s[k].fail("nothing saved to load (torch.save failed)")
+    for key, _, label, src in DIRECTORY_LOAD_PEERS:
+        if not saved[src]:
+            s[key].fail(f"nothing saved to load ({src} save failed)")
+
+
+def _peers_note(ours: Series, peers: list[tuple[str, Series]]) -> str:
+    """ckptstore's best time against each peer's best, measured in the same rounds."""
+    if not ours.seconds:
+        return ""
+    parts = [f"{min(p.seconds) / min(ours.seconds):.2f}x {label}" for label, p in peers if p.seconds]
+    return ("against " + ", ".join(parts)) if parts else ""
 
 
 def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int,
@@ -536,15 +559,19 @@ def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int,
     def joined(*notes: str) -> str:
         return "; ".join(x for x in notes if x)
 
-    return [
-        compare(backend, save_label, s["ck_save"], "dd conv=fsync", s["dd"], n,
-                SPEED_TARGET, RSS_TARGET, note=_save_note(s["ck_save"])),
-        compare(backend, "torch.save + fsync", s["pt_save"], "dd conv=fsync", s["dd"], n),
-        compare(backend, f"ckptstore.load ({cache})", s["ck_load"], "cat", s["cat_ck"], n,
-                SPEED_TARGET, RSS_TARGET, note=joined(_load_note(s["ck_load"], n, ctx.cold), load_note)),
-        compare(backend, f"torch.load ({cache}, weights_only)", s["pt_load"], "cat", s["cat_pt"], n,
-                note=_load_note(s["pt_load"], n, ctx.cold)),
-    ]
+    save_peers = [(label, s[key]) for key, _, label in DIRECTORY_SAVE_PEERS]
+    load_peers = [(label, s[key]) for key, _, label, _ in DIRECTORY_LOAD_PEERS]
+    rows = [compare(backend, save_label, s["ck_save"], "dd conv=fsync", s["dd"], n, SPEED_TARGET, RSS_TARGET,
+                    note=joined(_save_note(s["ck_save"]), _peers_note(s["ck_save"], save_peers)))]
+    rows += [compare(backend, label, s[key], "dd conv=fsync", s["dd"], n) for key, _, label in DIRECTORY_SAVE_PEERS]
+    rows.append(compare(backend, f"ckptstore.load ({cache})", s["ck_load"], "cat", s["cat"], n,
+                        SPEED_TARGET, RSS_TARGET,
+                        note=joined(_load_note(s["ck_load"], n, ctx.cold), load_note,
+                                    _peers_note(s["ck_load"], load_peers))))
+    rows += [compare(backend, f"{label} ({cache}{', weights_only' if key.startswith('pt') else ''})", s[key],
+                     "cat", s["cat"], n, note=_load_note(s[key], n, ctx.cold))
+             for key, _, label, _ in DIRECTORY_LOAD_PEERS]
+    return rows
 
 
 def bench_fuse(site: Site) -> list[Row]:
@@ -1491,14 +1518,16 @@ def _restore_notes(ctx: Context) -> list[str]:
 
 
 REGISTRY: tuple[Backend, ...] = (
-    Backend("local", bench_local, disk=4,
-            baselines=("dd conv=fsync", "cat", "torch.save + fsync, torch.load (reference)")),
+    Backend("local", bench_local, disk=5,
+            baselines=("dd conv=fsync", "cat", "torch.save + fsync, torch.load, torch.load(mmap=True), "
+                       "safetensors save_file + fsync, load_file (peers, the same bytes)")),
     Backend("memory", bench_memory, uri=memory_uri, baselines=("tensor clone",)),
     Backend("manager", bench_manager, notes=_manager_notes, disk=2,
             baselines=("storage clone", "the same training steps with no save")),
     Backend("dcp", bench_dcp, baselines=("dcp.save/load with FileSystemWriter/Reader",)),
     Backend("fuse", bench_fuse, remote=True, launcher=rclone_mount, uri=mount_uri,
-            notes=_fuse_notes, disk=6, baselines=("dd conv=fsync on the mount", "cat on the mount")),
+            notes=_fuse_notes, disk=8, baselines=("dd conv=fsync on the mount", "cat on the mount",
+                                                  "torch.save / torch.load / safetensors on the mount (peers)")),
     Backend("s3", bench_s3, remote=True, launcher=moto_server, uri=s3_uri,
             notes=_object_store_notes, disk=4,
             baselines=("boto3 upload_file", "download_file + torch.load")),
