@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The torch requirement again: no dependency (s3torchconnector, lightning, ...) may replace it.
+	$(PY) -m pip install --quiet -e ".[dev]" "$$($(PY) -c 'import torch; print("torch==" + torch.__version__)')"
 	touch $@
 
 test: venv tools

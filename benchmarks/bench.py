@@ -624,7 +624,8 @@ def bench_s3(site: Site) -> list[Row]:
     ctx = site.ctx
     n = ctx.state_bytes
     scratch = site.scratch
-    s = {k: Series() for k in ("upload", "ck_save", "lightning", "ck_load", "download", "download_one")}
+    s = {k: Series() for k in ("upload", "ck_save", "lightning", "ck_load", "download", "download_one",
+                               *(p[0] for p in S3_PEERS), *(p[1] for p in S3_PEERS))}
 
     def measure(server: Any) -> str:
         """The rows' series; returns the note on ranged reads."""
@@ -643,6 +644,10 @@ def bench_s3(site: Site) -> list[Row]:
             s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
             _clear_prefix(fs, f"{BUCKET}/lightning")
             s["lightning"].add(lambda: ctx.run({**save, **lightning, "impl": "fsspec_pipe"}))
+            for key, _, impl, where, _, _ in S3_PEERS:
+                _clear_prefix(fs, f"{BUCKET}/{where.split('/')[0]}")
+                s[key].add(lambda: ctx.run({**save, "impl": impl, "uri": f"s3://{BUCKET}/{where}",
+                                            "storage_options": opts}))
         _clear_prefix(fs, f"{BUCKET}/lightning")  # only saved, never loaded
 
         load = {"op": "load", "state_bytes": n, "cold": False}
@@ -654,6 +659,13 @@ def bench_s3(site: Site) -> list[Row]:
                 s["download_one"].add(lambda: ctx.run({**down, "single_get": True}))
             if s["ck_save"].seconds and not s["ck_save"].error:
                 s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
+            for key, lkey, impl, where, _, _ in S3_PEERS:
+                if s[key].seconds and not s[key].error:
+                    s[lkey].add(lambda: ctx.run({**load, "impl": impl, "uri": f"s3://{BUCKET}/{where}",
+                                                 "storage_options": opts, "size_bytes": ctx.size_bytes}))
+        for key, lkey, *_ in S3_PEERS:
+            if not s[key].seconds or s[key].error:
+                s[lkey].fail(f"nothing saved to load ({s[key].error or 'the save failed'})")
         if not s["ck_save"].seconds or s["ck_save"].error:
             s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
         if not s["upload"].seconds or s["upload"].error:
@@ -664,16 +676,25 @@ def bench_s3(site: Site) -> list[Row]:
 
     range_note = site.serve(measure, s, "")
     upload = s["upload"].phase("upload")
+    save_peers = [("torch.save + upload_file", s["upload"].phase("torch.save", "upload")),
+                  *((label, s[key]) for key, _, _, _, label, _ in S3_PEERS)]
+    load_peers = [("download_file + torch.load", s["download"]),
+                  *((label, s[lkey]) for _, lkey, _, _, _, label in S3_PEERS)]
+    peers = [compare("s3", label, s[key], "boto3 upload_file", upload, n) for key, _, _, _, label, _ in S3_PEERS]
+    peers += [compare("s3", label, s[lkey], "download_file + torch.load", s["download"], n,
+                      note=_load_note(s[lkey], n)) for _, lkey, _, _, _, label in S3_PEERS]
     return [
         compare("s3", "ckptstore.save", s["ck_save"], "boto3 upload_file", upload, n,
-                REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET, note=_save_note(s["ck_save"])),
+                REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET,
+                note="; ".join(x for x in (_save_note(s["ck_save"]), _peers_note(s["ck_save"], save_peers)) if x)),
         compare("s3", "torch.save to file + upload_file", s["upload"].phase("torch.save", "upload"),
                 "boto3 upload_file", upload, n, note=_phase_note(s["upload"])),
         compare("s3", "Lightning-style: torch.save to BytesIO + s3fs pipe", s["lightning"],
                 "boto3 upload_file", upload, n, note=_phase_note(s["lightning"])),
         compare("s3", "ckptstore.load", s["ck_load"], "download_file + torch.load", s["download"], n,
                 REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET,
-                note="; ".join(x for x in (_load_note(s["ck_load"], n), range_note) if x)),
+                note="; ".join(x for x in (_load_note(s["ck_load"], n), range_note,
+                                           _peers_note(s["ck_load"], load_peers)) if x)),
         # The same load against a baseline that makes a single GET, which
         # moto's ranged-GET cost (see the note) does not touch.
         compare("s3", "ckptstore.load", s["ck_load"], "download_file one GET + torch.load",
@@ -682,7 +703,19 @@ def bench_s3(site: Site) -> list[Row]:
                 note=_phase_note(s["download"])),
         compare("s3", "download_file one GET + torch.load (weights_only)", s["download_one"], "-",
                 Series(), n, note=_phase_note(s["download_one"])),
+        *peers,
     ]
+
+
+# The S3 peers: (save series, load series, worker impl, key under the bucket, save row, load row).
+S3_PEERS = (
+    ("s3tc_save", "s3tc_load", "s3tc_checkpoint", "s3tc/state.pt",
+     "s3torchconnector S3Checkpoint writer + torch.save", "s3torchconnector S3Checkpoint reader + torch.load"),
+    ("dcp_s3tc_save", "dcp_s3tc_load", "dcp_s3tc", "dcp_s3tc",
+     "DCP save, s3torchconnector S3StorageWriter", "DCP load, s3torchconnector S3StorageReader"),
+    ("dcp_fsspec_save", "dcp_fsspec_load", "dcp_fsspec", "dcp_fsspec",
+     "DCP save, FsspecWriter (s3fs)", "DCP load, FsspecReader (s3fs)"),
+)
 
 
 def bench_gcs(site: Site) -> list[Row]:

@@ -383,10 +383,77 @@ def _dcp_storage(spec: dict, role: str):
     import warnings
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     import torch.distributed.checkpoint as dcp
-    if spec["impl"] == "dcp_store":
+    impl = spec["impl"]
+    if impl == "dcp_store":
         from ckptstore.integrations import dcp as ours
         return dcp, (ours.StoreWriter if role == "writer" else ours.StoreReader)(spec["uri"])
+    if impl == "dcp_fsspec":
+        # DCP's own fsspec storage (s3fs / gcsfs underneath), the storage options passed through.
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+        opts = spec.get("storage_options") or {}
+        if role == "writer":
+            return dcp, FsspecWriter(spec["uri"], **opts)
+        return dcp, FsspecReader(spec["uri"], **opts)
+    if impl == "dcp_s3tc":
+        return dcp, _s3tc_dcp(spec, role)
     return dcp, (dcp.FileSystemWriter if role == "writer" else dcp.FileSystemReader)(spec["uri"])
+
+
+def _s3tc_client(spec: dict):
+    """s3torchconnector's client aimed at the moto server: path-style, the endpoint given, the
+    server's keys in the environment (its CRT client reads credentials from there)."""
+    from s3torchconnector import S3ClientConfig
+    from s3torchconnector._s3client import S3Client
+    opts = spec["storage_options"]
+    os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"] = opts["key"], opts["secret"]
+    config = S3ClientConfig(force_path_style=True)
+    return S3Client(S3TC_REGION, endpoint=opts["endpoint_url"], s3client_config=config), config
+
+
+S3TC_REGION = "us-east-1"
+
+
+def _s3tc_dcp(spec: dict, role: str):
+    """s3torchconnector's DCP S3StorageWriter / S3StorageReader. Neither takes an endpoint, so
+    their S3FileSystem is rebuilt around a client that has one (the rest is theirs)."""
+    from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
+    from s3torchconnector.dcp.s3_file_system import S3FileSystem
+    client, config = _s3tc_client(spec)
+    if role == "writer":
+        storage = S3StorageWriter(S3TC_REGION, spec["uri"], s3client_config=config)
+        storage.fs = S3FileSystem(S3TC_REGION, s3_client=client)
+    else:
+        storage = S3StorageReader(S3TC_REGION, spec["uri"], s3client_config=config)
+        storage.fs = S3FileSystem(S3TC_REGION, s3_client=client, reader_constructor=storage._reader_constructor)
+    storage.path = storage.fs.init_path(spec["uri"])
+    return storage
+
+
+def _s3tc_checkpoint_saver(spec: dict) -> Callable[[Any], dict]:
+    """s3torchconnector's ``S3Checkpoint``: ``torch.save`` into its streaming S3 writer."""
+    from s3torchconnector import S3Checkpoint
+    _, config = _s3tc_client(spec)     # also puts the credentials in the environment
+    ck = S3Checkpoint(S3TC_REGION, endpoint=spec["storage_options"]["endpoint_url"], s3client_config=config)
+
+    def run(state: Any) -> dict:
+        with ck.writer(spec["uri"]) as w:
+            torch.save(state, w)
+        return {}
+
+    return run
+
+
+def _s3tc_checkpoint_loader(spec: dict) -> Callable[[], Any]:
+    """``torch.load`` (weights_only) from ``S3Checkpoint``'s reader."""
+    from s3torchconnector import S3Checkpoint
+    _, config = _s3tc_client(spec)
+    ck = S3Checkpoint(S3TC_REGION, endpoint=spec["storage_options"]["endpoint_url"], s3client_config=config)
+
+    def run() -> Any:
+        with ck.reader(spec["uri"]) as r:
+            return torch.load(r, weights_only=True)
+
+    return run
 
 
 def _dcp_saver(spec: dict) -> Callable[[Any], dict]:
@@ -428,11 +495,13 @@ def _dcp_loader(spec: dict) -> Callable[[], Any]:
 
 SAVERS = {"ckptstore": _ckptstore_saver, "torch": _torch_saver, "dd": _dd_saver, "safetensors": _safetensors_saver,
           "boto3_upload": _boto3_upload_saver, "fsspec_pipe": _fsspec_pipe_saver,
-          "boto3_fileobj": _boto3_fileobj_saver, "dcp_store": _dcp_saver, "dcp_fs": _dcp_saver}
+          "boto3_fileobj": _boto3_fileobj_saver, "dcp_store": _dcp_saver, "dcp_fs": _dcp_saver,
+          "dcp_fsspec": _dcp_saver, "dcp_s3tc": _dcp_saver, "s3tc_checkpoint": _s3tc_checkpoint_saver}
 LOADERS = {"ckptstore": _ckptstore_loader, "torch": _torch_loader, "cat": _cat_loader,
            "safetensors": _safetensors_loader, "torch_mmap": _torch_mmap_loader,
            "boto3_download": _boto3_download_loader, "fsspec_cat": _fsspec_cat_loader,
-           "boto3_fileobj": _boto3_fileobj_loader, "dcp_store": _dcp_loader, "dcp_fs": _dcp_loader}
+           "boto3_fileobj": _boto3_fileobj_loader, "dcp_store": _dcp_loader, "dcp_fs": _dcp_loader,
+           "dcp_fsspec": _dcp_loader, "dcp_s3tc": _dcp_loader, "s3tc_checkpoint": _s3tc_checkpoint_loader}
 # Their memory is another process's, and what they "load" is no state.
 BASELINES = {"dd", "cat"}
 
