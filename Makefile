@@ -19,11 +19,12 @@ tools:
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rclone fuse3; \
 	fi
 
+# The extras are installed with the installed torch required again, so no
+# dependency (s3torchconnector, lightning, ...) may replace it.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	# The torch requirement again: no dependency (s3torchconnector, lightning, ...) may replace it.
 	$(PY) -m pip install --quiet -e ".[dev]" "$$($(PY) -c 'import torch; print("torch==" + torch.__version__)')"
 	touch $@
 
