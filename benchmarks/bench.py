@@ -475,8 +475,8 @@ def bench_local(site: Site) -> list[Row]:
 
 
 # The peers a user would pick instead, on the same bytes: (series, worker impl, row label).
-DIRECTORY_SAVE_PEERS = (("pt_save", "torch", "torch.save + fsync"),
-                        ("st_save", "safetensors", "safetensors save_file + fsync"))
+DIRECTORY_SAVE_PEERS = (("pt_save", "torch", "torch.save + fsync", "pt"),
+                        ("st_save", "safetensors", "safetensors save_file + fsync", "st"))
 DIRECTORY_LOAD_PEERS = (("pt_load", "torch", "torch.load", "pt"),
                         ("pt_mmap_load", "torch_mmap", "torch.load(mmap=True)", "pt"),
                         ("st_load", "safetensors", "safetensors load_file", "st"))
@@ -517,8 +517,8 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
         clear(ckpt)
         s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": str(ckpt)}))
         settle()
-        for key, impl, _ in DIRECTORY_SAVE_PEERS:
-            path = files[key[:2]]
+        for key, impl, _, src in DIRECTORY_SAVE_PEERS:
+            path = files[src]
             clear(path)
             # The crc32c figure rides on the torch.save process: it already holds
             # the state, and torch.save works even while ckptstore does not.
@@ -527,7 +527,7 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
             settle()
 
     load = {"op": "load", "state_bytes": n, "cold": ctx.cold}
-    saved = {"pt": bool(s["pt_save"].seconds), "st": bool(s["st_save"].seconds)}
+    saved = {src: bool(s[key].seconds) for key, _, _, src in DIRECTORY_SAVE_PEERS}
     for r in range(ctx.repeat):
         ctx.log(f"{backend}: load round {r + 1}/{ctx.repeat}")
         if s["ck_save"].seconds:
@@ -539,7 +539,7 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
     if not s["ck_save"].seconds:
         for k in ("ck_load", "cat"):
             s[k].fail("nothing saved to load (ckptstore.save failed)")
-    for key, _, label, src in DIRECTORY_LOAD_PEERS:
+    for key, _, _, src in DIRECTORY_LOAD_PEERS:
         if not saved[src]:
             s[key].fail(f"nothing saved to load ({src} save failed)")
 
@@ -559,11 +559,11 @@ def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int,
     def joined(*notes: str) -> str:
         return "; ".join(x for x in notes if x)
 
-    save_peers = [(label, s[key]) for key, _, label in DIRECTORY_SAVE_PEERS]
+    save_peers = [(label, s[key]) for key, _, label, _ in DIRECTORY_SAVE_PEERS]
     load_peers = [(label, s[key]) for key, _, label, _ in DIRECTORY_LOAD_PEERS]
     rows = [compare(backend, save_label, s["ck_save"], "dd conv=fsync", s["dd"], n, SPEED_TARGET, RSS_TARGET,
                     note=joined(_save_note(s["ck_save"]), _peers_note(s["ck_save"], save_peers)))]
-    rows += [compare(backend, label, s[key], "dd conv=fsync", s["dd"], n) for key, _, label in DIRECTORY_SAVE_PEERS]
+    rows += [compare(backend, label, s[key], "dd conv=fsync", s["dd"], n) for key, _, label, _ in DIRECTORY_SAVE_PEERS]
     rows.append(compare(backend, f"ckptstore.load ({cache})", s["ck_load"], "cat", s["cat"], n,
                         SPEED_TARGET, RSS_TARGET,
                         note=joined(_load_note(s["ck_load"], n, ctx.cold), load_note,

@@ -34,7 +34,8 @@ from ..api import load, save
 from ..errors import CheckpointError, UnsupportedObjectError
 from ..format.manifest import SHARED_DIR
 from ..format.walk import transform
-from ..incremental import SharedIndex, commit_step, listed_by, run_records, sweep
+from ..gc import listed_by_steps
+from ..incremental import SharedIndex, commit_step, run_records, sweep
 from ..stores import open_location, open_store
 from ..stores.base import Store
 from ..url import redact
@@ -232,7 +233,7 @@ def _save_incremental(state: Any, store: Store, verify: bool):
 
 def _sweep(run: Store) -> None:
     try:
-        gone = sweep(run, lambda: listed_by(run_records(run).values()))
+        gone = sweep(run, lambda: listed_by_steps(run))
     except CheckpointError as e:
         # Nothing a kept checkpoint needs is lost; what stays, ``ckptstore gc`` removes later.
         log.warning("%s: removing unreferenced shared files failed: %s", _shown(run.uri), e)
