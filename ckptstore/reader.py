@@ -394,9 +394,39 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
     first touched.
     """
     segs = segments(m) if segs is None else segs
-    with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
-        for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri, whole) for s in segs]:
-            fut.result()
+    stop = threading.Event()
+    filler = None
+    if verify and whole:
+        filler = threading.Thread(target=_populate, args=(big.data_ptr(), big.nbytes(), stop),
+                                  name="ckptstore-populate", daemon=True)
+        filler.start()
+    try:
+        with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
+            for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri, whole) for s in segs]:
+                fut.result()
+    finally:
+        stop.set()
+        if filler is not None:
+            filler.join()
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+POPULATE = 8 << 20
+
+
+def _populate(addr: int, nbytes: int, stop: threading.Event) -> None:
+    """Fault a mapping in, front to back, while the CRC threads walk it: the disk then reads one
+    stream in order, however far apart the threads' segments lie. Stops quietly where the
+    kernel has no MADV_POPULATE_READ (the threads' own faults then do the reading)."""
+    import ctypes
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for off in range(0, nbytes, POPULATE):
+        if stop.is_set() or madvise(addr + off, min(POPULATE, nbytes - off), _MADV_POPULATE_READ) != 0:
+            return
 
 
 def _take_mapped_files(store: Store, m: Manifest, verify: bool, values: list, where: str, segs: list) -> bool:
