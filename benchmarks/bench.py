@@ -75,7 +75,7 @@ from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import psutil
 
-from benchmarks.plot import write_plot
+from benchmarks.plot import write_plot, write_scaling_plot
 from benchmarks.state import TENSOR_BYTES, expected_nbytes, gpt_config, tensors_nbytes
 from benchmarks.sysutil import drop_caches, fs_type
 from benchmarks.worker import RESULT_PREFIX
@@ -138,7 +138,9 @@ class Context:
     remote_size_bytes: int = 0  # the same two for the remote backends (--remote-size-gib)
     remote_state_bytes: int = 0
     worker_timeout: float = WORKER_TIMEOUT_S
-    tensor_counts: tuple[int, ...] = DEFAULT_TENSOR_COUNTS  # for the tensors backend
+    tensor_counts: tuple[int, ...] = DEFAULT_TENSOR_COUNTS  # for the tensors and scaling backends
+    scaling_sizes_mib: tuple[int, ...] = (64, 256, 1024, 4096)  # the scaling backend's local sizes
+    scaling_s3_max_mib: int = 1024  # ... and the largest it also measures on S3
     started: float = field(default_factory=time.perf_counter)
 
     def log(self, msg: str) -> None:
@@ -252,6 +254,11 @@ class Row:
     note: str = ""
     error: str | None = None
     target_is_max: bool = False  # the ratio must be at most the target (e.g. bytes per tensor)
+    # A point of a scaling curve (scaling.png): the curve's name, its axis ("size": x is the
+    # state's bytes; "tensors": x is the tensor count) and x.
+    curve: str = ""
+    axis: str = ""
+    x: int | None = None
 
 
 def compare(backend: str, operation: str, series: Series, baseline: str,
@@ -467,28 +474,46 @@ def bench_local(site: Site) -> list[Row]:
     "cat"), so both sides meet the same process and memory conditions.
     """
     ctx = site.ctx
-    series = _directory_series()
-    _measure_directory(ctx, "local", site.scratch, series, crc=True)
-    rows = _directory_rows(ctx, "local", series, ctx.state_bytes)
+    series = _directory_series(LOCAL_PEERS)
+    _measure_directory(ctx, "local", site.scratch, series, LOCAL_PEERS, crc=True, into=True)
+    rows = _directory_rows(ctx, "local", series, ctx.state_bytes, LOCAL_PEERS)
     rows.append(_crc_row(series["pt_save"], series["ck_save"], ctx.state_bytes))
     return rows
 
 
-# The peers a user would pick instead, on the same bytes: (series, worker impl, row label).
-DIRECTORY_SAVE_PEERS = (("pt_save", "torch", "torch.save + fsync", "pt"),
-                        ("st_save", "safetensors", "safetensors save_file + fsync", "st"))
-DIRECTORY_LOAD_PEERS = (("pt_load", "torch", "torch.load", "pt"),
-                        ("pt_mmap_load", "torch_mmap", "torch.load(mmap=True)", "pt"),
-                        ("st_load", "safetensors", "safetensors load_file", "st"))
+@dataclass(frozen=True)
+class Peers:
+    """The peers a user would pick instead, on the same bytes. Each save is
+    (series, worker impl, row label, what it writes: a key of ``PEER_FILES``);
+    each load reads what the save with the same last field wrote."""
+
+    saves: tuple[tuple[str, str, str, str], ...]
+    loads: tuple[tuple[str, str, str, str], ...]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(p[0] for p in (*self.saves, *self.loads))
 
 
-def _directory_series() -> dict[str, Series]:
-    return {k: Series() for k in ("dd", "ck_save", "cat", "ck_load", *(p[0] for p in DIRECTORY_SAVE_PEERS),
-                                  *(p[0] for p in DIRECTORY_LOAD_PEERS))}
+PEER_FILES = {"pt": "state.pt", "st": "state.safetensors", "dcp": "dcp"}
+FILE_PEERS = Peers(
+    saves=(("pt_save", "torch", "torch.save + fsync", "pt"),
+           ("st_save", "safetensors", "safetensors save_file + fsync", "st")),
+    loads=(("pt_load", "torch", "torch.load", "pt"),
+           ("pt_mmap_load", "torch_mmap", "torch.load(mmap=True)", "pt"),
+           ("st_load", "safetensors", "safetensors load_file", "st")))
+# On the local disk DCP's own writer too (FileSystemWriter fsyncs by default).
+LOCAL_PEERS = Peers(
+    saves=(*FILE_PEERS.saves, ("dcp_save", "dcp_fs", "DCP save, FileSystemWriter", "dcp")),
+    loads=(*FILE_PEERS.loads, ("dcp_load", "dcp_fs", "DCP load, FileSystemReader (in place)", "dcp")))
 
 
-def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Series],
-                       settle: Callable[[], Any] = lambda: None, crc: bool = False) -> None:
+def _directory_series(peers: Peers) -> dict[str, Series]:
+    return {k: Series() for k in ("dd", "ck_save", "cat", "ck_load", "ck_into", *peers.keys())}
+
+
+def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Series], peers: Peers,
+                       settle: Callable[[], Any] = lambda: None, crc: bool = False,
+                       state: dict | None = None, into: bool = False) -> None:
     """dd / ckptstore.save / torch.save / safetensors save_file into ``base``, then cat and
     every loader of what was saved.
 
@@ -498,9 +523,10 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
     upload so that it never overlaps the next measurement.
     """
     ckpt, zeros = base / "ckpt", base / "dd.bin"
-    files = {"pt": base / "state.pt", "st": base / "state.safetensors"}
+    files = {k: base / name for k, name in PEER_FILES.items()}
     n = ctx.state_bytes
-    save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
+    # ``state``: another state than the GPT one of ctx.size_bytes (worker.build_state's keys).
+    save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n, **(state or {})}
 
     def clear(path: Path) -> None:
         remove(path)
@@ -517,7 +543,7 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
         clear(ckpt)
         s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": str(ckpt)}))
         settle()
-        for key, impl, _, src in DIRECTORY_SAVE_PEERS:
+        for key, impl, _, src in peers.saves:
             path = files[src]
             clear(path)
             # The crc32c figure rides on the torch.save process: it already holds
@@ -526,20 +552,23 @@ def _measure_directory(ctx: Context, backend: str, base: Path, s: dict[str, Seri
                                         "crc": crc and impl == "torch"}))
             settle()
 
-    load = {"op": "load", "state_bytes": n, "cold": ctx.cold}
-    saved = {src: bool(s[key].seconds) for key, _, _, src in DIRECTORY_SAVE_PEERS}
+    # size_bytes: DCP loads in place into tensors of the saved structure.
+    load = {"op": "load", "state_bytes": n, "size_bytes": ctx.size_bytes, "cold": ctx.cold, **(state or {})}
+    saved = {src: bool(s[key].seconds) for key, _, _, src in peers.saves}
     for r in range(ctx.repeat):
         ctx.log(f"{backend}: load round {r + 1}/{ctx.repeat}")
         if s["ck_save"].seconds:
             s["cat"].add(lambda: ctx.run({**load, "impl": "cat", "uri": str(ckpt)}))
             s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": str(ckpt)}))
-        for key, impl, _, src in DIRECTORY_LOAD_PEERS:
+            if into:  # ``into``: also load(into=), which writes into tensors that already exist
+                s["ck_into"].add(lambda: ctx.run({**load, "impl": "ckptstore_into", "uri": str(ckpt)}))
+        for key, impl, _, src in peers.loads:
             if saved[src]:
                 s[key].add(lambda: ctx.run({**load, "impl": impl, "uri": str(files[src])}))
     if not s["ck_save"].seconds:
-        for k in ("ck_load", "cat"):
+        for k in ("ck_load", "cat", *(("ck_into",) if into else ())):
             s[k].fail("nothing saved to load (ckptstore.save failed)")
-    for key, _, _, src in DIRECTORY_LOAD_PEERS:
+    for key, _, _, src in peers.loads:
         if not saved[src]:
             s[key].fail(f"nothing saved to load ({src} save failed)")
 
@@ -552,25 +581,32 @@ def _peers_note(ours: Series, peers: list[tuple[str, Series]]) -> str:
     return ("against " + ", ".join(parts)) if parts else ""
 
 
-def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int,
+def _directory_rows(ctx: Context, backend: str, s: dict[str, Series], n: int, peers: Peers,
                     load_note: str = "", save_label: str = "ckptstore.save (durable)") -> list[Row]:
     cache = "cold" if ctx.cold else "warm cache"
 
     def joined(*notes: str) -> str:
         return "; ".join(x for x in notes if x)
 
-    save_peers = [(label, s[key]) for key, _, label, _ in DIRECTORY_SAVE_PEERS]
-    load_peers = [(label, s[key]) for key, _, label, _ in DIRECTORY_LOAD_PEERS]
+    save_peers = [(label, s[key]) for key, _, label, _ in peers.saves]
+    load_peers = [(label, s[key]) for key, _, label, _ in peers.loads]
     rows = [compare(backend, save_label, s["ck_save"], "dd conv=fsync", s["dd"], n, SPEED_TARGET, RSS_TARGET,
                     note=joined(_save_note(s["ck_save"]), _peers_note(s["ck_save"], save_peers)))]
-    rows += [compare(backend, label, s[key], "dd conv=fsync", s["dd"], n) for key, _, label, _ in DIRECTORY_SAVE_PEERS]
+    rows += [compare(backend, label, s[key], "dd conv=fsync", s["dd"], n) for key, _, label, _ in peers.saves]
     rows.append(compare(backend, f"ckptstore.load ({cache})", s["ck_load"], "cat", s["cat"], n,
                         SPEED_TARGET, RSS_TARGET,
                         note=joined(_load_note(s["ck_load"], n, ctx.cold), load_note,
                                     _peers_note(s["ck_load"], load_peers))))
+    if s["ck_into"].seconds or s["ck_into"].error:
+        rows.append(compare(backend, f"ckptstore.load(into=) ({cache})", s["ck_into"], "cat", s["cat"], n,
+                            SPEED_TARGET, RSS_TARGET,
+                            note=joined(_load_note(s["ck_into"], n, ctx.cold),
+                                        "into tensors allocated and written before the clock, as a "
+                                        "resuming model's and optimizer's are",
+                                        _peers_note(s["ck_into"], load_peers))))
     rows += [compare(backend, f"{label} ({cache}{', weights_only' if key.startswith('pt') else ''})", s[key],
                      "cat", s["cat"], n, note=_load_note(s[key], n, ctx.cold))
-             for key, _, label, _ in DIRECTORY_LOAD_PEERS]
+             for key, _, label, _ in peers.loads]
     return rows
 
 
@@ -588,18 +624,18 @@ def bench_fuse(site: Site) -> list[Row]:
     upload, read), so this backend uses the smaller ``--remote-size-gib`` state.
     """
     ctx = site.ctx
-    series = _directory_series()
+    series = _directory_series(FILE_PEERS)
     # Uploading a state from the cache to a local directory takes a few
     # seconds; a minute per GiB is plenty before calling it stuck.
     upload_timeout = max(60.0, 60.0 * ctx.state_bytes / GIB)
 
     def measure(mount: Any) -> None:
-        _measure_directory(ctx, "fuse", Path(site.uri(mount, "")), series,
+        _measure_directory(ctx, "fuse", Path(site.uri(mount, "")), series, FILE_PEERS,
                            settle=lambda: mount.wait_uploaded(timeout=upload_timeout))
 
     site.serve(measure, series, None)
     # Not "durable": fsync on the mount returns before rclone has uploaded.
-    return _directory_rows(ctx, "fuse", series, ctx.state_bytes, save_label="ckptstore.save",
+    return _directory_rows(ctx, "fuse", series, ctx.state_bytes, FILE_PEERS, save_label="ckptstore.save",
                            load_note="read through the mount from rclone's VFS cache / remote dir")
 
 
@@ -728,7 +764,7 @@ def bench_gcs(site: Site) -> list[Row]:
     """
     ctx = site.ctx
     n = ctx.state_bytes
-    s = {k: Series() for k in ("pipe", "ck_save", "ck_load", "cat")}
+    s = {k: Series() for k in ("pipe", "ck_save", "ck_load", "cat", "dcp_save", "dcp_load")}
 
     def measure(server: Any) -> str:
         """The rows' series; returns the note on ranged reads."""
@@ -736,6 +772,7 @@ def bench_gcs(site: Site) -> list[Row]:
         uri = site.uri(server, "ckptstore/ckpt")
         gcsfs_obj = {"protocol": "gcs", "storage_options": server.options(),
                      "path": f"{BUCKET}/gcsfs/state.pt"}
+        dcp = {"impl": "dcp_fsspec", "uri": f"gcs://{BUCKET}/dcp_fsspec", "storage_options": server.options()}
         save = {"op": "save", "size_bytes": ctx.size_bytes, "nbytes": n}
         for r in range(ctx.repeat):
             ctx.log(f"gcs: save round {r + 1}/{ctx.repeat}")
@@ -743,6 +780,8 @@ def bench_gcs(site: Site) -> list[Row]:
             s["pipe"].add(lambda: ctx.run({**save, **gcsfs_obj, "impl": "fsspec_pipe"}))
             _clear_prefix(fs, f"{BUCKET}/ckptstore")
             s["ck_save"].add(lambda: ctx.run({**save, "impl": "ckptstore", "uri": uri}))
+            _clear_prefix(fs, f"{BUCKET}/dcp_fsspec")
+            s["dcp_save"].add(lambda: ctx.run({**save, **dcp}))
 
         load = {"op": "load", "state_bytes": n, "cold": False}
         for r in range(ctx.repeat):
@@ -751,8 +790,12 @@ def bench_gcs(site: Site) -> list[Row]:
                 s["cat"].add(lambda: ctx.run({**load, **gcsfs_obj, "impl": "fsspec_cat"}))
             if s["ck_save"].seconds and not s["ck_save"].error:
                 s["ck_load"].add(lambda: ctx.run({**load, "impl": "ckptstore", "uri": uri}))
+            if s["dcp_save"].seconds and not s["dcp_save"].error:
+                s["dcp_load"].add(lambda: ctx.run({**load, **dcp, "size_bytes": ctx.size_bytes}))
         if not s["ck_save"].seconds or s["ck_save"].error:
             s["ck_load"].fail("nothing saved to load (ckptstore.save failed)")
+        if not s["dcp_save"].seconds or s["dcp_save"].error:
+            s["dcp_load"].fail(f"nothing saved to load ({s['dcp_save'].error or 'the DCP save failed'})")
         if not s["pipe"].seconds or s["pipe"].error:
             s["cat"].fail("nothing saved to load (gcsfs pipe failed)")
             return ""
@@ -760,16 +803,29 @@ def bench_gcs(site: Site) -> list[Row]:
 
     range_note = site.serve(measure, s, "")
     pipe = s["pipe"].phase("pipe")
+    dcp_less_rename = s["dcp_save"].view(lambda r: r["seconds"] - r.get("phases", {}).get("metadata rename", 0.0))
+    save_peers = [("torch.save + gcsfs pipe", s["pipe"]), ("DCP FsspecWriter", s["dcp_save"]),
+                  ("DCP FsspecWriter less its metadata rename", dcp_less_rename)]
+    load_peers = [("gcsfs cat + torch.load", s["cat"]), ("DCP FsspecReader", s["dcp_load"])]
     return [
         compare("gcs", "ckptstore.save", s["ck_save"], "gcsfs pipe", pipe, n,
-                REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET, note=_save_note(s["ck_save"])),
+                REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET,
+                note="; ".join(x for x in (_save_note(s["ck_save"]), _peers_note(s["ck_save"], save_peers)) if x)),
         compare("gcs", "torch.save to BytesIO + gcsfs pipe", s["pipe"], "gcsfs pipe", pipe, n,
                 note=_phase_note(s["pipe"])),
+        compare("gcs", "DCP save, FsspecWriter (gcsfs)", s["dcp_save"], "gcsfs pipe", pipe, n,
+                note=_phase_note(s["dcp_save"])),
+        # What the emulator's refused moveTo (see the note) costs, taken out.
+        compare("gcs", "DCP save, FsspecWriter, less its metadata rename", dcp_less_rename,
+                "gcsfs pipe", pipe, n),
         compare("gcs", "ckptstore.load", s["ck_load"], "gcsfs cat + torch.load", s["cat"], n,
                 REMOTE_SPEED_TARGET, REMOTE_RSS_TARGET,
-                note="; ".join(x for x in (_load_note(s["ck_load"], n), range_note) if x)),
+                note="; ".join(x for x in (_load_note(s["ck_load"], n), range_note,
+                                           _peers_note(s["ck_load"], load_peers)) if x)),
         compare("gcs", "gcsfs cat + torch.load (weights_only)", s["cat"], "-", Series(), n,
                 note=_phase_note(s["cat"])),
+        compare("gcs", "DCP load, FsspecReader (gcsfs)", s["dcp_load"], "gcsfs cat + torch.load", s["cat"], n,
+                note=_load_note(s["dcp_load"], n)),
     ]
 
 
@@ -1207,7 +1263,196 @@ def _tensor_rows(ctx: Context, s: dict[int, dict[str, Series]],
     return rows
 
 
+# --- scaling: sizes and tensor counts ------------------------------------------------
+
+SCALING_SIZES_MIB = (64, 256, 1024, 4096)  # the local sizes (--scaling-sizes-mib)
+SCALING_S3_MAX_MIB = 1024                  # S3 measures the sizes up to this
+SCALING_COUNT_MIB = 256                    # the fixed size the tensor counts split
+SCALING_FLAT_TARGET = 1.20                 # slowest / fastest seconds per GiB across sizes
+SCALING_PEER_TARGET = 1.0                  # ckptstore against the fastest peer at each point
+# S3 peers at every size: (series, worker impl, row label). The ranged-read loaders are left out:
+# on moto each ranged GET costs the whole object (see the s3 rows), which grows with the square of
+# the size; the one-GET download is the fair baseline there.
+SCALING_S3_SAVES = (("upload", "boto3_upload", "torch.save + boto3 upload_file"),
+                    ("s3tc_save", "s3tc_checkpoint", "s3torchconnector S3Checkpoint writer + torch.save"))
+SCALING_S3_LOADS = (("download_one", "boto3_download", "boto3 download_file one GET + torch.load"),)
+
+
+def _mib(n: int) -> str:
+    return f"{n / GIB:g} GiB" if n >= GIB else f"{n / MIB:g} MiB"
+
+
+def bench_scaling(site: Site) -> list[Row]:
+    """How the cost grows: seconds per GiB and extra RSS of ckptstore and its peers at each of
+    ``--scaling-sizes-mib`` on the local disk (the peers of the local rows, dd and cat), at the
+    sizes up to 1 GiB on S3 (moto), and at each of ``--tensor-counts`` splitting a fixed
+    256 MiB on the local disk. Every point runs its baseline and every peer in the same rounds.
+    The plot is ``scaling.png`` next to ``latest.png``.
+    """
+    ctx = site.ctx
+    rows: list[Row] = []
+    for mib in ctx.scaling_sizes_mib:
+        size = mib * MIB
+        pctx = replace(ctx, size_bytes=size, state_bytes=expected_nbytes(size))
+        s = _directory_series(FILE_PEERS)
+        where = site.scratch / f"size-{mib}"
+        where.mkdir()
+        _measure_directory(pctx, f"scaling: local {_mib(size)}", where, s, FILE_PEERS, into=True)
+        remove(where)
+        rows += _scaling_rows(pctx, "size", size, s, pctx.state_bytes)
+    for n in ctx.tensor_counts:
+        weights = n - n // 3
+        tb = max(4, SCALING_COUNT_MIB * MIB // weights // 64 * 64)
+        nbytes = tensors_nbytes(n, tb)
+        pctx = replace(ctx, state_bytes=nbytes)
+        s = _directory_series(FILE_PEERS)
+        where = site.scratch / f"count-{n}"
+        where.mkdir()
+        _measure_directory(pctx, f"scaling: local {n:,} tensors", where, s, FILE_PEERS,
+                           state={"tensors": n, "tensor_bytes": tb}, into=True)
+        remove(where)
+        rows += _scaling_rows(pctx, "tensors", n, s, nbytes)
+    rows += _flat_rows(rows)
+
+    s3_sizes = [m for m in ctx.scaling_sizes_mib if m <= ctx.scaling_s3_max_mib]
+    s3 = {m: {k: Series() for k in ("ck_save", "ck_load", *(p[0] for p in (*SCALING_S3_SAVES, *SCALING_S3_LOADS)))}
+          for m in s3_sizes}
+
+    def measure(server: Any) -> None:
+        for mib in s3_sizes:
+            _scaling_s3(ctx, site, server, mib, s3[mib])
+
+    site.serve(measure, {f"{m} {k}": v for m in s3_sizes for k, v in s3[m].items()}, None)
+    s3_rows: list[Row] = []
+    for mib in s3_sizes:
+        s = s3[mib]
+        n = expected_nbytes(mib * MIB)
+        upload = s["upload"].phase("torch.save", "upload")
+        saves = [("torch.save + boto3 upload_file", upload),
+                 *((label, s[k]) for k, _, label in SCALING_S3_SAVES[1:])]
+        loads = [(label, s[k]) for k, _, label in SCALING_S3_LOADS]
+        s3_rows += _point_rows("s3", "size", mib * MIB, n, s["ck_save"], s["ck_load"], saves, loads, None, None)
+    return rows + s3_rows + _flat_rows(s3_rows)
+
+
+def _scaling_s3(ctx: Context, site: Site, server: Any, mib: int, s: dict[str, Series]) -> None:
+    fs = server.filesystem()
+    opts = server.options()
+    size = mib * MIB
+    n = expected_nbytes(size)
+    prefix = f"scaling/{mib}"
+    uri = site.uri(server, f"{prefix}/ckptstore")
+    save = {"op": "save", "size_bytes": size, "nbytes": n}
+    load = {"op": "load", "state_bytes": n, "cold": False}
+    boto = {"storage_options": opts, "bucket": BUCKET, "key": f"{prefix}/boto3/state.pt"}
+    tmp = {"tmp": str(site.scratch / "s3-staging.pt")}
+    specs = {"upload": {**save, **boto, **tmp, "impl": "boto3_upload"},
+             "s3tc_save": {**save, "impl": "s3tc_checkpoint", "uri": f"s3://{BUCKET}/{prefix}/s3tc/state.pt",
+                           "storage_options": opts},
+             "download_one": {**load, **boto, **tmp, "impl": "boto3_download", "single_get": True}}
+    _rounds(ctx, f"scaling: s3 {_mib(size)}", s,
+            saves=[("upload", "boto3 upload_file", lambda: _clear_prefix(fs, f"{BUCKET}/{prefix}/boto3"),
+                    specs["upload"]),
+                   ("ck_save", "ckptstore.save", lambda: _clear_prefix(fs, f"{BUCKET}/{prefix}/ckptstore"),
+                    {**save, "impl": "ckptstore", "uri": uri}),
+                   ("s3tc_save", "S3Checkpoint", lambda: _clear_prefix(fs, f"{BUCKET}/{prefix}/s3tc"),
+                    specs["s3tc_save"])],
+            loads=[("download_one", "upload", specs["download_one"]),
+                   ("ck_load", "ck_save", {**load, "impl": "ckptstore", "uri": uri})])
+    _clear_prefix(fs, f"{BUCKET}/{prefix}")
+
+
+def _scaling_rows(ctx: Context, axis: str, x: int, s: dict[str, Series], nbytes: int) -> list[Row]:
+    cache = "cold" if ctx.cold else "warm cache"
+    saves = [("dd conv=fsync", s["dd"]), *((label, s[key]) for key, _, label, _ in FILE_PEERS.saves)]
+    loads = [("cat", s["cat"]), *((label, s[key]) for key, _, label, _ in FILE_PEERS.loads)]
+    return _point_rows("local", axis, x, nbytes, s["ck_save"], s["ck_load"], saves, loads,
+                       "dd conv=fsync", "cat", cache, s["ck_into"])
+
+
+def _point_rows(where: str, axis: str, x: int, nbytes: int, ck_save: Series, ck_load: Series,
+                saves: list[tuple[str, Series]], loads: list[tuple[str, Series]],
+                save_floor: str | None, load_floor: str | None, cache: str | None = None,
+                ck_into: Series | None = None) -> list[Row]:
+    """One point of a curve: ckptstore's save and load against the fastest peer there (target:
+    ahead of it), and every peer and baseline as a row of its own, for the curves. ``*_floor``
+    names the raw-I/O baseline among them (dd, cat), which is no peer."""
+    at = _mib(x) if axis == "size" else f"{x:,} tensors"
+    backend = f"scaling-{where}"
+    rows = []
+    ours_load = [("ckptstore", "ckptstore.load", ck_load)]
+    if ck_into is not None and (ck_into.seconds or ck_into.error):
+        ours_load.append(("ckptstore load(into=)", "ckptstore.load(into=)", ck_into))
+    for what, ours_all, others, floor in (("save", [("ckptstore", "ckptstore.save", ck_save)], saves, save_floor),
+                                          ("load", ours_load, loads, load_floor)):
+        peers = [(label, p) for label, p in others if label != floor and p.seconds]
+        best = min(peers, key=lambda lp: lp[1].best, default=None)
+        for curve, op, ours in ours_all:
+            op += f" ({cache})" if what == "load" and cache else ""
+            row = compare(backend, f"{op}, {at}", ours, best[0] if best else "-", best[1] if best else Series(),
+                          nbytes, SCALING_PEER_TARGET,
+                          note="; ".join(x for x in (f"{ours.best * GIB / nbytes:.3f} s/GiB" if ours.best else "",
+                                                      _peers_note(ours, peers)) if x))
+            row.ratio_meaning = "fastest peer's time / time (higher is better)"
+            row.curve, row.axis, row.x = f"{where} {what}: {curve}", axis, x
+            rows.append(row)
+        for label, p in others:
+            peer = compare(backend, f"{label} ({what}), {at}", p, "-", Series(), nbytes,
+                           note=f"{p.best * GIB / nbytes:.3f} s/GiB" if p.best else "")
+            peer.curve, peer.axis, peer.x = f"{where} {what}: {label}", axis, x
+            rows.append(peer)
+    return rows
+
+
+def _flat_rows(rows: list[Row]) -> list[Row]:
+    """Per curve of ckptstore over sizes: slowest / fastest seconds per GiB (target <= 1.2);
+    the same figure for every other curve goes into the note, dd's and cat's say what the
+    storage itself does."""
+    curves: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.axis == "size" and r.curve:
+            curves.setdefault(r.curve, []).append(r)
+
+    def spread(rs: list[Row]) -> float | None:
+        per = [r.seconds / r.nbytes * GIB for r in rs if r.seconds]
+        return max(per) / min(per) if len(per) == len(rs) and len(per) > 1 else None
+
+    out = []
+    for curve, rs in curves.items():
+        if not curve.split(": ", 1)[1].startswith("ckptstore"):
+            continue
+        where_what = curve.split(":")[0]
+        others = [f"{c.split(': ', 1)[1]} {spread(v):.2f}" for c, v in curves.items()
+                  if c.startswith(where_what + ":") and c != curve and spread(v) is not None]
+        ratio = spread(rs)
+        sizes = ", ".join(_mib(r.x) for r in rs)
+        name = curve.split(": ", 1)[1]
+        op = f"ckptstore.{where_what.split()[1]}" if name == "ckptstore" else name.replace("ckptstore ", "ckptstore.")
+        row = Row(rs[0].backend, f"{op} seconds per GiB, {sizes}", None,
+                  max(r.nbytes for r in rs), None, "-", None, ratio,
+                  ratio_meaning="slowest / fastest seconds per GiB across sizes (lower is better)",
+                  target=SCALING_FLAT_TARGET, target_is_max=True,
+                  note=("the same spread for " + ", ".join(others)) if others else "",
+                  error=None if ratio is not None else "a size has no figure")
+        row.meets_target = None if ratio is None else ratio <= SCALING_FLAT_TARGET
+        out.append(row)
+    return out
+
+
 # --- each backend's notes ---------------------------------------------------------
+
+def _scaling_notes(ctx: Context) -> list[str]:
+    return [
+        f"scaling: at each point ckptstore is timed against the fastest peer there (target >= "
+        f"{SCALING_PEER_TARGET:.2f}: ahead of every peer), and across sizes its seconds per GiB may "
+        f"spread at most {SCALING_FLAT_TARGET:.1f}x (slowest / fastest); the notes give the same "
+        "spread for the peers and for dd and cat, which is what the storage itself does. Sizes: "
+        f"{', '.join(_mib(m * MIB) for m in ctx.scaling_sizes_mib)} of the GPT state on the local disk, "
+        f"those up to {_mib(ctx.scaling_s3_max_mib * MIB)} on S3 (moto); tensor counts "
+        f"{', '.join(f'{n:,}' for n in ctx.tensor_counts)} split {SCALING_COUNT_MIB} MiB on the local "
+        "disk. Each point is its own rounds (baseline and every peer, best of --repeat). The "
+        "curves are scaling.png."]
+
 
 def _manager_notes(ctx: Context) -> list[str]:
     return [
@@ -1551,9 +1796,10 @@ def _restore_notes(ctx: Context) -> list[str]:
 
 
 REGISTRY: tuple[Backend, ...] = (
-    Backend("local", bench_local, disk=5,
+    Backend("local", bench_local, disk=6,
             baselines=("dd conv=fsync", "cat", "torch.save + fsync, torch.load, torch.load(mmap=True), "
-                       "safetensors save_file + fsync, load_file (peers, the same bytes)")),
+                       "safetensors save_file + fsync, load_file, DCP FileSystemWriter / Reader "
+                       "(peers, the same bytes)")),
     Backend("memory", bench_memory, uri=memory_uri, baselines=("tensor clone",)),
     Backend("manager", bench_manager, notes=_manager_notes, disk=2,
             baselines=("storage clone", "the same training steps with no save")),
@@ -1565,7 +1811,8 @@ REGISTRY: tuple[Backend, ...] = (
             notes=_object_store_notes, disk=4,
             baselines=("boto3 upload_file", "download_file + torch.load")),
     Backend("gcs", bench_gcs, remote=True, launcher=gcs_emulator, uri=gcs_uri,
-            notes=_object_store_notes, disk=4, baselines=("gcsfs pipe", "gcsfs cat + torch.load")),
+            notes=_object_store_notes, disk=4,
+            baselines=("gcsfs pipe", "gcsfs cat + torch.load", "DCP FsspecWriter / FsspecReader (peers)")),
     Backend("restore", bench_restore, notes=_restore_notes, disk=6, nbytes=_restore_model_bytes,
             baselines=tuple(label for _, label in RESTORE_PEERS) + ("safetensors save_file",
                                                                      "load + safetensors save_file")),
@@ -1583,6 +1830,11 @@ REGISTRY: tuple[Backend, ...] = (
     Backend("incremental-s3", bench_incremental_s3, remote=True, launcher=moto_server, uri=s3_uri, disk=0.5,
             baselines=("a whole save (plain run)", "the same save with incremental=False",
                        "a load of the same step saved whole")),
+    Backend("scaling", bench_scaling, launcher=moto_server, uri=s3_uri, notes=_scaling_notes, disk=5,
+            nbytes=lambda ctx: expected_nbytes(max(ctx.scaling_sizes_mib) * MIB),
+            baselines=("the fastest peer at each size and tensor count (torch.save, safetensors, "
+                       "torch.load plain and mmap, load_file; boto3 and S3Checkpoint on S3)",
+                       "a 1.2x spread of seconds per GiB across sizes")),
     Backend("tensors", bench_tensors, launcher=moto_server, uri=s3_uri, notes=_tensors_notes, disk=4,
             nbytes=lambda ctx: tensors_nbytes(max(ctx.tensor_counts)),
             baselines=("torch.save + fsync", "torch.load", "torch.save to BytesIO + upload_fileobj",
@@ -1767,6 +2019,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tensor-counts", type=_tensor_counts, default=DEFAULT_TENSOR_COUNTS,
                    help="tensor counts for the tensors backend, comma-separated (default "
                         f"{','.join(map(str, DEFAULT_TENSOR_COUNTS))})")
+    p.add_argument("--scaling-sizes-mib", type=_tensor_counts, default=SCALING_SIZES_MIB,
+                   help="state sizes in MiB for the scaling backend, comma-separated (default "
+                        f"{','.join(map(str, SCALING_SIZES_MIB))}); S3 measures those up to "
+                        f"{SCALING_S3_MAX_MIB} MiB")
     p.add_argument("--repeat", type=int, default=3, help="repeats per figure; best is reported (default 3)")
     p.add_argument("--backends", default=",".join(ALL_BACKENDS),
                    help=f"comma-separated, from: {', '.join(BACKENDS)} (default: all)")
@@ -1835,7 +2091,8 @@ def main(argv: list[str] | None = None) -> int:
     remote_size_bytes = int(args.remote_size_gib * GIB)
     remote_state_bytes = expected_nbytes(remote_size_bytes)
     ctx = Context(size_bytes, state_bytes, args.repeat, parent, False, remote_size_bytes,
-                  remote_state_bytes, args.worker_timeout, args.tensor_counts)
+                  remote_state_bytes, args.worker_timeout, args.tensor_counts, args.scaling_sizes_mib,
+                  SCALING_S3_MAX_MIB)
     chosen = [BACKENDS[name] for name in args.backends]
     # Each backend's ``disk``: the local backend holds a checkpoint, a torch
     # file and a dd file at once, plus whatever a save writes before it
@@ -1912,6 +2169,11 @@ def main(argv: list[str] | None = None) -> int:
     plot_path = args.out / "latest.png"
     plotted, plot_msg = write_plot([asdict(r) for r in rows], plot_path, title)
     ctx.log(plot_msg)
+    scaled = False
+    if any(r.curve for r in rows):
+        scaled, scale_msg = write_scaling_plot([asdict(r) for r in rows], args.out / "scaling.png",
+                                               title.replace("benchmark", "scaling"))
+        ctx.log(scale_msg)
     md = [
         "# ckptstore benchmark: latest run",
         "",
@@ -1927,11 +2189,14 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {n}" for n in notes],
         "",
         *([f"![ratios and extra memory]({plot_path.name})", ""] if plotted else []),
+        *(["![seconds per GiB and extra memory by size and tensor count](scaling.png)", ""] if scaled else []),
         "Reproduce: `python -m benchmarks.bench "
         f"--size-gib {args.size_gib:g} --remote-size-gib {args.remote_size_gib:g} "
         f"--repeat {args.repeat} --backends {','.join(args.backends)}"
         + (f" --tensor-counts {','.join(map(str, args.tensor_counts))}"
            if args.tensor_counts != DEFAULT_TENSOR_COUNTS else "")
+        + (f" --scaling-sizes-mib {','.join(map(str, args.scaling_sizes_mib))}"
+           if args.scaling_sizes_mib != SCALING_SIZES_MIB else "")
         + "`",
         "",
     ]

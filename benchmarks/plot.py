@@ -47,8 +47,10 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> tuple[bool
 
 
 def _draw(plt: Any, rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    # The crc32c row's ratio means something else (a share of the save).
-    rows = [r for r in rows if r.get("ratio_meaning", "").startswith("baseline time / time")]
+    # The crc32c row's ratio means something else (a share of the save); the scaling
+    # curves have a picture of their own.
+    rows = [r for r in rows if r.get("ratio_meaning", "").startswith("baseline time / time")
+            and not r.get("curve")]
     if not rows:
         raise ValueError("no rows to plot")
     n = len(rows)
@@ -102,6 +104,86 @@ def _draw(plt: Any, rows: list[dict[str, Any]], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def write_scaling_plot(rows: list[dict[str, Any]], path: Path, title: str) -> tuple[bool, str]:
+    """The scaling curves (rows with a ``curve``) into a PNG at ``path``: seconds per GiB and
+    extra peak RSS against the state's size, on the local disk and on S3, and seconds against
+    the tensor count at a fixed size. Same contract as ``write_plot``."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False, "scaling plot skipped: matplotlib is not installed"
+    try:
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        _draw_scaling(plt, [r for r in rows if r.get("curve")], path, title)
+    except Exception as e:  # noqa: BLE001
+        return False, f"scaling plot skipped: {type(e).__name__}: {e}"
+    return True, f"wrote {path}"
+
+
+def _curves(rows: list[dict[str, Any]], axis: str, prefix: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("axis") == axis and r["curve"].startswith(prefix) and r.get("seconds"):
+            out.setdefault(r["curve"].split(": ", 1)[1], []).append(r)
+    return {k: sorted(v, key=lambda r: r["x"]) for k, v in out.items()}
+
+
+def _draw_scaling(plt: Any, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    if not rows:
+        raise ValueError("no scaling rows to plot")
+    panels = [("size", "local save", "local disk: save"), ("size", "local load", "local disk: load"),
+              ("size", "s3 save", "S3 (moto): save"), ("size", "s3 load", "S3 (moto): load"),
+              ("tensors", "local save", "local disk: save, 256 MiB split into n tensors"),
+              ("tensors", "local load", "local disk: load, 256 MiB split into n tensors")]
+    fig, axes = plt.subplots(4, 2, figsize=(13, 17))
+    names = sorted({r["curve"].split(": ", 1)[1] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    color = {name: ("black" if name == "ckptstore" else cmap(i % 10)) for i, name in enumerate(names)}
+
+    def style(name: str) -> dict[str, Any]:
+        raw = name in ("dd conv=fsync", "cat")
+        return {"color": color[name], "lw": 2.6 if name == "ckptstore" else 1.4,
+                "ls": ":" if raw else "-", "marker": "o", "ms": 4}
+
+    for ax, (axis, prefix, heading) in zip(axes.flat, panels):
+        curves = _curves(rows, axis, prefix)
+        for name, rs in curves.items():
+            xs = [r["x"] / (1 << 20) if axis == "size" else r["x"] for r in rs]
+            ys = [r["seconds"] * (1 << 30) / r["nbytes"] for r in rs] if axis == "size" else [r["seconds"] for r in rs]
+            ax.plot(xs, ys, label=name, **style(name))
+        ax.set_xscale("log", base=2 if axis == "size" else 10)
+        ax.set_title(heading, fontsize=10)
+        ax.set_xlabel("state size (MiB)" if axis == "size" else "tensors")
+        ax.set_ylabel("seconds per GiB (lower is better)" if axis == "size" else "seconds (lower is better)")
+        ax.grid(color="#eceff1")
+        if curves:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    for ax, prefix, heading in ((axes[3][0], "local", "local disk: extra peak RSS"),
+                                (axes[3][1], "s3", "S3 (moto): extra peak RSS")):
+        for what, ls in (("save", "-"), ("load", "--")):
+            for name, rs in _curves(rows, "size", f"{prefix} {what}").items():
+                pts = [(r["x"] / (1 << 20), r["extra_rss"]) for r in rs if r.get("extra_rss") is not None]
+                if pts:
+                    ax.plot(*zip(*pts), label=f"{name} ({what})", color=color[name], ls=ls, marker="o", ms=3,
+                            lw=2.6 if name == "ckptstore" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(heading, fontsize=10)
+        ax.set_xlabel("state size (MiB)")
+        ax.set_ylabel("extra peak RSS / state bytes")
+        ax.grid(color="#eceff1")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: python -m benchmarks.plot RESULT.json [OUT.png]", file=sys.stderr)
@@ -114,6 +196,11 @@ def main(argv: list[str]) -> int:
              f"{machine.get('cpu_count', '?')} CPUs · best of {data.get('config', {}).get('repeat', '?')}")
     ok, msg = write_plot(data["rows"], out, title)
     print(msg, file=sys.stderr)
+    if any(r.get("curve") for r in data["rows"]):
+        done, msg = write_scaling_plot(data["rows"], out.with_name("scaling.png"),
+                                       title.replace("benchmark", "scaling"))
+        print(msg, file=sys.stderr)
+        ok = ok and done
     return 0 if ok else 1
 
 

@@ -191,10 +191,11 @@ def tensors_nbytes(n: int, tensor_bytes: int = TENSOR_BYTES) -> int:
 
 
 def build_state(spec: dict) -> dict[str, Any]:
-    """The state a worker spec asks for: ``tensors_state(spec["tensors"])``
-    when it names a tensor count, else ``gpt_state(spec["size_bytes"])``."""
+    """The state a worker spec asks for: ``tensors_state(spec["tensors"],
+    spec.get("tensor_bytes"))`` when it names a tensor count, else
+    ``gpt_state(spec["size_bytes"])``."""
     if spec.get("tensors") is not None:
-        return tensors_state(spec["tensors"], seed=spec.get("seed", 0))
+        return tensors_state(spec["tensors"], spec.get("tensor_bytes", TENSOR_BYTES), seed=spec.get("seed", 0))
     return gpt_state(spec["size_bytes"], seed=spec.get("seed", 0))
 
 
