@@ -17,6 +17,7 @@ import atexit
 import concurrent.futures as cf
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -55,6 +56,20 @@ def step_of(store: Store) -> int:
 
 
 # ---------------------------------------------------------------- retention (pure)
+
+# The background save's threads (the writer and every thread it starts, which inherit it) run at
+# this nice value, so that on a machine whose cores the training loop keeps busy the save takes
+# the time training leaves it instead of preempting the loop's threads.
+BACKGROUND_NICE = 10
+
+
+def _yield_to_training() -> None:
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: the save runs at the loop's priority
+
 
 @dataclass
 class StepRecord:
@@ -491,7 +506,8 @@ class CheckpointManager:
             return SaveHandle(step, done)
         copied, devices = snapshot(state)
         if self._executor is None:
-            self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save")
+            self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save",
+                                                   initializer=_yield_to_training)
         with self._lock:
             self._in_flight.add(step)
         self._pending_step = step
