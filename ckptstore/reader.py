@@ -344,7 +344,6 @@ def _fill_host(reader: StreamReader, store: Store, m: Manifest, host: dict, veri
     flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     lock = threading.Lock()
-    left = {b: -(-int(t.sizes[b]) // step) for b in order}
     runs: list[list[int]] = []       # the targets' stream ranges, adjacent ones merged
     for b in order:
         s, n = int(t.starts[b]), int(t.sizes[b])
@@ -354,19 +353,42 @@ def _fill_host(reader: StreamReader, store: Store, m: Manifest, host: dict, veri
             runs.append([s, s + n])
     for s, e in runs:
         reader.advise(s, e - s)
+    # Work items of about one read each: a chunk of a big blob, or several small blobs whole
+    # (one task per blob would cost more than reading it with 100,000 tensors).
+    items: list[list[tuple[int, int, int]]] = []     # (blob, offset in it, bytes)
+    filling = 0                                      # bytes in items[-1] while it gathers small blobs
+    left: dict[int, int] = {}                        # per blob: pieces still to arrive
+    for b in order:
+        n = int(t.sizes[b])
+        if n > step:
+            items.extend([(b, o, min(step, n - o))] for o in range(0, n, step))
+            left[b], filling = len(range(0, n, step)), step
+        else:
+            if not items or filling + n > step:
+                items.append([])
+                filling = 0
+            items[-1].append((b, 0, n))
+            left[b], filling = 1, filling + n
     with cf.ThreadPoolExecutor(max(2, store.concurrency), thread_name_prefix="ckptstore-into") as pool:
         checks: list[cf.Future] = []
 
-        def read(b: int, o: int) -> None:
-            n = min(step, int(t.sizes[b]) - o)
-            reader.readinto(int(t.starts[b]) + o, memoryview(flats[b][o:o + n]))
+        def read(item: list[tuple[int, int, int]]) -> None:
+            for b, o, n in item:
+                reader.readinto(int(t.starts[b]) + o, memoryview(flats[b][o:o + n]))
             with lock:
-                left[b] -= 1
-                last = not left[b]
-            if last and verify:
-                checks.append(pool.submit(_check_blob, memoryview(flats[b]), b, m, where, store.uri))
+                done = []
+                for b, _, _ in item:
+                    left[b] -= 1
+                    if not left[b]:
+                        done.append(b)
+            if verify:
+                for b in done:
+                    if int(t.sizes[b]) > step:   # checked on another worker while reads go on
+                        checks.append(pool.submit(_check_blob, memoryview(flats[b]), b, m, where, store.uri))
+                    else:
+                        _check_blob(memoryview(flats[b]), b, m, where, store.uri)
 
-        reads = [pool.submit(read, b, o) for b in order for o in range(0, int(t.sizes[b]), step)]
+        reads = [pool.submit(read, item) for item in items]
         for f in reads:
             f.result()
         for f in checks:

@@ -77,6 +77,7 @@ class Tree:
     def __init__(self, nodes: list, version: int):
         self.nodes, self.version = nodes, version
         self._keys: dict[int, Any] = {}
+        self._index: dict[int, tuple[dict, list]] = {}
 
     def key_value(self, kn: int) -> Any:
         """The dict key that node ``kn`` holds (a tuple, a float, ...), decoded once."""
@@ -151,16 +152,39 @@ class Tree:
         for depth, key in enumerate(path):
             if self.tag(at) not in CONTAINER_TAGS:
                 raise PathNotFoundError(f"{show(path)}: {show(path[:depth])} is not a container")
+            child = self._find(at, key)
+            if child is None:
+                raise PathNotFoundError(f"{show(path)}: the checkpoint has no {key!r} in {show(path[:depth])}")
+            at = child
+            trail.append(at)
+        return trail
+
+    def _find(self, at: int, key: Any) -> int | None:
+        """The child of container ``at`` under ``key`` (of the same type and equal), the first one
+        if a malformed table repeats a key. Each container is indexed on its first lookup, so
+        looking up every key of a container of n keys costs O(n), not O(n^2)."""
+        if at not in self._index:
+            by_key: dict = {}
+            unhashable: list = []     # decoded keys a hostile table made unhashable, matched by scan
             for k, child, kn in self.items(at):
                 if kn is not None:
                     k = self.key_value(kn)
-                if type(k) is type(key) and k == key:
-                    at = child
-                    break
-            else:
-                raise PathNotFoundError(f"{show(path)}: the checkpoint has no {key!r} in {show(path[:depth])}")
-            trail.append(at)
-        return trail
+                try:
+                    by_key.setdefault((type(k), k), child)
+                except TypeError:
+                    unhashable.append((k, child))
+            self._index[at] = (by_key, unhashable)
+        by_key, unhashable = self._index[at]
+        try:
+            found = by_key.get((type(key), key))
+        except TypeError:
+            found = None
+        if found is not None:
+            return found
+        for k, child in unhashable:
+            if type(k) is type(key) and k == key:
+                return child
+        return None
 
     def subtree(self, i: int) -> Iterator[int]:
         """``i`` and every node below it."""
