@@ -37,10 +37,6 @@ from pathlib import Path
 import crc32c
 import torch
 
-STEP = 8 << 20
-MADV_POPULATE_READ = 22
-
-
 @contextlib.contextmanager
 def _mapped(path: Path):
     """A private mapping of ``path`` and its address, as ``load`` maps a data file."""
@@ -55,11 +51,9 @@ def _mapped(path: Path):
 
 
 def _populate(addr: int, n: int) -> None:
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    for off in range(0, n, STEP):
-        if madvise(addr + off, min(STEP, n - off), MADV_POPULATE_READ) != 0:
-            raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_READ)")
+    """ckptstore's own populate step (``reader._populate``), run to the end."""
+    from ckptstore.reader import _populate as populate
+    populate(addr, n, threading.Event())
 
 
 def _crc_halves(mm) -> None:
