@@ -45,8 +45,16 @@ def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress:
 def _copy_incremental(src: Store, dst: Store, m: Manifest, *, overwrite: bool, progress: bool) -> Manifest:
     """An incremental step becomes a self-contained version 2 checkpoint: its state is
     read (every blob checked) and saved whole at ``dst``, with the same meta."""
-    state = load_manifest(src, m, allow_pickle=m.pickled)
-    write_checkpoint(dst, state, overwrite=overwrite, allow_pickle=m.pickled, progress=progress, meta=m.meta)
+    devices: dict = {}
+
+    def keep_on_host(storage, location: str):
+        # every storage stays in host memory (a copy needs no GPU); the copy records where it was saved
+        if location != "cpu":
+            devices[storage.data_ptr()] = location
+        return storage
+    state = load_manifest(src, m, allow_pickle=m.pickled, map_location=keep_on_host)
+    write_checkpoint(dst, state, overwrite=overwrite, allow_pickle=m.pickled, progress=progress, meta=m.meta,
+                     devices=devices)
     copied, _ = open_commit(dst)
     return copied
 

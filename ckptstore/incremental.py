@@ -85,7 +85,8 @@ class SharedIndex:
 
 def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: SharedIndex, *,
                       verify: bool = True, meta: dict | None = None, devices: dict | None = None,
-                      writer: dict | None = None, written: list[str] | None = None) -> Manifest:
+                      writer: dict | None = None, written: list[str] | None = None, allow_pickle: bool = False,
+                      encoded: tuple | None = None) -> Manifest:
     """Write the blobs of ``state`` that ``index`` does not hold into ``shared``, and return the
     version 3 manifest of generation ``gen`` (not yet committed).
 
@@ -95,7 +96,7 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
     committed the caller removes the intent (``written[0]``).
     """
     written = [] if written is None else written
-    nodes, blobs = tree.encode(state, devices=devices)
+    nodes, blobs = encoded if encoded is not None else tree.encode(state, allow_pickle=allow_pickle, devices=devices)
     hashes = [blob_hash(b) for b in blobs]
     reuse: dict[int, Known] = {}
     taken: set[Known] = set()
@@ -162,7 +163,8 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
 
 
 def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool, verify: bool = True,
-                meta: dict | None = None, devices: dict | None = None) -> tuple[Manifest, CheckpointInfo]:
+                meta: dict | None = None, devices: dict | None = None, allow_pickle: bool = False,
+                encoded: tuple | None = None) -> tuple[Manifest, CheckpointInfo]:
     """Save ``state`` as the incremental step at ``store`` (its data in ``../.shared``) and commit
     it; ``index`` learns its blobs. A failure removes what this save wrote in the shared directory."""
     t0 = time.perf_counter()
@@ -171,7 +173,8 @@ def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool
         written: list[str] = []
         try:
             m = write_incremental(store, shared, gen, state, index, verify=verify, meta=meta, devices=devices,
-                                  writer=writer_fields(), written=written)
+                                  writer=writer_fields(), written=written, allow_pickle=allow_pickle,
+                                  encoded=encoded)
             gen.commit(m)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -24,14 +24,16 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import AbstractSet as Set, Any, Mapping
 
 import numpy as np
 import torch
 
 from .errors import (
-    CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, StorageError,
+    CheckpointError, CheckpointExistsError, ClaimHeldError, CorruptCheckpointError, MissingMetricError,
+    StorageError, is_corruption,
 )
+from .format import tree
 from .format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
 from .format.walk import transform
 from .info import CheckpointInfo
@@ -100,7 +102,7 @@ def best_steps(records: list[StepRecord], best_metric: str | None, best_mode: st
 
 def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, keep_best: int | None,
             best_metric: str | None, best_mode: str, keep_every: int | None, max_age: float | None,
-            in_flight: set[int] = frozenset(), settle: float | None = None) -> set[int]:
+            in_flight: Set[int] = frozenset(), settle: float | None = None) -> set[int]:
     """Steps retention keeps. With no policy, all of them.
 
     The union of the ``keep_last`` most recently committed, the ``keep_best``
@@ -119,6 +121,7 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
     if keep_last is None and keep_best is None and keep_every is None and max_age is None:
         return every
     committed = [r for r in records if r.committed and r.time is not None]
+    times = {r.step: r.time for r in committed if r.time is not None}   # every committed step's, known
     keep = {r.step for r in records if not (r.committed and r.time is not None)} | set(in_flight)
     by_time = sorted(committed, key=lambda r: (r.time, r.order, r.step), reverse=True)
     if by_time:
@@ -133,13 +136,13 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
     if keep_every:
         keep.update(r.step for r in committed if r.step % keep_every == 0)
     if max_age is not None:
-        keep.update(r.step for r in committed if now - r.time < max_age)
+        keep.update(r.step for r in committed if now - times[r.step] < max_age)
     if settle is not None and by_time:
         # The net under the uploads: the newest step old enough to have reached the
         # remote, and the oldest step after it, kept until it is that old in turn
         # (so the net moves on however fast saves come and go).
         # by_time is newest first, so the steps that old are a suffix of it, from index k
-        k = next((i for i, r in enumerate(by_time) if now - r.time >= settle), len(by_time))
+        k = next((i for i, r in enumerate(by_time) if now - times[r.step] >= settle), len(by_time))
         if k < len(by_time):
             keep.add(by_time[k].step)
         if k > 0:
@@ -291,8 +294,9 @@ class CheckpointManager:
                  storage_options: Mapping[str, Any] | None = None, incremental: bool = False,
                  save_interval_steps: int | None = None,
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
-                 grace_seconds: float | None = None, upload_settle_seconds: float | None = 300.0,
-                 _probe: bool = True):
+                 grace_seconds: float | None = None, allow_pickle: bool = False,
+                 upload_settle_seconds: float | None = 300.0, _probe: bool = True):
+        v: Any
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every),
                         ("save_interval_steps", save_interval_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -304,8 +308,11 @@ class CheckpointManager:
                 raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
         if type(incremental) is not bool:
             raise ValueError(f"incremental must be True or False, got {incremental!r}")
+        if type(allow_pickle) is not bool:
+            raise ValueError(f"allow_pickle must be True or False, got {allow_pickle!r}")
+        self.allow_pickle = allow_pickle
         self.incremental = incremental
-        self._index = None   # SharedIndex of the run's bytes, built at the first incremental save
+        self._index: SharedIndex | None = None   # the run's bytes, built at the first incremental save
         self._manifests: dict[int, Manifest] = {}   # step -> its commit record, as read or written here
         self._sweep_due = False                      # a save replaced a generation: its files may be unlisted
         signals = _signal_numbers(preemption_signals)
@@ -330,7 +337,9 @@ class CheckpointManager:
         self.grace_seconds = grace_seconds
         self.upload_settle_seconds = upload_settle_seconds
         self._last_start = time.monotonic()   # when the last save started (or the manager was made)
-        self._saved: set[int] | None = None   # steps saved, read from the directory at first need
+        self._saved: set[int] | None = None   # steps committed or in flight, read from the directory at first need
+        self._floor: int | None = None        # no save below it without force (the newest step, or the one restored)
+        self._corrupt: set[int] = set()       # steps restore() found corrupt: a save may replace them
         self._signals = 0                     # preemption signals received (a handler only counts)
         self._signals_at_start = 0            # ... of them, when the last save started
         self.last_signal: int | None = None
@@ -397,9 +406,7 @@ class CheckpointManager:
         ``save_interval_seconds`` since the last save started (or the manager was created), or a
         preemption signal since the last save started. Never for a step already saved."""
         _check_step(step)
-        if self._saved is None:
-            self._saved = set(self.steps())     # one listing: steps an earlier run committed count
-        if step in self._saved:
+        if step in self._known_steps():
             return False
         if self._signals > self._signals_at_start:
             return True
@@ -470,30 +477,64 @@ class CheckpointManager:
 
     # -- saving
 
+    def _known_steps(self) -> set[int]:
+        """Steps committed (one listing of the run, at first need) or saved by this manager."""
+        if self._saved is None:
+            with self._lock:
+                in_flight = set(self._in_flight)
+            committed = set(self.steps())
+            self._saved = (committed - self._corrupt) | in_flight
+            if self._floor is None and committed:
+                self._floor = max(committed)
+        return self._saved
+
     def save(self, step: int, state: Any, *, metrics: Mapping[str, Any] | None = None,
              force: bool = False):
         """Save ``state`` as ``step``. Returns a CheckpointInfo, or with ``async_save`` a
         handle whose ``result()`` gives it, once the state has been copied away.
 
-        An existing committed step raises CheckpointExistsError unless ``force``.
-        An error of an earlier async save is raised here.
+        Refused before anything is written, unless ``force``: a step already committed or in
+        flight (CheckpointExistsError), and a step below the newest committed one (ValueError:
+        a run restarted from scratch must not replace what it would resume from; ``restore``
+        first, and saves after the restored step are accepted). A value the safe format cannot
+        hold raises UnsupportedObjectError here, async or not. An error of an earlier async
+        save is raised here.
         """
         if self._closed:
             raise CheckpointError(f"{self.directory}: the manager is closed")
         _check_step(step)
         metrics = self._check_metrics(metrics)
+        if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
+            raise MissingMetricError(
+                f"{self.directory}: step {step}: metrics lack best_metric {self.best_metric!r} (given: "
+                f"{', '.join(map(repr, sorted(metrics))) or 'none'}); pass it, or metrics=None for a step "
+                "without one", self.best_metric)
+        if not force and self._pending is not None and self._pending_step == step and not self._pending.done():
+            raise CheckpointExistsError(f"{self.directory}: step {step} is being saved already (async, in flight); "
+                                        "pass force=True to replace it", self.directory)
+        known = self._known_steps()
+        replace = force or step in self._corrupt
+        if not replace and step in known:
+            raise CheckpointExistsError(
+                f"{self.directory}: step {step} is already committed; pass force=True to replace it", self.directory)
+        if not force and self._floor is not None and step < self._floor:
+            raise ValueError(
+                f"{self.directory}: step {step} is lower than step {self._floor}, the newest committed step here; "
+                "a run that starts over would overwrite or prune what it could resume from. Call restore() first "
+                "to resume, use another directory, or pass force=True to save it anyway")
+        if step in self._corrupt and not force:
+            log.warning("%s: step %d did not verify when restored; this save replaces it", self.directory, step)
         start = time.monotonic()
         self.wait()   # at most one save in flight; raises the previous one's error
         self._last_start, self._signals_at_start = start, self._signals
-        if self._saved is not None:
-            self._saved.add(step)
+        known.add(step)
+        self._floor = step if self._floor is None else max(self._floor, step)
         if not self.async_save or self.preempted:
             # Preempted: the process is about to go, so this save is committed before save returns.
             try:
-                info = self._write(step, state, metrics, force, None)
+                info = self._write(step, state, metrics, replace, None)
             except BaseException:
-                if self._saved is not None:
-                    self._saved.discard(step)
+                known.discard(step)
                 raise
             took = time.monotonic() - start
             log.info("%s: step %d saved in %.2f s%s", self.directory, step, took,
@@ -504,21 +545,32 @@ class CheckpointManager:
             done: cf.Future = cf.Future()
             done.set_result(info)
             return SaveHandle(step, done)
-        copied, devices = snapshot(state)
+        try:
+            copied, devices = snapshot(state)
+            # encoded here, so a value the safe format refuses raises from save itself
+            encoded = tree.encode(copied, allow_pickle=self.allow_pickle, devices=devices)
+        except BaseException:
+            known.discard(step)
+            raise
         if self._executor is None:
             self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save",
                                                    initializer=_yield_to_training)
         with self._lock:
             self._in_flight.add(step)
         self._pending_step = step
-        self._pending = self._executor.submit(self._write_timed, step, copied, metrics, force, devices)
+        self._pending = self._executor.submit(self._write_timed, step, encoded, metrics, replace, devices)
         log.info("%s: step %d: save() blocked training %.2f s (the copy); writing in the background",
                  self.directory, step, time.monotonic() - start)
         return SaveHandle(step, self._pending)
 
-    def _write_timed(self, step: int, state: Any, metrics: dict, force: bool, devices: dict | None):
+    def _write_timed(self, step: int, encoded: tuple, metrics: dict | None, force: bool, devices: dict | None):
         start = time.monotonic()
-        info = self._write(step, state, metrics, force, devices)
+        try:
+            info = self._write(step, None, metrics, force, devices, encoded)
+        except BaseException:
+            if self._saved is not None:
+                self._saved.discard(step)     # not saved: should_save may ask for it again
+            raise
         took = time.monotonic() - start
         log.info("%s: step %d written in the background in %.2f s", self.directory, step, took)
         self._check_grace(step, took)
@@ -532,9 +584,11 @@ class CheckpointManager:
                         took, self.grace_seconds)
 
     @staticmethod
-    def _check_metrics(metrics) -> dict:
+    def _check_metrics(metrics) -> dict | None:
+        if metrics is None:
+            return None
         out = {}
-        for k, v in (metrics or {}).items():
+        for k, v in metrics.items():
             if not isinstance(k, str):
                 raise TypeError(f"metrics keys must be str, got {k!r}")
             if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -548,17 +602,21 @@ class CheckpointManager:
             out[k] = v
         return out
 
-    def _write(self, step: int, state: Any, metrics: dict, force: bool, devices: dict | None) -> CheckpointInfo:
+    def _write(self, step: int, state: Any, metrics: dict | None, force: bool, devices: dict | None,
+               encoded: tuple | None = None) -> CheckpointInfo:
         store = self._store.child(step_dir(step))
         with self._lock:
             self._in_flight.add(step)
         try:
             with store.errors("save to"):
-                meta = {"step": step, "metrics": metrics}
+                meta = {"step": step, "metrics": metrics or {}}
                 if self.incremental:
-                    info = self._write_incremental(store, state, force, meta, devices)
+                    info = self._write_incremental(store, state, force, meta, devices, encoded)
                 else:
-                    info = write_checkpoint(store, state, overwrite=force, meta=meta, devices=devices)
+                    info = write_checkpoint(store, state, overwrite=force, meta=meta, devices=devices,
+                                            allow_pickle=self.allow_pickle, encoded=encoded)
+        except ClaimHeldError as e:
+            raise ClaimHeldError(f"{self.directory}: step {step}: {e}", self.directory) from e
         except CheckpointExistsError as e:
             raise CheckpointExistsError(
                 f"{self.directory}: step {step} is already committed; pass force=True to replace it",
@@ -567,7 +625,7 @@ class CheckpointManager:
             with self._lock:
                 self._in_flight.discard(step)
         try:
-            self.prune()
+            self._prune(check_metric=False)
         except CheckpointError as e:
             log.warning("%s: retention after step %d failed (nothing else is affected): %s",
                         self.directory, step, e)
@@ -597,12 +655,13 @@ class CheckpointManager:
         return out
 
     def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
-                           devices: dict | None) -> CheckpointInfo:
+                           devices: dict | None, encoded: tuple | None = None) -> CheckpointInfo:
         if self._index is None:
             self._index = SharedIndex()
             for m in self._committed_manifests().values():
                 self._index.add(m)
-        m, info = commit_step(store, state, self._index, overwrite=force, meta=meta, devices=devices)
+        m, info = commit_step(store, state, self._index, overwrite=force, meta=meta, devices=devices,
+                              allow_pickle=self.allow_pickle, encoded=encoded)
         self._sweep_due = self._sweep_due or step_of(store) in self._manifests
         self._manifests[step_of(store)] = m
         return info
@@ -633,41 +692,73 @@ class CheckpointManager:
     def restore(self, step: int | None = None, *, map_location=None, select: Any = None, into: Any = None) -> Any:
         """The state of ``step``; without one, of the newest step that verifies.
 
-        A newest step that is corrupt or incomplete is skipped with a warning
-        naming it. Returns None when there is nothing to restore. ``select``
-        and ``into`` mean what they mean for ``ckptstore.load``; a step that
-        fails its checksums part-way through filling ``into`` is passed over
-        for the one before it, which fills the same tensors again.
+        Only corruption of what is stored (errors.is_corruption: a failed checksum, size or
+        structure check, missing bytes) makes it pass a step over, with a warning naming it;
+        every other error (a ``map_location`` this machine cannot serve, an ``into`` that does
+        not fit, out of memory, a backend failure) raises at once, as from ``load``. Returns
+        None only when no step is committed; when steps are and none verifies, raises
+        CorruptCheckpointError naming each. ``select`` and ``into`` mean what they mean for
+        ``ckptstore.load``; a step that fails its checksums part-way through filling ``into``
+        is passed over for the one before it, which fills the same tensors again. Saves of
+        steps after the restored one are accepted from then on.
         """
         if step is not None:
-            return self._load(step, map_location, select, into)
+            _check_step(step)
+            state = self._load(step, map_location, select, into)
+            self._restored(step)
+            return state
         records = [r for r in self._scan() if r.committed]
         records.sort(key=lambda r: (r.time or 0.0, r.order, r.step), reverse=True)
+        problems: list[str] = []
         for r in records:
             try:
-                return self._load(r.step, map_location, select, into)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                state = self._load(r.step, map_location, select, into)
+            except Exception as e:
+                if not is_corruption(e):
+                    raise
                 log.warning("%s: step %d does not verify, falling back to an older step: %s",
                             self.directory, r.step, e)
-        # Steps whose record could not be read may still hold an older, intact generation.
+                problems.append(f"step {r.step}: {e}")
+                self._corrupt.add(r.step)
+                continue
+            self._restored(r.step)
+            return state
+        if problems:
+            raise CorruptCheckpointError(
+                f"{self.directory}: none of the {len(problems)} committed step(s) verifies; nothing was "
+                "restored:\n  " + "\n  ".join(problems), self.directory)
         return None
+
+    def _restored(self, step: int) -> None:
+        """Training resumes after ``step``: saves from there on are not a restart from scratch,
+        and the corrupt steps passed over are due again."""
+        self._floor = step
+        if self._saved is not None:
+            self._saved -= self._corrupt
 
     def _load(self, step: int, map_location, select: Any = None, into: Any = None) -> Any:
         store = self._store.child(step_dir(step))
         with store.errors("restore"):
-            return load_committed(store, map_location=map_location, select=select, into=into)
+            return load_committed(store, map_location=map_location, select=select, into=into,
+                                  allow_pickle=self.allow_pickle)
 
     # -- retention
 
     def prune(self, *, dry_run: bool = False) -> list[int]:
         """Remove the steps the retention policy does not keep; returns them.
 
-        ``dry_run=True`` only says which steps it would remove.
+        ``dry_run=True`` only says which steps it would remove. With ``best_metric``, a run
+        whose steps hold metrics but never that one raises MissingMetricError naming the
+        metrics they hold (a typo would otherwise rank no step best, and keep none for it).
         """
+        return self._prune(dry_run=dry_run)
+
+    def _prune(self, *, dry_run: bool = False, check_metric: bool = True) -> list[int]:
+        plan = self._plan_prune(check_metric)
         if dry_run:
-            return self._plan_prune()
+            return plan
         removed = []
-        for step in self._plan_prune():
+        for step in plan:
             self._remove_step(step)
             removed.append(step)
         if (removed or self._sweep_due) and (self.incremental or self._shared().list() is not None):
@@ -679,12 +770,18 @@ class CheckpointManager:
             log.info("%s: retention removed steps %s", self.directory, removed)
         return removed
 
-    def _plan_prune(self) -> list[int]:
+    def _plan_prune(self, check_metric: bool = False) -> list[int]:
         """The committed steps the policy would remove now, ascending."""
         if self.keep_last is None and self.keep_best is None and self.keep_every is None \
                 and self.max_age is None:
             return []
         records = self._scan(read=True)
+        if check_metric and self.best_metric is not None:
+            held = set().union(*(r.metrics or {} for r in records if r.committed))
+            if held and self.best_metric not in held:
+                raise MissingMetricError(
+                    f"{self.directory}: no step holds the metric {self.best_metric!r} to rank by (the steps hold: "
+                    f"{', '.join(map(repr, sorted(held)))}); nothing was removed", self.best_metric)
         with self._lock:
             in_flight = set(self._in_flight)
         keep = to_keep(records, now=time.time(), keep_last=self.keep_last, keep_best=self.keep_best,

@@ -132,7 +132,7 @@ class ReadPlan:
 def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, version: int) -> Target:
     raw = nav.node(node)
     if raw[0] != "tensor":
-        raise PathMismatchError(f"into={show(path)}: the checkpoint holds a {raw[0]:.20} there, not a tensor")
+        raise PathMismatchError(f"into={show(path)}: the checkpoint holds {raw[0]!r:.20} there, not a tensor")
     info = tree.tensor_info(raw, version)
     try:
         saved = tuple(int(d) for d in info.shape)

@@ -22,7 +22,7 @@ import crc32c
 import numpy as np
 import torch
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError, record_checks
 from .format import tree
 from .format.manifest import (
     NDARRAY, SHARED_DIR, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name,
@@ -486,34 +486,64 @@ def _take_mapped_files(store: Store, m: Manifest, verify: bool, values: list, wh
     return True
 
 
+def check_devices(m: Manifest, plan: ReadPlan | None, map_location) -> None:
+    """Before a byte is read: every storage the load places must go to a device this machine
+    has, else DeviceUnavailableError naming it (a caller's or machine's problem, not corruption).
+
+    Storages read into ``into=`` tensors go where those tensors are, and are not checked.
+    """
+    t = m.blobs
+    if t.all_on_cpu and (map_location is None or callable(map_location) and not isinstance(map_location, str)):
+        return
+    skip = {tg.blob for tg in plan.targets} if plan is not None else set()
+    wanted = range(len(t)) if plan is None or plan.blobs is None else plan.blobs
+    seen: set[str] = set()
+    with record_checks("blob devices"):
+        for i in wanted:
+            if i in skip or t.kind(i) != STORAGE or (loc := t.device_of(i)) in seen:
+                continue
+            seen.add(loc)
+            device = tree.target_device(loc, map_location)
+            if device is not None:
+                tree.check_device(device, loc)
+            if len(seen) == len(t.devices):
+                break
+
+
 def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle: bool = False,
                 plan: ReadPlan | None = None) -> Any:
-    placed: dict[int, Any] = {}
     t = m.blobs
 
-    def blob_value(i: Any, kind: str) -> Any:
-        if type(i) is not int or not (0 <= i < len(values)):
-            raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i!r:.40} does not exist")
-        if t.kind(i) != kind:
-            raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i} holds {t.kind(i)}, not {kind}")
-        if i not in placed:
-            v = values[i]
-            if kind == STORAGE:
-                if map_location is not None or not t.all_on_cpu:
-                    v = tree.restore_location(v, t.device_of(i), map_location)
-            elif kind != NDARRAY:
-                v = bytes(v)
-            placed[i] = v
-        return placed[i]
+    def blob_values(map_location) -> Any:
+        placed: dict[int, Any] = {}
 
+        def blob_value(i: Any, kind: str) -> Any:
+            if type(i) is not int or not (0 <= i < len(values)):
+                raise CorruptCheckpointError(f"malformed checkpoint structure: blob {i!r:.40} does not exist")
+            if t.kind(i) != kind:
+                raise CorruptCheckpointError(
+                    f"malformed checkpoint structure: blob {i} holds {t.kind(i)}, not {kind}")
+            if i not in placed:
+                v = values[i]
+                if kind == STORAGE:
+                    if map_location is not None or not t.all_on_cpu:
+                        v = tree.restore_location(v, t.device_of(i), map_location)
+                elif kind != NDARRAY:
+                    v = bytes(v)
+                placed[i] = v
+            return placed[i]
+        return blob_value
+
+    blob_value = blob_values(map_location)
     version = m.version[0]
     if plan is None or (plan.needed is None and not plan.targets):
         return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version)
     given: dict[int, Any] = {}
     for tg in plan.targets:
         if not tg.direct:
-            # A view or a shared storage: build the saved tensor, copy it in.
-            saved = tree.decode(m.nodes, blob_value, version=version, needed={tg.node}, root=tg.node)
+            # A view or a shared storage: build the saved tensor where the target is, copy it in.
+            saved = tree.decode(m.nodes, blob_values(tg.tensor.device), version=version, needed={tg.node},
+                                root=tg.node)
             with torch.no_grad():
                 tg.tensor.copy_(saved)
         given[tg.node] = tg.tensor
@@ -593,6 +623,7 @@ def load_manifest(store: Store, m: Manifest, *, map_location=None, verify: bool 
     plan = ReadPlan.make(m, select, into, into_prefix)
     if not allow_pickle and m.pickled:
         tree.refuse_pickle(m.nodes if plan.needed is None else [m.nodes[i] for i in plan.needed])
+    check_devices(m, plan, map_location)
     values = read_blobs(store, m, verify=verify, plan=plan)
     return build_state(m, values, map_location=map_location, allow_pickle=allow_pickle, plan=plan)
 

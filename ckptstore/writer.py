@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from ._version import __version__
 from .commit import choose
 from .datafiles import blob_table, plan, write_files
-from .errors import CheckpointError, CheckpointExistsError, FormatTooNewError, InsufficientSpaceError
+from .errors import CheckpointError, CheckpointExistsError, ClaimHeldError, FormatTooNewError, InsufficientSpaceError
 from .format import tree
 from .format.manifest import (
     CLAIM_NAME, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_generations, commit_name, data_name,
@@ -53,9 +54,57 @@ log = logging.getLogger("ckptstore")
 # A save with overwrite=False publishes only after creating this file with
 # an exclusive create, so of two writers of the same new checkpoint one
 # commits and the other gets CheckpointExistsError. It is removed once the
-# commit is in place; one left by a writer that died in between is taken
-# over once it is older than CLAIM_STALE seconds.
+# commit is in place. One left by a writer that died in between is taken over
+# at once when that writer provably is gone (it ran on this machine, in this
+# boot and PID namespace, and its process no longer exists), else once it is
+# older than CLAIM_STALE seconds: a claim is held only from the last check to
+# the commit record's publication, so a live writer never holds one that long.
 CLAIM_STALE = 60.0
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def _machine() -> dict:
+    """What identifies this process across processes of this machine: boot, PID namespace,
+    PID and the process's start time (a reused PID has another)."""
+    out: dict = {}
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            out["boot"] = f.read().strip()
+        out["pidns"] = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return {}
+    pid = os.getpid()
+    start = _process_start(pid)
+    if start is None:
+        return {}
+    out.update(pid=pid, start=start)
+    return out
+
+
+def claim_owner_gone(body: bytes) -> bool:
+    """Whether the writer that wrote claim ``body`` is provably no longer running."""
+    try:
+        owner = json.loads(body).get("owner") or {}
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return False
+    me = _machine()
+    if not me or not isinstance(owner, dict) or owner.get("boot") != me["boot"] or owner.get("pidns") != me["pidns"]:
+        return False      # another machine, boot or namespace: only the lease can tell
+    pid = owner.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
+    return _process_start(pid) != owner.get("start")
 
 
 def writer_fields(**extra: Any) -> dict:
@@ -190,7 +239,7 @@ class Generation:
 
     def _claim(self) -> None:
         store = self.store
-        body = json.dumps({"generation": self.id, "time": time.time()}).encode()
+        body = json.dumps({"generation": self.id, "time": time.time(), "owner": _machine()}).encode()
         for retry in range(2):
             if store.create_exclusive(CLAIM_NAME, body):
                 # A writer that claimed and committed before us has removed its
@@ -204,23 +253,38 @@ class Generation:
             if has_commit(store, listing):
                 break
             entry = listing.get(CLAIM_NAME)
-            if retry == 0 and entry is not None and entry.mtime is not None and \
-                    time.time() - entry.mtime > CLAIM_STALE:
-                store.remove([CLAIM_NAME])     # left by a writer that died before its commit
-                continue
             if entry is None and retry == 0:
                 continue                       # the other writer finished or gave up meanwhile
+            if retry == 0 and entry is not None and self._claim_abandoned(entry):
+                store.remove([CLAIM_NAME])     # left by a writer that died before its commit
+                continue
             break
-        raise CheckpointExistsError(
-            f"{store.uri}: another writer is committing a checkpoint here (overwrite=False)", store.uri)
+        raise ClaimHeldError(
+            f"{store.uri}: another writer is committing a checkpoint here right now (overwrite=False); nothing is "
+            f"committed here yet. A claim ({CLAIM_NAME}) left by a writer that died is taken over once that "
+            f"writer is provably gone, or after {CLAIM_STALE:.0f} s", store.uri)
+
+    def _claim_abandoned(self, entry) -> bool:
+        if entry.mtime is not None and time.time() - entry.mtime > CLAIM_STALE:
+            return True
+        try:
+            body = self.store.get(CLAIM_NAME)
+        except CheckpointError:
+            return False
+        return claim_owner_gone(body)
 
 
 def write_checkpoint(store: Store, state: Any, *, overwrite: bool = True, verify: bool = True,
                      allow_pickle: bool = False, progress: bool = False, meta: dict | None = None,
-                     devices: dict | None = None) -> CheckpointInfo:
-    """The whole save: encode (refusing before any I/O), write, check, commit, retire."""
+                     devices: dict | None = None, encoded: tuple | None = None) -> CheckpointInfo:
+    """The whole save: encode (refusing before any I/O), write, check, commit, retire.
+
+    ``encoded``: ``tree.encode``'s (nodes, blobs) of the state, made earlier (an async save
+    encodes its copy in the caller's thread, so a refused value raises there).
+    """
     t0 = time.perf_counter()
-    nodes, blobs = tree.encode(state, allow_pickle=allow_pickle, devices=devices)
+    nodes, blobs = encoded if encoded is not None else tree.encode(state, allow_pickle=allow_pickle,
+                                                                   devices=devices)
     p = plan(blobs, store.part_bytes)
     with Generation.begin(store, overwrite=overwrite, nbytes=p.total) as gen, \
             progress_bar(progress, p.total, f"saving {store.uri}") as bar:

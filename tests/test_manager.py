@@ -117,7 +117,8 @@ def test_steps_latest_and_restore(store):
     mgr = ckptstore.CheckpointManager(mgr_uri(store))
     assert mgr.steps() == [] and mgr.latest_step() is None and mgr.restore() is None
     for s in (3, 1, 2):
-        info = mgr.save(s, state(s), metrics={"loss": float(s)})
+        # below the newest committed step: a deliberate save out of order needs force
+        info = mgr.save(s, state(s), metrics={"loss": float(s)}, force=s < 3)
         assert isinstance(info, ckptstore.CheckpointInfo)
     assert mgr.steps() == [1, 2, 3]
     assert mgr.latest_step() == 2                     # the most recently committed
@@ -245,14 +246,20 @@ def test_at_most_one_async_save_is_in_flight(local_store):
 
 def test_an_async_error_surfaces_on_the_next_save_wait_or_close(local_store):
     mgr = ckptstore.CheckpointManager(mgr_uri(local_store), async_save=True)
+    other = ckptstore.CheckpointManager(mgr_uri(local_store))   # another writer of the same run
     mgr.save(1, state(1)).result()
-    mgr.save(1, state(1))                                 # exists: fails in the background
+    # each step is committed by the other writer after this manager listed the run: its own
+    # save of it fails in the background
+    other.save(2, state(2))
+    mgr.save(2, state(2))
     with pytest.raises(ckptstore.CheckpointExistsError):
-        mgr.save(2, state(2))
-    mgr.save(1, state(1))
+        mgr.save(3, state(3))
+    other.save(4, state(4))
+    mgr.save(4, state(4))
     with pytest.raises(ckptstore.CheckpointExistsError):
         mgr.wait()
-    mgr.save(1, state(1))
+    other.save(5, state(5))
+    mgr.save(5, state(5))
     with pytest.raises(ckptstore.CheckpointExistsError):
         mgr.close()
 
@@ -277,7 +284,8 @@ def test_a_failing_pending_save_at_exit_is_reported(tmp_path):
     code = f"""
 import torch, ckptstore
 mgr = ckptstore.CheckpointManager({str(run)!r}, async_save=True)
-mgr.save(7, {{"w": torch.ones(4)}}).result()
+mgr.save(6, {{"w": torch.ones(4)}}).result()
+ckptstore.CheckpointManager({str(run)!r}).save(7, {{"w": torch.ones(4)}})   # another writer commits 7
 mgr.save(7, {{"w": torch.zeros(4)}})   # exists: fails in the background, nobody waits
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

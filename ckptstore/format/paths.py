@@ -13,10 +13,9 @@ data; every lookup fails with ``KeyError`` naming the path before any does.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Iterator
 
-from ..errors import CallerMistake, CorruptCheckpointError, PathNotFoundError, SelectTypeError
+from ..errors import CorruptCheckpointError, PathNotFoundError, SelectTypeError, record_checks
 from .walk import DICT, LIST, ODICT, TUPLE
 
 CONTAINER_TAGS = (DICT, ODICT, LIST, TUPLE)
@@ -56,19 +55,10 @@ def _bad(msg: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"malformed checkpoint structure: {msg}")
 
 
-@contextlib.contextmanager
-def malformed_is_corrupt(what: str = "node table"):
-    """A record whose structure breaks the code walking it is corrupt, not a Python error.
-
-    The caller's own mistakes (a path that is not there, an ``into`` that
-    does not fit) pass through unchanged.
-    """
-    try:
-        yield
-    except (CallerMistake, CorruptCheckpointError):
-        raise
-    except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError, RecursionError) as e:
-        raise _bad(f"{what}: {type(e).__name__}: {e}"[:300]) from None
+# A record whose structure breaks the code walking it is corrupt, not a Python error; the
+# caller's own mistakes (a path that is not there, an ``into`` that does not fit) and the
+# machine's errors pass through unchanged. errors.record_checks is the one place deciding it.
+malformed_is_corrupt = record_checks
 
 
 class Tree:

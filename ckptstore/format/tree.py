@@ -29,7 +29,10 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedObjectError
+from ..errors import (
+    ArgumentError, CorruptCheckpointError, DeviceUnavailableError, UnsafeCheckpointError, UnsupportedObjectError,
+    not_stored, record_checks,
+)
 from .dtypes import NAME_OF, dtype_from_name, dtype_name
 from .manifest import BYTES, NDARRAY, PICKLE, STORAGE, Manifest
 from .walk import DICT, LIST, ODICT, TUPLE, render_path, typename, walk
@@ -311,10 +314,9 @@ def tensors(m: Manifest) -> Iterator[tuple[int, TensorNode]]:
     """(node index, fields) of every tensor node; a malformed one raises CorruptCheckpointError."""
     for i, node in enumerate(m.nodes):
         if type(node) is list and node and node[0] == "tensor":
-            try:
-                yield i, tensor_info(node, m.version[0])
-            except (TypeError, KeyError, IndexError, AttributeError) as e:
-                raise _bad(f"node {i} (tensor): {type(e).__name__}") from None
+            with record_checks(f"node {i} (tensor)"):
+                info = tensor_info(node, m.version[0])
+            yield i, info
 
 
 def uses_pickle(nodes: list) -> bool:
@@ -349,29 +351,81 @@ def describe(m: Manifest) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- decoding
 
-def restore_location(storage: torch.UntypedStorage, location: str, map_location) -> torch.UntypedStorage:
-    """Where torch.load would put a storage saved on ``location``."""
-    if callable(map_location):
-        result = map_location(storage, location)
-        if result is not None:
-            return getattr(result, "_untyped_storage", result)
-        target = location
-    elif map_location is None:
+def target_device(location: str, map_location) -> torch.device | None:
+    """Where a storage saved on ``location`` goes, as torch.load decides it; None when
+    ``map_location`` is a function (only calling it tells).
+
+    A ``map_location`` that names no device is the caller's ``ArgumentError``; a recorded
+    ``location`` that names none is a malformed record.
+    """
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        return None
+    if map_location is None:
         target = location
     elif isinstance(map_location, dict):
         target = map_location.get(location, location)
     else:
-        target = str(map_location)
-    device = torch.device(target)
+        target = map_location
+    if target is location:
+        try:
+            return torch.device(location)
+        except (RuntimeError, TypeError, ValueError):
+            raise _bad(f"the recorded device {location!r:.40} is not a device") from None
+    try:
+        return torch.device(target)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ArgumentError(f"map_location={map_location!r:.80} does not name a device ({e}); "
+                            "pass e.g. 'cpu', 'cuda', 'cuda:1' or torch.device(...)") from None
+
+
+def check_device(device: torch.device, location: str) -> None:
+    """DeviceUnavailableError, naming the device and the fix, when this machine lacks ``device``."""
+    if device.type in ("cpu", "meta"):
+        return
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count and (device.index is None or device.index < count):
+            return
+        have = f"this machine has {count} CUDA device(s)" if count else "CUDA is not available here"
+    else:
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        available = getattr(backend, "is_available", None)
+        try:
+            if available is not None and available():
+                return
+        except Exception:  # noqa: BLE001 - a backend that cannot even say is not available
+            pass
+        have = f"{device.type} is not available here"
+    saved = f"saved on {location}, to be placed on {device}" if str(device) != location else f"saved on {location}"
+    raise DeviceUnavailableError(
+        f"the checkpoint holds tensors {saved}, but {have}; pass map_location='cpu' (or a device this "
+        "machine has) to load them there")
+
+
+def restore_location(storage: torch.UntypedStorage, location: str, map_location) -> torch.UntypedStorage:
+    """Where torch.load would put a storage saved on ``location``.
+
+    Errors of the caller's ``map_location`` function and of the device copy are the caller's
+    and the machine's, never signs of corruption (errors.not_stored).
+    """
+    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+        try:
+            result = map_location(storage, location)
+        except BaseException as e:
+            raise not_stored(e)
+        if result is not None:
+            return getattr(result, "_untyped_storage", result)
+        map_location = None
+    device = target_device(location, map_location)
     if device.type == "cpu":
         return storage
     if device.type == "meta":
         return torch.UntypedStorage(storage.nbytes(), device="meta")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"the checkpoint holds tensors saved on {location}, but CUDA is not available here; "
-            "pass map_location='cpu' to load them into host memory")
-    return storage.to(device=device)
+    check_device(device, location)
+    try:
+        return storage.to(device=device)
+    except BaseException as e:
+        raise not_stored(e)
 
 
 def _bad(msg: str) -> CorruptCheckpointError:
@@ -437,12 +491,8 @@ def _decode_all(nodes: list, table: _Table, version: int, order, placed: dict) -
         if type(node) is not list or not node or type(node[0]) is not str:
             raise _bad(f"node {i} is not a tagged list")
         tag = node[0]
-        try:
+        with record_checks(f"node {i} ({tag:.20})"):
             table.values[i] = _decode_node(i, tag, node, table, version)
-        except (CorruptCheckpointError, UnsafeCheckpointError):
-            raise
-        except (TypeError, ValueError, IndexError, KeyError, RuntimeError, OverflowError, AttributeError) as e:
-            raise _bad(f"node {i} ({tag:.20}): {type(e).__name__}: {e}"[:300]) from None
 
 
 def _decode_node(i: int, tag: str, node: list, table: _Table, version: int) -> Any:
@@ -563,8 +613,9 @@ def _decode_npscalar(i: int, node: list) -> Any:
 
 
 def _decode_size(i: int, node: list) -> torch.Size:
-    if type(node[1]) is not list or not all(type(d) is int and 0 <= d < 2 ** 63 for d in node[1]):
-        raise _bad(f"node {i}: a size is a list of whole numbers")
+    # torch.Size holds any int64, negative ones too (torch.Size([-1, 3]) is a valid value)
+    if type(node[1]) is not list or not all(type(d) is int and -2 ** 63 <= d < 2 ** 63 for d in node[1]):
+        raise _bad(f"node {i}: a size is a list of 64-bit integers")
     return torch.Size(node[1])
 
 

@@ -352,7 +352,12 @@ class StoreCallback(TrainerCallback):
             raise CheckpointError(
                 f"StoreCallback: the Trainer reported a save at step {step}, but {directory} is not a "
                 "directory (hyperparameter-search runs save elsewhere and are not supported)")
-        self._open(args).save(step, directory_state(directory, step), metrics=_step_metrics(state), force=True)
+        mgr = self._open(args)
+        metrics = _step_metrics(state)
+        if mgr.best_metric is not None:
+            # a step without an evaluation has no value of the metric: it ranks as absent
+            metrics.setdefault(mgr.best_metric, None)
+        mgr.save(step, directory_state(directory, step), metrics=metrics, force=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.manager is not None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..errors import (
-    CallerMistake,
     CheckpointError,
     CheckpointNotFoundError,
     InsufficientSpaceError,
     StorageError,
+    is_environment,
 )
 from ..url import Location, scrub
 
@@ -230,9 +230,9 @@ class Store(ABC):
                 e.uri = self.uri
                 e.args = (f"{self.uri}: {e}",) + e.args[1:]
             raise
-        except CallerMistake:
-            raise
         except BaseException as e:  # noqa: BLE001 - re-raised as a typed error below
+            if is_environment(e):
+                raise   # the caller's or the machine's error (errors.is_environment), as it is
             if isinstance(e, Exception):
                 where = self.uri + ("/" + name if name else "")
                 explained = self.explain(e, action, where)
