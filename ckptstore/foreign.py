@@ -10,9 +10,13 @@ a bucket needs neither the whole file in memory nor a local copy.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import pickle
+import pickletools
 import struct
+import zipfile
 from typing import Any
 
 import torch
@@ -69,21 +73,118 @@ def load_torch(store: Store, map_location=None, allow_pickle: bool = False) -> A
         try:
             return torch.load(f, map_location=map_location, weights_only=not allow_pickle)
         except pickle.UnpicklingError as e:
-            if allow_pickle:
-                raise CorruptCheckpointError(f"{store.uri}: not a loadable torch.save file: {e}", store.uri) from None
+            # torch raises this both for a pickle it refuses and for bytes that are no pickle at
+            # all: only a well-formed one is worth the advice to unpickle it.
+            problem = "" if allow_pickle else malformed_torch_file(store)
+            if allow_pickle or problem:
+                raise _corrupt(store, problem or str(e)) from None
             raise UnsafeCheckpointError(
                 f"{store.uri}: the torch.save file holds objects outside the weights-only allow-list, "
                 "and unpickling them could run arbitrary code; pass allow_pickle=True only if you "
                 f"trust where it came from. Refused: {str(e).splitlines()[-1] if str(e) else 'pickle'}",
                 store.uri) from None
-        except (OSError, CheckpointError):
+        except CheckpointError:
             raise           # reading the file failed: the store names it
+        except OSError:
+            # torch's zip reader seeks before the start of a mangled archive (EINVAL);
+            # a real read failure fails the check as well and passes through.
+            problem = malformed_torch_file(store)
+            if problem:
+                raise _corrupt(store, problem) from None
+            raise
         except Exception as e:  # noqa: BLE001 - see below
             # The weights-only unpickler runs no code, so whatever else it raises
             # on a malformed stream (an IndexError from an empty stack, an
             # AssertionError on a persistent id, ...) is corruption.
-            raise CorruptCheckpointError(f"{store.uri}: not a loadable torch.save file: "
-                                         f"{type(e).__name__}: {e}", store.uri) from None
+            raise _corrupt(store, f"{type(e).__name__}: {e}") from None
+
+
+def _corrupt(store: Store, why: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{store.uri}: not a readable torch.save file ({why}); it is damaged "
+                                  "or was never one", store.uri)
+
+
+def malformed_torch_file(store: Store) -> str:
+    """Why the file is not a well-formed torch.save file or pickle; "" if it is one.
+
+    Its pickles are parsed with ``pickletools``, which reads opcodes and runs
+    nothing: a zip archive's ``data.pkl``, or a pickle at the start of the file
+    (a legacy torch.save file's magic number, protocol and header first).
+    """
+    size = store.file_size()
+    with store.open_file() as f:
+        if f.read(len(ZIP_MAGIC)) == ZIP_MAGIC:
+            f.seek(0)
+            try:
+                with zipfile.ZipFile(f) as z:
+                    names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                    if not names:
+                        return "a zip archive without data.pkl"
+                    if z.getinfo(names[0]).file_size > size:    # torch stores members uncompressed
+                        return "data.pkl claims more bytes than the archive holds"
+                    data = z.read(names[0])
+            except OSError as e:
+                if e.errno != errno.EINVAL:     # a seek before the start: a mangled archive
+                    raise
+                return "not a readable zip archive"
+            except Exception as e:  # noqa: BLE001 - BadZipFile, zlib.error, struct.error, ...
+                return f"not a readable zip archive: {type(e).__name__}: {e}"[:200]
+            return _pickle_problem(_Bounded(io.BytesIO(data), len(data)), 1)
+        f.seek(0)
+        return _pickle_problem(_Bounded(f, size), 4)
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_LINE = 1 << 20
+
+
+def _pickle_problem(f, count: int) -> str:
+    """Parse up to ``count`` consecutive pickles (more than one only after a legacy magic number)."""
+    if f.read(1) != b"\x80":     # torch.save and pickle.dumps both write protocol 2 or later
+        return "no pickle protocol header"
+    f.seek(0)
+    for i in range(count):
+        magic = False
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                magic = magic or (op.name == "LONG1" and arg == _LEGACY_MAGIC)
+        except OSError:
+            raise               # reading failed, not parsing
+        except Exception as e:  # noqa: BLE001 - every way a parse of garbage fails
+            return f"not a pickle: {type(e).__name__}: {e}"[:200]
+        if i == 0 and not magic:
+            return ""           # a bare pickle: there is no more to it
+    return ""
+
+
+class _Bounded:
+    """A file whose reads never ask for more than it holds (a garbled length must not allocate GiBs)."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.f.tell())
+        return self.f.read(left if n is None or n < 0 else min(n, left))
+
+    def readline(self) -> bytes:
+        # Text opcodes (GLOBAL's module and name) are short lines: a longer one is garbage.
+        start, line = self.f.tell(), b""
+        while b"\n" not in line and len(line) < _MAX_LINE:
+            chunk = self.read(4096)
+            if not chunk:
+                break
+            line += chunk
+        end = line.find(b"\n")
+        line = line[:end + 1] if end >= 0 else line
+        self.f.seek(start + len(line))
+        return line
+
+    def seek(self, pos: int) -> int:
+        return self.f.seek(pos)
+
+    def tell(self) -> int:
+        return self.f.tell()
 
 
 def _whole(v) -> bool:
