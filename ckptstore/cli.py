@@ -1,7 +1,12 @@
 """The ckptstore command line: ls, info, export, verify, cp, prune, gc, bench.
 
 Exit status: 0 when all is well, 1 when a verify finds a problem (or the
-operation failed), 2 for usage errors.
+operation failed), 2 for usage errors, 141 (128 + SIGPIPE) when whoever reads
+the output stops early (``| head``).
+
+Only the standard library and ``errors`` are imported up here: each command
+imports what it needs, so ``--help`` and usage errors answer without
+waiting a second for torch.
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
+import re
 import sys
 from typing import Sequence
 
 from ._version import __version__
-from .errors import CallerMistake, CheckpointError
+from .errors import CallerMistake, CheckpointError, CheckpointNotFoundError
 
 
 def _options(pairs: Sequence[str] | None) -> dict:
@@ -43,17 +50,66 @@ def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
 
 
+# A step in a checkpoint's name: step-N (CheckpointManager), epoch=E-step=N.ckpt (Lightning),
+# checkpoint-N (Hugging Face Trainer).
+_STEP_IN_NAME = re.compile(r"(?:^|[^A-Za-z])(?:step|checkpoint)[=_-](\d+)(?!\d)")
+
+
+def step_in_name(name: str) -> int | None:
+    m = _STEP_IN_NAME.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _existing_directory(store):
+    """The listing of ``store``, a directory; CheckpointNotFoundError naming it if there is none."""
+    listing = store.list()
+    if listing is None and not store.subdirs():
+        if store.is_file():
+            raise CheckpointNotFoundError(f"{store.uri} is a file, not a directory of checkpoints",
+                                          store.uri)
+        raise CheckpointNotFoundError(f"no such directory: {store.uri}", store.uri)
+    return listing
+
+
+def _run_hint(uri: str, options: dict, command: str) -> str:
+    """If ``uri`` is a directory of checkpoints (a manager's run of steps), say so and how to name one."""
+    from .format.manifest import commit_generations
+    from .stores import open_store
+    from .url import redact
+    try:
+        root = open_store(uri, options)
+        names = [n for n, listing in root.tree().items() if commit_generations(listing)]
+    except CheckpointError:
+        return ""
+    if not names:
+        return ""
+    names.sort(key=lambda n: (step_in_name(n) is None, step_in_name(n) or 0, n))
+    shown = names if len(names) <= 8 else names[:3] + ["..."] + names[-3:]
+    base, q, query = uri.partition("?") if "://" in uri else (uri, "", "")
+    example = redact(base.rstrip("/") + "/" + names[-1] + q + query)
+    verb = {"info": "describe"}.get(command.split()[0], command.split()[0])
+    return (f"it is a directory of {len(names)} checkpoint(s) (a run of steps?): {', '.join(shown)}; "
+            f"{verb} one of them, e.g. `ckptstore {command} {example}`; `ckptstore ls {redact(uri)}` "
+            "lists them all")
+
+
+def _not_found_with_hint(e: CheckpointNotFoundError, uri: str, options: dict, command: str):
+    hint = _run_hint(uri, options, command)
+    return CheckpointNotFoundError(f"{e}: {hint}", e.uri) if hint else e
+
+
 def cmd_ls(args) -> int:
     from .commit import choose
     from .errors import FormatTooNewError
     from .reader import Found, find_commit
     from .stores import open_store
     root = open_store(args.dir, _options(args.option))
+    top = _existing_directory(root)
     strategy = choose(root, root.location.commit).name
     header = ("NAME", "STEP", "SIZE", "COMMITTED", "STRATEGY", "METRICS", "STATUS")
     rows = []
     tree = root.tree()
-    candidates = [("", root, root.list())] + [(n, root.child(n), tree[n]) for n in sorted(tree)]
+    candidates = [("", root, top)] + [(n, root.child(n), tree[n]) for n in sorted(tree)]
     for name, s, listing in candidates:
         if not listing:
             continue
@@ -68,7 +124,8 @@ def cmd_ls(args) -> int:
         metrics = meta.get("metrics") or {}
         size = "-" if m is None else _size(m.nbytes) if m.version[0] < 3 else \
             f"{_size(m.logical)} (wrote {_size(m.nbytes)})"   # an incremental step shares the rest
-        rows.append((name or ".", str(meta.get("step", "-")), size, _when(m.created) if m else "-", strategy,
+        step = meta.get("step", step_in_name(name or root.location.path.rstrip("/").rsplit("/", 1)[-1]))
+        rows.append((name or ".", "-" if step is None else str(step), size, _when(m.created) if m else "-", strategy,
                      " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                      or "-",
                      "ok" if m else "damaged: " + "; ".join(found.problems)[:80]))
@@ -92,7 +149,11 @@ def cmd_info(args) -> int:
     from .api import info
     if args.tensors:
         return _list_tensors(args)
-    d = info(args.uri, storage_options=_options(args.option))
+    options = _options(args.option)
+    try:
+        d = info(args.uri, storage_options=options)
+    except CheckpointNotFoundError as e:
+        raise _not_found_with_hint(e, args.uri, options, "info") from None
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -149,14 +210,16 @@ def cli_path(view, text: str) -> tuple:
 
 
 def cmd_export(args) -> int:
-    from .api import export, open as open_view
+    from .api import open as open_view
+    from .exporter import export
     options = _options(args.option)
     select = None
     if args.select:
         with open_view(args.uri, storage_options=options) as view:
             select = [cli_path(view, s) for s in args.select]
     written = export(args.uri, args.dst, select=select, format=args.format, storage_options=options,
-                     dst_options=_options(args.dst_option), max_shard_size=args.max_shard_size)
+                     dst_options=_options(args.dst_option), max_shard_size=args.max_shard_size,
+                     spell_select=lambda keys: " or ".join(f"--select {k}" for k in keys))
     for w in written:
         print(f"wrote {w}")
     return 0
@@ -164,7 +227,11 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from .api import verify
-    rep = verify(args.uri, storage_options=_options(args.option), deep=args.deep)
+    options = _options(args.option)
+    try:
+        rep = verify(args.uri, storage_options=options, deep=args.deep)
+    except CheckpointNotFoundError as e:
+        raise _not_found_with_hint(e, args.uri, options, "verify" + (" --deep" if args.deep else "")) from None
     kind = "deep" if args.deep else "shallow"
     if rep.ok:
         print(f"ok: {rep.uri} ({_size(rep.nbytes)}, {kind} check)")
@@ -179,12 +246,20 @@ def cmd_gc(args) -> int:
     from .gc import collect
     from .stores import open_store
     store = open_store(args.dir, _options(args.option))
-    found = collect(store, grace=args.grace, dry_run=args.dry_run)
+    _existing_directory(store)
+    young: list = []
+    found = collect(store, grace=args.grace, dry_run=args.dry_run, young=young)
     verb = "would remove" if args.dry_run else "removed"
     for g in found:
         print(f"{verb} {g.uri} ({_size(g.size)}, {g.reason})")
-    total = sum(g.size for g in found)
-    print(f"{verb} {len(found)} leftover file(s), {_size(total)}")
+    for g in young:
+        print(f"kept {g.uri} ({_size(g.size)}, {g.reason})")
+    print(f"{verb} {len(found)} leftover file(s), {_size(sum(g.size for g in found))}")
+    if young:
+        # Silence here would read as "nothing left behind" right after a crash.
+        print(f"kept {len(young)} leftover file(s), {_size(sum(g.size for g in young))}, younger than the "
+              f"grace period of {args.grace:g} s (they may belong to a save in progress); "
+              "pass --grace 0 if no save is running")
     return 0
 
 
@@ -374,7 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .gc import DEFAULT_GRACE
         args.grace = DEFAULT_GRACE
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()      # a closed pipe shows here, not as noise at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except SystemExit as e:
         return int(e.code or 0)
     except CheckpointError as e:
@@ -385,6 +464,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as SIGPIPE would have."""
+    try:
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass                # not a real file (tests capture stdout): nothing will flush to a pipe
+    return 141
 
 
 if __name__ == "__main__":

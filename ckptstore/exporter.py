@@ -32,9 +32,17 @@ SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
+def python_select(keys: list) -> str:
+    """How a caller of ``ckptstore.export`` spells a selection."""
+    return " or ".join(f"select={k!r}" for k in keys)
+
+
 def export(uri: Any, dst: Any, *, select: Any = None, format: str | None = None, storage_options=None,
-           dst_options=None, max_shard_size: Any = None) -> list[str]:
-    """Write the selected part of the checkpoint at ``uri`` to ``dst``; returns the files written."""
+           dst_options=None, max_shard_size: Any = None, spell_select=python_select) -> list[str]:
+    """Write the selected part of the checkpoint at ``uri`` to ``dst``; returns the files written.
+
+    ``spell_select(keys)`` words the advice to select one of ``keys`` (the CLI says ``--select``).
+    """
     from .api import open as open_view
     dst = os.fspath(dst) if isinstance(dst, os.PathLike) else dst
     if not isinstance(dst, str) or not dst:
@@ -58,7 +66,12 @@ def export(uri: Any, dst: Any, *, select: Any = None, format: str | None = None,
     with view:
         if fmt == "torch":
             return [_export_torch(view, paths, dst, dst_options)]
-        tensors = _flat_tensors(view, paths)
+        try:
+            tensors = _flat_tensors(view, paths)
+        except UnsupportedObjectError as e:
+            if paths is not None:
+                raise
+            raise UnsupportedObjectError(f"{e}. {_what_to_select(view, spell_select)}", e.uri) from None
         if shard is None:
             return [_write_safetensors_file(view, tensors, dst, dst_options)]
         return _write_sharded(view, tensors, dst, dst_options, shard)
@@ -93,7 +106,7 @@ def _flat_tensors(view, paths: list[tuple] | None) -> list[tuple[str, tuple, Any
                                          "str; safetensors names tensors by strings")
         if kind != "tensor":
             raise UnsupportedObjectError(f"export to safetensors: {show(path)} is a {kind}, not a tensor; "
-                                         "select only mappings of tensors (e.g. select='model')")
+                                         "select only mappings of tensors")
         if info.dtype not in SAFETENSORS_NAMES:
             raise UnsupportedObjectError(f"export to safetensors: {show(path)} has dtype {info.dtype}, "
                                          "which safetensors cannot hold")
@@ -109,6 +122,34 @@ def _flat_tensors(view, paths: list[tuple] | None) -> list[tuple[str, tuple, Any
     if not out:
         raise UnsupportedObjectError("export to safetensors: the selection holds no tensors")
     return out
+
+
+def _what_to_select(view, spell_select) -> str:
+    """The top level's keys, naming those that hold only str -> tensor mappings (what a whole-model
+    export wants), from the record alone: "... holds model (a state_dict of 4 tensors), step: pass ..."."""
+    order: list = []
+    tensors: dict = {}
+    unfit: set = set()
+    for path, kind, info in view.walk():
+        if not path:
+            continue
+        top = path[0]
+        if len(path) == 1:
+            order.append(top)
+            if kind not in ("dict", "odict"):
+                unfit.add(top)
+        elif top not in unfit:
+            if not isinstance(path[-1], str) or kind not in ("dict", "odict", "tensor") or \
+                    (kind == "tensor" and info.dtype not in SAFETENSORS_NAMES):
+                unfit.add(top)
+            elif kind == "tensor":
+                tensors[top] = tensors.get(top, 0) + 1
+    fit = [k for k in order if k not in unfit and tensors.get(k)]
+    held = ", ".join(f"{k} (a state_dict of {tensors[k]} tensor{'s' * (tensors[k] != 1)})" if k in fit else str(k)
+                     for k in order)
+    if not fit:
+        return f"The checkpoint's top level holds {held}; none of them is a mapping of names to tensors"
+    return f"The checkpoint's top level holds {held}: pass {spell_select(fit)}"
 
 
 def _header(tensors: list, metadata: dict | None = None) -> tuple[bytes, list[tuple[int, int]]]:
@@ -132,10 +173,16 @@ class _Output:
 
     def __init__(self, url: str, options):
         base, q, query = url.partition("?")
-        parent, _, self.name = base.rstrip("/").rpartition("/")
+        scheme, sep, path = base.partition("://") if "://" in base else ("", "", base)
+        parent, slash, self.name = path.rstrip("/").rpartition("/")
         if not self.name:
             raise ValueError(f"export: {base} names no file")
-        self.store = open_store((parent or "/") + (q + query if q else ""), options)
+        bare = not (parent or slash or sep)
+        # A bare name lies in the current directory, "/name" in "/", "memory://name" in that root.
+        directory = "." if bare else parent or slash
+        self.store = open_store(scheme + sep + directory + (q + query if q else ""), options)
+        uri = self.store.uri
+        self.shown = self.name if bare else uri + ("" if uri.endswith("/") else "/") + self.name
         self.temp = self.name + ".partial" if self.store.atomic_rename else self.name
         self.store.makedirs()
         self.writer = self.store.open_writer(self.temp)
@@ -149,7 +196,7 @@ class _Output:
         self.writer.close()
         if self.temp != self.name:
             self.store.rename(self.temp, self.name)
-        return f"{self.store.uri}/{self.name}"
+        return self.shown
 
     def abort(self) -> None:
         self.writer.abort()

@@ -39,8 +39,10 @@ class Leftover:
         return self.store.uri.rstrip("/") + "/" + self.name
 
 
-def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None) -> list[Leftover]:
-    """Garbage in one checkpoint directory (not recursive)."""
+def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None = None,
+                 young: list[Leftover] | None = None) -> list[Leftover]:
+    """Garbage in one checkpoint directory (not recursive). Uncommitted files the grace period
+    still protects are appended to ``young``, if given."""
     listing = store.list()
     if not listing:
         return []
@@ -66,6 +68,9 @@ def leftovers_in(store: Store, grace: float = DEFAULT_GRACE, now: float | None =
         if now - mtime >= grace:
             out.append(Leftover(store, name, listing[name].size,
                                 "left by a save that never committed"))
+        elif young is not None:
+            young.append(Leftover(store, name, listing[name].size,
+                                  f"not committed, written {max(0, now - mtime):.0f} s ago"))
     return out
 
 
@@ -84,26 +89,42 @@ def listed_by_steps(run: Store) -> set[str]:
     return listed_by(run_records(run).values())
 
 
-def shared_leftovers(run: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:
+def shared_leftovers(run: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+                     young: list[Leftover] | None = None) -> list[Leftover]:
     """The shared files of incremental run ``run`` that no committed step and no save in flight
-    lists, removed unless ``dry_run`` (see docs/format.md, "Removing steps")."""
+    lists, removed unless ``dry_run`` (see docs/format.md, "Removing steps"). Those only a save
+    in flight (announced less than ``grace`` ago) lists are appended to ``young``, if given."""
     shared = run.child(SHARED_DIR)
     sizes = {n: e.size for n, e in (shared.list() or {}).items()}
+    live: set[str] = set()
+
+    def live_of() -> set[str]:
+        live.clear()
+        live.update(listed_by_steps(run))
+        return live
+
     try:
-        names = sweep(run, lambda: listed_by_steps(run), grace=grace, dry_run=dry_run)
+        names = sweep(run, live_of, grace=grace, dry_run=dry_run)
     except FormatTooNewError as e:
         log.warning("%s: left alone: %s", run.uri, e)
         return []
+    if young is not None:
+        # Neither listed by a committed step nor removed: an announced save still protects them.
+        data = [n for n in sizes if (f := FileName.parse(n)) is not None and f.role == "data"]
+        young.extend(Leftover(shared, n, sizes[n], "listed by a save in flight")
+                     for n in sorted(set(data) - live - set(names)))
     return [Leftover(shared, n, sizes.get(n, 0), "listed by no committed step") for n in names]
 
 
-def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[Leftover]:
-    """Remove (or with dry_run, only find) leftovers under ``store``, recursively."""
+def collect(store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+            young: list[Leftover] | None = None) -> list[Leftover]:
+    """Remove (or with dry_run, only find) leftovers under ``store``, recursively. What the grace
+    period keeps (a save may still be writing it) is appended to ``young``, if given."""
     found: list[Leftover] = []
     for s in walk(store):
         if SHARED_DIR in s.subdirs():
-            found.extend(shared_leftovers(s, grace, dry_run=dry_run))
-        garbage = leftovers_in(s, grace)
+            found.extend(shared_leftovers(s, grace, dry_run=dry_run, young=young))
+        garbage = leftovers_in(s, grace, young=young)
         if not garbage:
             continue
         found.extend(garbage)

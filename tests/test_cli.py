@@ -205,8 +205,8 @@ def test_cp_converts_a_torch_save_file(tmp_path):
 def test_ls_shows_a_manager_runs_steps_with_size_time_metrics_and_strategy(tmp_path):
     run = str(tmp_path / "run")
     mgr = ckptstore.CheckpointManager(run)
-    for s in (10, 2):
-        mgr.save(s, {"w": torch.ones(1000)}, metrics={"loss": 0.25, "acc": 0.5})
+    for s in (10, 2):     # step 2 after step 10 (force: below the newest), so names and steps disagree
+        mgr.save(s, {"w": torch.ones(1000)}, metrics={"loss": 0.25, "acc": 0.5}, force=True)
     done = subprocess.run([sys.executable, "-m", "ckptstore", "ls", run], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -234,3 +234,54 @@ def test_bench_rejects_a_bad_size(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ckptstore", "bench", str(tmp_path), "--size", "lots"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def leave_an_interrupted_save_in(checkpoint: Path, files: int = 3, size: int = 1 << 20) -> None:
+    """Data files of a newer generation with no commit record: what a save killed mid-write leaves."""
+    from ckptstore.format.manifest import data_name, new_generation
+    gen = new_generation()
+    for k in range(files):
+        (checkpoint / data_name(gen, k)).write_bytes(b"\0" * size)
+
+
+def test_gc_says_what_it_kept_because_it_is_younger_than_the_grace_period(run_dir):
+    leave_an_interrupted_save_in(run_dir / "step-20")
+    done = cli("gc", str(run_dir), "--grace", "3600")
+    assert done.returncode == 0, done.stderr
+    assert "kept 3 leftover file(s), 3.0 MiB, younger than the grace period of 3600 s" in done.stdout
+    assert "--grace 0" in done.stdout
+    assert len(list((run_dir / "step-20").iterdir())) > 3
+    done = cli("gc", str(run_dir), "--grace", "0")
+    assert done.returncode == 0, done.stderr
+    assert "removed 3 leftover file(s), 3.0 MiB" in done.stdout
+    assert not [ln for ln in done.stdout.splitlines() if ln.startswith("kept")]
+
+
+@pytest.mark.parametrize("args", [["ls"], ["verify"], ["info"], ["gc"]])
+def test_a_missing_directory_exits_1_naming_it(tmp_path, args):
+    missing = tmp_path / "nothing-here"
+    done = cli(*args, str(missing))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "nothing-here" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_verify_of_a_manager_run_directory_names_its_steps(tmp_path):
+    run = str(tmp_path / "run")
+    mgr = ckptstore.CheckpointManager(run)
+    for s in (2, 4, 10):
+        mgr.save(s, {"w": torch.ones(3)})
+    done = cli("verify", run)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "step-2, step-4, step-10" in done.stderr
+    assert f"ckptstore verify {run}/step-10" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name, step", [("epoch=0-step=8.ckpt", "8"), ("checkpoint-500", "500"),
+                                        ("step-12", "12"), ("last", "-")])
+def test_ls_shows_the_step_in_lightning_and_hugging_face_names(tmp_path, name, step):
+    ckptstore.save({"w": torch.ones(3)}, str(tmp_path / name))
+    done = cli("ls", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    row = done.stdout.splitlines()[1].split()
+    assert row[:2] == [name, step], done.stdout

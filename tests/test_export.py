@@ -166,3 +166,70 @@ def test_the_cli_exports_and_lists_tensors_from_the_record(tmp_path):
     assert code == 0 and (tmp_path / "s" / "model.safetensors.index.json").exists(), err
     code, out, err = _run(["export", str(tmp_path / "c"), str(tmp_path / "n.safetensors"), "--select", "nope"])
     assert code == 2 and "nope" in err and "Traceback" not in err
+
+
+def _training_state():
+    torch.manual_seed(3)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 3}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_a_bare_file_name_as_dst_means_the_current_directory(tmp_path, monkeypatch, fmt):
+    ckptstore.save(_state(), tmp_path / "c")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    name = f"ckptstore-bare-name-test.{fmt}"
+    written = ckptstore.export(tmp_path / "c", name, select="model")
+    assert os.listdir(work) == [name]
+    assert written == [name]
+    assert not os.path.exists(f"/{name}")
+
+
+def test_the_cli_exports_to_a_bare_file_name_in_the_current_directory(tmp_path, monkeypatch):
+    ckptstore.save(_state(), tmp_path / "c")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    name = "ckptstore-bare-name-cli-test.safetensors"
+    code, out, err = _run(["export", str(tmp_path / "c"), name, "--select", "model"])
+    assert code == 0, err
+    assert os.listdir(work) == [name] and out.strip() == f"wrote {name}"
+    assert sorted(load_file(str(work / name))) == sorted(_state()["model"])
+    assert not os.path.exists(f"/{name}")
+
+
+def test_relative_dst_paths_with_a_directory_and_sharded_resolve_against_the_current_directory(
+        tmp_path, monkeypatch):
+    ckptstore.save(_state(), tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    ckptstore.export(tmp_path / "c", "out/model.safetensors", select="model")
+    assert sorted(load_file(str(tmp_path / "out" / "model.safetensors"))) == sorted(_state()["model"])
+    written = ckptstore.export(tmp_path / "c", "hf", select="model", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    assert all(w.startswith("hf/") for w in written), written
+    written = ckptstore.export(tmp_path / "c", ".", select="model", max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_export_without_select_of_a_training_state_suggests_the_model(tmp_path):
+    ckptstore.save(_training_state(), tmp_path / "c")
+    with pytest.raises(ckptstore.UnsupportedObjectError) as e:
+        ckptstore.export(tmp_path / "c", str(tmp_path / "x.safetensors"))
+    msg = str(e.value)
+    assert "optimizer/state/0/step" in msg
+    assert "model (a state_dict of 2 tensors), optimizer, step" in msg
+    assert "select='model'" in msg
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("x.")]
+
+
+def test_the_cli_export_without_select_suggests_the_select_flag(tmp_path):
+    ckptstore.save(_training_state(), tmp_path / "c")
+    code, out, err = _run(["export", str(tmp_path / "c"), str(tmp_path / "x.safetensors")])
+    assert code == 1, err
+    assert "--select model" in err and "select='model'" not in err
+    assert "model (a state_dict of 2 tensors), optimizer, step" in err
