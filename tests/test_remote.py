@@ -10,6 +10,7 @@ bucket).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -230,6 +231,14 @@ def moto_with_auth(tmp_path_factory):
 
     Setup (7 requests, unauthenticated): a bucket, a user who may only read
     it, a user who may do everything, and their keys.
+
+    The reader's listing permission is granted under both names moto has
+    checked for ListObjectsV2: AWS's own, s3:ListBucket (moto <= 5.2.5), and
+    the API operation's name, s3:ListObjectsV2 (moto 5.2.6 authorizes every
+    S3 request by its operation name and refuses ListObjectsV2, plain boto3's
+    too, to a policy with s3:ListBucket alone). No write is granted under
+    either naming (s3:PutObject, s3:CreateMultipartUpload, ...), so the
+    reader's save is refused by a real permission check on both.
     """
     import urllib.request
 
@@ -247,7 +256,8 @@ def moto_with_auth(tmp_path_factory):
         boto3.client("s3", **kw).create_bucket(Bucket="guarded")
         iam = boto3.client("iam", **kw)
         keys = {}
-        for user, actions in (("reader", ["s3:GetObject", "s3:ListBucket"]), ("writer", ["s3:*"])):
+        read_only = ["s3:GetObject", "s3:ListBucket", "s3:ListObjectsV2"]
+        for user, actions in (("reader", read_only), ("writer", ["s3:*"])):
             iam.create_user(UserName=user)
             key = iam.create_access_key(UserName=user)["AccessKey"]
             iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
@@ -270,6 +280,7 @@ def test_access_denied_is_reported_as_a_permission_problem(moto_with_auth):
     reader = _guarded_uri(server, *keys["reader"])
     with pytest.raises(ckptstore.StorageError, match="access denied") as e:
         ckptstore.save(small_state(2), reader)
+    assert e.value.errno == errno.EACCES
     assert "s3://guarded/ckpt" in str(e.value)
     assert keys["reader"][1] not in str(e.value)
     # Reading is allowed, and the refused save changed nothing.
