@@ -1,4 +1,5 @@
-# Two entry points: `make bench` (the backend benchmark) and `make test`.
+# Two entry points: `make bench` (the backend benchmark) and `make test` (which runs
+# `make typecheck` and `make wheel-check` before the suite).
 # Both create .venv on first use; nothing is needed beforehand but python3.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +7,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test test-oldest bench fuzz soak clean
+.PHONY: venv tools test typecheck wheel-check test-oldest bench fuzz soak clean
 
 venv: $(VENV)/.installed
 
@@ -20,16 +21,41 @@ tools:
 	fi
 
 # The extras are installed with the installed torch required again, so no
-# dependency (s3torchconnector, lightning, ...) may replace it.
-$(VENV)/.installed: pyproject.toml
+# dependency (s3torchconnector, lightning, ...) may replace it. Redone when
+# pyproject.toml or the version changes (the editable install's metadata holds it).
+$(VENV)/.installed: pyproject.toml ckptstore/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]" "$$($(PY) -c 'import torch; print("torch==" + torch.__version__)')"
 	touch $@
 
-test: venv tools
+# The two quick checks run first, so a broken package fails in a minute or two and
+# pytest's summary stays the last thing printed.
+test: venv tools typecheck wheel-check
 	$(PY) -m pytest -q -rs tests
+
+# mypy over the public API as a user's code meets it (tests/typecheck_public.py) and
+# the modules that define it; what it checks is set in pyproject.toml ([tool.mypy]).
+typecheck: venv
+	$(PY) -m mypy
+
+# The package as a user installs it: build the sdist and the wheel from it (in
+# build's isolated environment, so with pyproject.toml's build requirements), check
+# their metadata, install the wheel (not editable) into a new venv outside the repo
+# holding only torch and the wheel's dependencies, and run tests/smoke_wheel.py there.
+WHEEL_DIST := build/wheel-check
+wheel-check: venv
+	rm -rf $(WHEEL_DIST)
+	$(PY) -m build --quiet --outdir $(WHEEL_DIST) .
+	$(PY) -m twine check --strict $(WHEEL_DIST)/*
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  echo "wheel-check: a new venv in $$tmp with $(TORCH) and $$(cd $(WHEEL_DIST) && ls *.whl)"; \
+	  $(PYTHON) -m venv "$$tmp/venv"; \
+	  "$$tmp/venv/bin/python" -m pip install --quiet "$(TORCH)"; \
+	  "$$tmp/venv/bin/python" -m pip install --quiet $(WHEEL_DIST)/*.whl \
+	      "torch==$$("$$tmp/venv/bin/python" -c 'import importlib.metadata as m; print(m.version("torch"))')"; \
+	  cd "$$tmp" && "$$tmp/venv/bin/python" -I "$(CURDIR)/tests/smoke_wheel.py" "$(CURDIR)"
 
 # The property-based hostile-input tests with many more cases and random seeds:
 # FUZZ_CASES for each local property (5 of them), a third as many for the one on
@@ -61,4 +87,4 @@ bench: venv tools
 	$(PY) -m benchmarks.bench
 
 clean:
-	rm -rf $(VENV) .venv-oldest build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-oldest build dist *.egg-info .pytest_cache

@@ -1,3 +1,6 @@
-"""The package version, in a module of its own so that no module imports the package root."""
+"""The package version, in a module of its own so that no module imports the package root.
 
-__version__ = "0.1.0"
+pyproject.toml reads it from here (setuptools dynamic version): this is the one place it is written.
+"""
+
+__version__ = "0.2.0"

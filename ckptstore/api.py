@@ -46,7 +46,11 @@ def load(uri: Any, *, map_location=None, storage_options: Mapping[str, Any] | No
     unless ``allow_pickle=True``. ``select=`` a path (a tuple of keys, or one
     key) or a list of paths reads only those values; ``into=`` a tree of
     existing tensors reads each saved tensor at the same path straight into
-    that tensor's memory (see API.md, "Reading only what you need").
+    that tensor's memory (see docs/resume.md, "Resume without doubling
+    memory"). A path the checkpoint lacks raises ``PathNotFoundError`` (a
+    ``KeyError``), an ``into`` tensor that does not match raises
+    ``PathMismatchError`` (a ``ValueError``), both naming the path and raised
+    before anything is read. Guarantees: docs/guarantees.md.
     """
     store = open_store(uri, storage_options)
     with store.errors("load"):
@@ -84,7 +88,10 @@ def export(uri: Any, dst: Any, *, select: Any = None, format: str | None = None,
            max_shard_size: Any = None) -> list[str]:
     """Write the selected part of a checkpoint as safetensors (optionally sharded) or a torch.save file.
 
-    See API.md ("Reading only what you need"). Returns the files written.
+    With one selected path, names are relative to it (``select="model"``
+    writes the model's own state_dict keys). See docs/quickstart.md
+    ("Export for inference") and docs/cli.md (``ckptstore export``).
+    Returns the files written.
     """
     from .exporter import export as run
     return run(uri, dst, select=select, format=format, storage_options=storage_options, dst_options=dst_options,
@@ -124,7 +131,9 @@ def exists(uri: Any, *, storage_options: Mapping[str, Any] | None = None) -> boo
         if store.is_file():
             return True
         listing = store.list()
-        return bool(listing) and has_commit(store, listing)
+        if not listing:
+            return False
+        return has_commit(store, listing)
 
 
 def info(uri: Any, *, storage_options: Mapping[str, Any] | None = None) -> dict:
