@@ -2204,8 +2204,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx.log(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.md'}")
     if args.out.resolve() == DEFAULT_OUT.resolve() and set(args.backends) == set(ALL_BACKENDS):
         from . import readme
-        if readme.update(REPO / "README.md", result):
-            ctx.log("updated the benchmark table in README.md")
+        if readme.update(REPO / "docs" / "benchmarks.md", result):
+            ctx.log("updated the benchmark table in docs/benchmarks.md")
     return 0
 
 

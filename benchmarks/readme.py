@@ -1,6 +1,6 @@
-"""The README's benchmark table, generated from ``benchmarks/results/latest.json``.
+"""docs/benchmarks.md's benchmark table, generated from ``benchmarks/results/latest.json``.
 
-``make bench`` rewrites the block between the two markers below in README.md
+``make bench`` rewrites the block between the two markers below in docs/benchmarks.md
 after each full run, so the front page always shows the figures of the last
 run on record, never hand-copied ones. ``python -m benchmarks.readme``
 regenerates it from the JSON alone.
@@ -49,7 +49,7 @@ def summary(result: dict) -> str:
         lines.append(f"| {r['backend']} | {r['operation']} | {r['nbytes'] / GIB:.2f} | {seconds} | "
                      f"{r['baseline']} | {ratio} | {target} | {rss} | {meets} |")
     lines += ["", "All rows, memory figures and notes: "
-              "[benchmarks/results/latest.md](benchmarks/results/latest.md)."]
+              "[benchmarks/results/latest.md](../benchmarks/results/latest.md)."]
     return "\n".join(lines)
 
 
@@ -67,8 +67,8 @@ def update(readme: Path, result: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     source = Path(argv[0]) if argv else REPO / "benchmarks" / "results" / "latest.json"
-    if not update(REPO / "README.md", json.loads(source.read_text())):
-        print("README.md has no benchmark-table markers", file=sys.stderr)
+    if not update(REPO / "docs" / "benchmarks.md", json.loads(source.read_text())):
+        print("docs/benchmarks.md has no benchmark-table markers", file=sys.stderr)
         return 1
     return 0
 
