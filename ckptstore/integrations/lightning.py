@@ -19,16 +19,26 @@ before anything is written; nothing is dropped and nothing is pickled unless
 
 Works with the ``lightning`` package and the standalone ``pytorch_lightning``
 (whichever are installed; with both, the plugin is a ``CheckpointIO`` of each).
+
+Wrapped in Lightning's ``AsyncCheckpointIO``, saves run in a worker thread while
+``ModelCheckpoint`` removes checkpoints from the training thread. A removal of a
+path whose save is under way waits for that save to finish, then removes the
+checkpoint; a save of a path being removed waits for the removal. A save still
+waiting in ``AsyncCheckpointIO``'s queue has not reached the plugin: the removal
+finds nothing to wait for, and the save, when it runs, commits a complete
+checkpoint (as Lightning's own ``TorchCheckpointIO`` writes its file then).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional, Union
+import threading
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from ..api import load, save
 from ..errors import CheckpointError, UnsupportedObjectError
@@ -38,7 +48,7 @@ from ..gc import listed_by_steps
 from ..incremental import SharedIndex, commit_step, run_records, sweep
 from ..stores import open_location, open_store
 from ..stores.base import Store
-from ..url import redact
+from ..url import parse, redact
 from ..writer import remove_files
 
 log = logging.getLogger("ckptstore")
@@ -101,6 +111,55 @@ def _safe_tree(obj: Any) -> Any:
     return transform(obj, lambda leaf: leaf, as_dict=convert)
 
 
+class _PathLocks:
+    """One lock per checkpoint path, kept while a save or removal of it holds or waits for it.
+
+    A save and a removal of the same path in different threads (``AsyncCheckpointIO``'s
+    worker and the training thread) run one after the other, never interleaved. One
+    table for the process, so it holds whichever plugin instances are involved, and
+    a plugin stays picklable (strategies that spawn processes pickle it).
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, path: _PATH, action: str) -> Iterator[None]:
+        key = _path_key(path)
+        if key is None:
+            yield        # a malformed URL: the save or removal itself reports it
+            return
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            if not lock.acquire(blocking=False):
+                log.debug("%s: %s waits for the save or removal of it in progress", _shown(path), action)
+                lock.acquire()
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+
+_PATH_LOCKS = _PathLocks()
+
+
+def _path_key(path: _PATH) -> Optional[tuple[str, str]]:
+    """The checkpoint ``path`` names, however spelled (``./x``, ``file://``, a query string)."""
+    try:
+        location = parse(path)
+    except ValueError:
+        return None
+    return location.protocol, location.path
+
+
 def _remove_single_file(store: Store) -> None:
     """Remove the one file at ``store``'s location (a ``torch.save`` checkpoint an earlier
     run left where ModelCheckpoint now prunes), through the store of its directory."""
@@ -129,6 +188,10 @@ class StoreCheckpointIO(_BASES[0]):
     or replacing a checkpoint (``ModelCheckpoint`` pruning, ``last.ckpt`` rewritten)
     frees what only it listed. Not with ``allow_pickle`` (an incremental step holds
     tensors and plain values only).
+
+    Saves and removals may come from different threads (``AsyncCheckpointIO``): a
+    save and a removal of the same path in this process never overlap, the later
+    one waits.
     """
 
     def __init__(self, storage_options: Optional[Mapping[str, Any]] = None, *, allow_pickle: bool = False,
@@ -152,15 +215,17 @@ class StoreCheckpointIO(_BASES[0]):
         """Save ``checkpoint`` as a ckptstore checkpoint at ``path`` (replacing one that is there).
 
         A value the safe format cannot hold raises ``UnsupportedObjectError``
-        naming it, before anything is written.
+        naming it, before anything is written. A removal of ``path`` in progress
+        in another thread finishes first.
         """
         options = {**self.storage_options, **_mapping("storage_options", storage_options)}
         try:
-            if self.incremental:
-                info = _save_incremental(_safe_tree(checkpoint), open_store(path, options), self.verify)
-            else:
-                info = save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
-                            allow_pickle=self.allow_pickle)
+            with _PATH_LOCKS.hold(path, "save"):
+                if self.incremental:
+                    info = _save_incremental(_safe_tree(checkpoint), open_store(path, options), self.verify)
+                else:
+                    info = save(_safe_tree(checkpoint), path, storage_options=options, verify=self.verify,
+                                allow_pickle=self.allow_pickle)
         except UnsupportedObjectError as e:
             raise UnsupportedObjectError(f"{e}. {_LIGHTNING_HINT}", e.uri) from None
         log.debug("lightning checkpoint saved to %s (%d bytes)", info.uri, info.nbytes)
@@ -188,7 +253,16 @@ class StoreCheckpointIO(_BASES[0]):
         Commit records go first, so a checkpoint removed halfway is never
         taken as committed; then every other file in it, then the directory.
         A single file at ``path`` (a ``torch.save`` checkpoint) is removed too.
+
+        A save of ``path`` in progress in another thread (``AsyncCheckpointIO``'s
+        worker) is waited for, then what it committed is removed; a save of
+        ``path`` that starts meanwhile waits for the removal, and is a new save.
         """
+        with _PATH_LOCKS.hold(path, "removal"):
+            self._remove(path)
+        log.debug("lightning checkpoint removed: %s", _shown(path))
+
+    def _remove(self, path: _PATH) -> None:
         store = open_store(path, self.storage_options)
         with store.errors("remove"):
             if _is_local_link(store):
@@ -205,7 +279,6 @@ class StoreCheckpointIO(_BASES[0]):
             if SHARED_DIR in run.subdirs():
                 # An incremental run: free the shared bytes only the removed checkpoint listed.
                 _sweep(run)
-        log.debug("lightning checkpoint removed: %s", store.uri)
 
     def teardown(self) -> None:
         """Nothing to release: every save is finished and committed before ``save_checkpoint`` returns."""
