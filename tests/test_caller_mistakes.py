@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import manager as manager_module
+from ckptstore.manager import core as manager_module
 from ckptstore.errors import CallerMistake, ClaimHeldError, DeviceUnavailableError
 from ckptstore.format.manifest import CLAIM_NAME
 from ckptstore.writer import CLAIM_STALE

@@ -13,35 +13,31 @@ commit records first, so a half-removed step is never taken as committed.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures as cf
 import logging
 import math
-import os
 import re
-import signal
 import threading
 import time
-import weakref
-from dataclasses import dataclass
-from typing import AbstractSet as Set, Any, Mapping
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 
-from .errors import (
+from ..errors import (
     CheckpointError, CheckpointExistsError, ClaimHeldError, CorruptCheckpointError, MissingMetricError,
     StorageError, is_corruption,
 )
-from .format import tree
-from .format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
-from .format.walk import transform
-from .info import CheckpointInfo
-from .incremental import SharedIndex, commit_step, listed_by, sweep
-from .reader import find_commit, load_committed, open_commit
-from .stores import open_store
-from .stores.base import Store
-from .writer import remove_files, write_checkpoint
+from ..format import tree
+from ..format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
+from ..info import CheckpointInfo
+from ..incremental import SharedIndex, commit_step, listed_by, sweep
+from ..reader import find_commit, load_committed, open_commit
+from ..stores import open_store
+from ..stores.base import Store
+from ..writer import remove_files, write_checkpoint
+from .background import SaveHandle, live, snapshot, yield_to_training
+from .retention import StepRecord, to_keep
+from .schedule import Preemption, check_step, signal_numbers
 
 log = logging.getLogger("ckptstore")
 
@@ -56,234 +52,6 @@ def step_of(store: Store) -> int:
     """The step of a step directory's store (``<run>/step-<N>``)."""
     return int(store.uri.rstrip("/").rsplit("/", 1)[-1][len("step-"):])
 
-
-# ---------------------------------------------------------------- retention (pure)
-
-# The background save's threads (the writer and every thread it starts, which inherit it) run at
-# this nice value, so that on a machine whose cores the training loop keeps busy the save takes
-# the time training leaves it instead of preempting the loop's threads.
-BACKGROUND_NICE = 10
-
-
-def _yield_to_training() -> None:
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
-    except (AttributeError, OSError):
-        pass  # not Linux, or not allowed: the save runs at the loop's priority
-
-
-@dataclass
-class StepRecord:
-    """What retention knows of one step."""
-
-    step: int
-    committed: bool           # an intact commit record was read
-    time: float | None        # commit time (mtime of the record), seconds since the epoch
-    metrics: dict | None = None
-    order: float = 0.0        # the generation's own clock: breaks ties of coarse mtimes (S3: 1 s)
-
-
-def _metric(r: StepRecord, name: str | None) -> float | None:
-    if name is None or not r.metrics or name not in r.metrics:
-        return None
-    v = r.metrics[name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        return None
-    return float(v)
-
-
-def best_steps(records: list[StepRecord], best_metric: str | None, best_mode: str, n: int) -> list[int]:
-    """The ``n`` committed steps with the best ``metrics[best_metric]``, best first."""
-    scored = [(m, r.step) for r in records if r.committed and (m := _metric(r, best_metric)) is not None]
-    scored.sort(key=lambda x: (x[0] if best_mode == "min" else -x[0], -x[1]))
-    return [s for _, s in scored[:n]]
-
-
-def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, keep_best: int | None,
-            best_metric: str | None, best_mode: str, keep_every: int | None, max_age: float | None,
-            in_flight: Set[int] = frozenset(), settle: float | None = None) -> set[int]:
-    """Steps retention keeps. With no policy, all of them.
-
-    The union of the ``keep_last`` most recently committed, the ``keep_best``
-    best, every step divisible by ``keep_every`` and everything committed less
-    than ``max_age`` seconds ago; plus, always, the newest committed step, the
-    best one, saves in flight, and every step not proven committed with a
-    known commit time.
-
-    ``settle`` (on a mount that uploads in the background) is how long after
-    its commit a step is taken to have reached the remote: the newest step
-    that old is kept too, and the oldest step after it (the next to become that
-    old), so a machine that dies with the newer steps still uploading leaves
-    one behind, and that one is never more than about ``2 * settle`` old.
-    """
-    every = {r.step for r in records}
-    if keep_last is None and keep_best is None and keep_every is None and max_age is None:
-        return every
-    committed = [r for r in records if r.committed and r.time is not None]
-    times = {r.step: r.time for r in committed if r.time is not None}   # every committed step's, known
-    keep = {r.step for r in records if not (r.committed and r.time is not None)} | set(in_flight)
-    by_time = sorted(committed, key=lambda r: (r.time, r.order, r.step), reverse=True)
-    if by_time:
-        keep.add(by_time[0].step)                                   # the newest, always
-    if keep_last:
-        keep.update(r.step for r in by_time[:keep_last])
-    best = best_steps(committed, best_metric, best_mode, max(keep_best or 0, 1))
-    if best:
-        keep.add(best[0])                                           # the best, always
-        if keep_best:
-            keep.update(best[:keep_best])
-    if keep_every:
-        keep.update(r.step for r in committed if r.step % keep_every == 0)
-    if max_age is not None:
-        keep.update(r.step for r in committed if now - times[r.step] < max_age)
-    if settle is not None and by_time:
-        # The net under the uploads: the newest step old enough to have reached the
-        # remote, and the oldest step after it, kept until it is that old in turn
-        # (so the net moves on however fast saves come and go).
-        # by_time is newest first, so the steps that old are a suffix of it, from index k
-        k = next((i for i, r in enumerate(by_time) if now - times[r.step] >= settle), len(by_time))
-        if k < len(by_time):
-            keep.add(by_time[k].step)
-        if k > 0:
-            keep.add(by_time[k - 1].step)
-    return keep & every
-
-
-# ---------------------------------------------------------------- async copies
-
-def snapshot(state: Any) -> tuple[Any, dict]:
-    """A copy of ``state`` that later in-place updates of the training tensors cannot reach.
-
-    Tensors are copied per storage, so tensors that shared memory (tied
-    weights, views) still share it in the copy. CUDA storages go to pinned
-    host memory; the returned ``devices`` maps each copy's data pointer to
-    the device it came from, so the checkpoint records the original device.
-    """
-    copies: dict = {}
-    devices: dict = {}
-
-    def copy_storage(s: torch.UntypedStorage) -> torch.UntypedStorage:
-        key = (str(s.device), s.data_ptr(), s.nbytes())
-        if key not in copies or s.data_ptr() == 0:
-            if s.device.type == "cpu":
-                new = s.clone()
-            else:
-                pin = torch.cuda.is_available() and s.device.type == "cuda"
-                new = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
-                new.copy_(s, non_blocking=pin)
-                if new.data_ptr():
-                    devices[new.data_ptr()] = str(s.device)
-            copies[key] = new
-        return copies[key]
-
-    def copy_leaf(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            data = obj.detach()
-            if data.device.type == "meta":
-                out = data
-            else:
-                if data.is_conj() or data.is_neg():
-                    data = data.resolve_conj().resolve_neg()
-                storage = copy_storage(data.untyped_storage())
-                out = torch.empty(0, dtype=data.dtype, device=storage.device)
-                out.set_(storage, data.storage_offset(), data.shape, data.stride())
-            if type(obj) is torch.nn.Parameter:
-                return torch.nn.Parameter(out, requires_grad=obj.requires_grad)
-            if obj.requires_grad:
-                out.requires_grad_(True)
-            return out
-        if isinstance(obj, np.ndarray):
-            return obj.copy()
-        if type(obj) is bytearray:
-            return bytes(obj)
-        return obj   # immutable values; anything unsupported is refused by the encoder
-
-    out = transform(state, copy_leaf, copy=True)
-    if devices and torch.cuda.is_available():
-        torch.cuda.synchronize()   # the pinned copies are complete before save() returns
-    return out, devices
-
-
-class SaveHandle:
-    """An async save in flight: ``result()`` waits and returns its CheckpointInfo (or raises)."""
-
-    def __init__(self, step: int, future: cf.Future):
-        self.step = step
-        self._future = future
-
-    def result(self, timeout: float | None = None) -> CheckpointInfo:
-        return self._future.result(timeout)
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def __repr__(self) -> str:
-        return f"SaveHandle(step={self.step}, done={self.done()})"
-
-
-_live: "weakref.WeakSet[CheckpointManager]" = weakref.WeakSet()
-
-
-def _finish_pending_at_exit() -> None:
-    """Pending async saves finish at interpreter exit; a failure is logged, never dropped silently."""
-    for mgr in list(_live):
-        step = mgr._pending_step
-        try:
-            mgr.wait()
-        except BaseException as e:  # noqa: BLE001 - reported, the interpreter is exiting
-            log.error("ckptstore: the pending save of step %s to %s failed at exit: %s", step, mgr.directory, e)
-
-
-# The save in flight needs worker threads of its own (checksums, uploads), and
-# concurrent.futures refuses new ones once its exit hook has run. Hooks
-# registered with threading run in reverse order, before atexit's: registered
-# after concurrent.futures.thread's, this one runs first.
-import concurrent.futures.thread as _cf_thread  # noqa: E402,F401 - its exit hook must be registered first
-if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_finish_pending_at_exit)
-else:  # pragma: no cover - every supported Python has it
-    atexit.register(_finish_pending_at_exit)
-
-
-# ---------------------------------------------------------------- preemption signals
-
-def _signal_numbers(signals: Any) -> tuple[int, ...]:
-    """``preemption_signals`` as signal numbers: None, one signal, or an iterable of them."""
-    if signals is None:
-        return ()
-    items = (signals,) if isinstance(signals, (int, signal.Signals, str)) else signals
-    try:
-        items = tuple(items)
-    except TypeError:
-        raise TypeError("preemption_signals must be a signal (signal.SIGTERM), an iterable of them, or None, "
-                        f"got {type(signals).__name__}") from None
-    out = []
-    for sig in items:
-        if isinstance(sig, str):
-            try:
-                sig = signal.Signals[sig if sig.startswith("SIG") else "SIG" + sig]
-            except KeyError:
-                raise ValueError(f"preemption_signals: no signal named {sig!r}") from None
-        if isinstance(sig, bool) or not isinstance(sig, int):
-            raise TypeError(f"preemption_signals: {sig!r} is not a signal")
-        try:
-            sig = signal.Signals(sig)
-        except ValueError:
-            raise ValueError(f"preemption_signals: {sig!r} is not a signal of this platform") from None
-        if sig in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None)):
-            raise ValueError(f"preemption_signals: {sig.name} cannot be caught; nothing can save on it")
-        if int(sig) not in out:
-            out.append(int(sig))
-    return tuple(out)
-
-
-def _check_step(step: Any) -> None:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-
-
-# ---------------------------------------------------------------- the manager
 
 class CheckpointManager:
     """Saves, finds, restores and prunes the step checkpoints of one training run."""
@@ -315,7 +83,7 @@ class CheckpointManager:
         self._index: SharedIndex | None = None   # the run's bytes, built at the first incremental save
         self._manifests: dict[int, Manifest] = {}   # step -> its commit record, as read or written here
         self._sweep_due = False                      # a save replaced a generation: its files may be unlisted
-        signals = _signal_numbers(preemption_signals)
+        signals = signal_numbers(preemption_signals)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if keep_best is not None and not best_metric:
@@ -340,15 +108,11 @@ class CheckpointManager:
         self._saved: set[int] | None = None   # steps committed or in flight, read from the directory at first need
         self._floor: int | None = None        # no save below it without force (the newest step, or the one restored)
         self._corrupt: set[int] = set()       # steps restore() found corrupt: a save may replace them
-        self._signals = 0                     # preemption signals received (a handler only counts)
-        self._signals_at_start = 0            # ... of them, when the last save started
-        self.last_signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
+        self._signals_at_start = 0            # preemption signals received when the last save started
         if _probe:
             self._probe()
-        if signals:
-            self._install(signals)
-        _live.add(self)
+        self._preemption = Preemption(signals, self.directory)
+        live.add(self)
 
     # -- setup
 
@@ -366,31 +130,6 @@ class CheckpointManager:
                 f"{self.directory} is not writable for checkpoints: {e}", self.directory,
                 errno=getattr(e, "errno", None)) from None
 
-    def _install(self, signals: tuple[int, ...]) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError("preemption_signals: signal handlers can only be installed from the main thread; "
-                             "create the CheckpointManager there")
-        ref = weakref.ref(self)
-
-        def on_signal(signum, frame):    # records the signal, nothing more: no I/O, no lock
-            mgr = ref()
-            if mgr is not None:
-                mgr.last_signal = signum
-                mgr._signals += 1
-        for sig in signals:
-            self._previous_handlers[sig] = signal.signal(sig, on_signal)
-
-    def _uninstall(self) -> None:
-        if not self._previous_handlers:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("%s: close() ran outside the main thread, so the preemption signal handlers stay "
-                        "installed (they only record the signal)", self.directory)
-            return
-        for sig, previous in self._previous_handlers.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous_handlers.clear()
-
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
 
@@ -399,16 +138,26 @@ class CheckpointManager:
     @property
     def preempted(self) -> bool:
         """True once one of ``preemption_signals`` has arrived."""
-        return self._signals > 0
+        return self._preemption.count > 0
+
+    @property
+    def last_signal(self) -> int | None:
+        """The last preemption signal that arrived, or None."""
+        return self._preemption.last
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the async save in flight, if any."""
+        return self._pending_step
 
     def should_save(self, step: int) -> bool:
         """Whether ``step`` is due for a save: a multiple of ``save_interval_steps``, at least
         ``save_interval_seconds`` since the last save started (or the manager was created), or a
         preemption signal since the last save started. Never for a step already saved."""
-        _check_step(step)
+        check_step(step)
         if step in self._known_steps():
             return False
-        if self._signals > self._signals_at_start:
+        if self._preemption.count > self._signals_at_start:
             return True
         if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
             return True
@@ -502,7 +251,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise CheckpointError(f"{self.directory}: the manager is closed")
-        _check_step(step)
+        check_step(step)
         metrics = self._check_metrics(metrics)
         if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
             raise MissingMetricError(
@@ -526,7 +275,7 @@ class CheckpointManager:
             log.warning("%s: step %d did not verify when restored; this save replaces it", self.directory, step)
         start = time.monotonic()
         self.wait()   # at most one save in flight; raises the previous one's error
-        self._last_start, self._signals_at_start = start, self._signals
+        self._last_start, self._signals_at_start = start, self._preemption.count
         known.add(step)
         self._floor = step if self._floor is None else max(self._floor, step)
         if not self.async_save or self.preempted:
@@ -554,7 +303,7 @@ class CheckpointManager:
             raise
         if self._executor is None:
             self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-async-save",
-                                                   initializer=_yield_to_training)
+                                                   initializer=yield_to_training)
         with self._lock:
             self._in_flight.add(step)
         self._pending_step = step
@@ -703,7 +452,7 @@ class CheckpointManager:
         steps after the restored one are accepted from then on.
         """
         if step is not None:
-            _check_step(step)
+            check_step(step)
             state = self._load(step, map_location, select, into)
             self._restored(step)
             return state
@@ -816,11 +565,11 @@ class CheckpointManager:
             self.wait()
         finally:
             self._closed = True
-            self._uninstall()
+            self._preemption.uninstall()
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            _live.discard(self)
+            live.discard(self)
 
     def __enter__(self) -> "CheckpointManager":
         return self
