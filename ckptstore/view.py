@@ -5,6 +5,13 @@ a sub-view). Its keys, sizes and tensor descriptions come from the record;
 ``view[key]`` of a leaf, and ``view.load(...)``, read just the bytes of what
 they return, through the same engine as ``load(select=, into=)``.
 
+Every walk here costs time linear in what it visits: a path is kept as
+linked (parent, key) pairs and made a tuple only where one is handed out
+(a tensor's path, a sub-view's read), so a record nested 10**5 levels deep
+costs what a flat one of as many nodes does, and a node table that names a
+node twice (which would make a walk exponential) is refused as corrupt, as
+``load`` refuses it.
+
 torch.save and safetensors files have no record to read lazily: opening one
 loads it, and the view walks the loaded value.
 """
@@ -14,7 +21,7 @@ from __future__ import annotations
 import collections
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -39,19 +46,51 @@ class TensorInfo:
     nbytes: int
 
 
+# A linked path: None for the top, else (parent's link, key). Extending one is O(1);
+# ``_unlink`` makes the tuple, O(depth), only for what is handed out.
+Link = tuple | None
+
+
+def _unlink(link: Link) -> tuple:
+    keys = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    keys.reverse()
+    return tuple(keys)
+
+
+def _link_of(path: Iterable) -> Link:
+    link: Link = None
+    for key in path:
+        link = (link, key)
+    return link
+
+
 class Checkpoint:
     """A read-only lazy view of a checkpoint (see ``ckptstore.open``)."""
 
     def __init__(self, store: Store, manifest: Manifest | None, *, verify: bool = True, allow_pickle: bool = False,
                  prefix: tuple = (), node: int = 0, nav: Tree | None = None, value: Any = None,
-                 info: CheckpointInfo | None = None):
+                 info: CheckpointInfo | None = None, link: Link = None):
         self._store, self._m = store, manifest
         self._verify, self._allow_pickle = verify, allow_pickle
-        self._prefix, self._node = prefix, node
+        # Where this view sits, as a linked path (``link``, or ``prefix`` given whole): stepping
+        # down d containers one key at a time then costs O(d), not the O(d**2) of a tuple each.
+        self._link: Link = link if link is not None else _link_of(prefix)
+        self._path: tuple | None = tuple(prefix) if link is None else None
+        self._node = node
         self._nav = nav if nav is not None or manifest is None else Tree(manifest.nodes, manifest.version[0])
         self._value = value          # a loaded file's value (torch.save / safetensors), else None
         self._info = info
         self._closed = False
+
+    @property
+    def _prefix(self) -> tuple:
+        """The path of this view from the top (made once, when first needed)."""
+        if self._path is None:
+            self._path = _unlink(self._link)
+        return self._path
 
     # -- what it is
     @property
@@ -65,7 +104,7 @@ class Checkpoint:
         return self._info
 
     def __repr__(self) -> str:
-        where = f" at {show(self._prefix)}" if self._prefix else ""
+        where = f" at {show(self._prefix)}" if self._link is not None else ""
         return f"<ckptstore.Checkpoint {self._store.uri}{where}: {len(self)} keys>"
 
     # -- the container at this position
@@ -82,6 +121,18 @@ class Checkpoint:
             out.append((self._nav.key_value(kn) if kn is not None else k, child))
         return out
 
+    def _child(self, key: Any) -> tuple[bool, Any]:
+        """(found, child): the child node (a record) or value (a loaded file) under ``key``."""
+        if self._m is None:
+            for k, child in self._items():
+                if type(k) is type(key) and k == key:
+                    return True, child
+            return False, None
+        with malformed_is_corrupt():
+            # indexed once per container: looking up each of its n keys costs O(n) in all
+            child = self._nav._find(self._node, key)
+        return child is not None, child
+
     def keys(self) -> list:
         return [k for k, _ in self._items()]
 
@@ -92,60 +143,76 @@ class Checkpoint:
         return len(self._items())
 
     def __contains__(self, key: Any) -> bool:
-        return any(type(k) is type(key) and k == key for k in self.keys())
+        return self._child(key)[0]
 
     def __getitem__(self, key: Any) -> Any:
-        for k, child in self._items():
-            if type(k) is type(key) and k == key:
-                break
-        else:
+        found, child = self._child(key)
+        if not found:
             raise PathNotFoundError(f"{show(self._prefix + (key,))}: the checkpoint has no {key!r} in "
                                     f"{show(self._prefix)}")
-        path = self._prefix + (key,)
+        link = (self._link, key)
         if self._m is None:
             if isinstance(child, (dict, list, tuple)):
-                return Checkpoint(self._store, None, prefix=path, value=child, info=self._info)
+                return Checkpoint(self._store, None, link=link, value=child, info=self._info)
             return child
         with malformed_is_corrupt():
             container = self._nav.tag(child) in CONTAINER_TAGS
         if container:
             return Checkpoint(self._store, self._m, verify=self._verify, allow_pickle=self._allow_pickle,
-                              prefix=path, node=child, nav=self._nav, info=self._info)
+                              link=link, node=child, nav=self._nav, info=self._info)
+        path = self._prefix + (key,)
         return self._read([path], None, None, path)
 
     def tensors(self) -> Iterator[tuple[tuple, TensorInfo]]:
-        """(path, TensorInfo) of every tensor below this view, paths relative to it; reads no data."""
-        for path, kind, info in self.walk():
-            if info is not None:
-                yield path, info
+        """(path, TensorInfo) of every tensor below this view, paths relative to it; reads no data.
 
-    def walk(self) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
+        Time linear in the record's nodes plus the length of the paths handed out."""
+        for path, _, info in self.walk(kinds=("tensor",)):
+            yield path, info
+
+    def walk(self, kinds: Iterable[str] | None = None) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
         """(path, kind, TensorInfo or None) of every value below this view, containers before what
         they hold, in saved order; ``kind`` is "dict", "odict", "list", "tuple", "tensor", "str", ...
-        Reads no data."""
+        Reads no data.
+
+        ``kinds``: yield only values of those kinds (the others are still walked through). A path
+        is built only for a value yielded, so the walk costs O(nodes + total length of the paths
+        yielded): every container of a chain d deep has a path, d**2 / 2 keys in all, while
+        ``kinds=("tensor",)`` over it costs O(d)."""
+        wanted = None if kinds is None else frozenset(kinds)
         if self._m is None:
-            yield from _walk_loaded(self._value, ())
+            yield from _walk_loaded(self._value, wanted)
             return
         with malformed_is_corrupt():
-            yield from self._walk_record()
+            yield from self._walk_record(wanted)
 
-    def _walk_record(self):
-        version = self._m.version[0]
-        stack = [((), self._node)]
+    def _walk_record(self, wanted: frozenset | None):
+        nav, version = self._nav, self._m.version[0]
+        # Each node is entered at most once: a table naming a node twice (a DAG, which load
+        # refuses) would otherwise make the walk exponential in its depth.
+        entered = {self._node}
+        stack: list[tuple[Link, int]] = [(None, self._node)]
         while stack:
-            path, i = stack.pop()
-            node = self._nav.node(i)
-            if node[0] == "tensor":
-                t = tree.tensor_info(node, version)
-                dtype = dtype_from_name(t.dtype)
-                shape = torch.Size(_whole_numbers(t.shape, path))
-                yield path, "tensor", TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
+            link, i = stack.pop()
+            node = nav.node(i)
+            kind = node[0]
+            if kind == "tensor":
+                if wanted is None or kind in wanted:
+                    path = _unlink(link)
+                    t = tree.tensor_info(node, version)
+                    dtype = dtype_from_name(t.dtype)
+                    shape = torch.Size(_whole_numbers(t.shape, path))
+                    yield path, kind, TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
                 continue
-            yield path, node[0], None
-            if node[0] in CONTAINER_TAGS:
-                kids = [((self._nav.key_value(kn) if kn is not None else k), c) for k, c, kn in self._nav.items(i)]
+            if wanted is None or kind in wanted:
+                yield _unlink(link), kind, None
+            if kind in CONTAINER_TAGS:
+                kids = [((nav.key_value(kn) if kn is not None else k), c) for k, c, kn in nav.items(i)]
                 for k, c in reversed(kids):
-                    stack.append((path + (k,), c))
+                    if c in entered:
+                        raise CorruptCheckpointError(f"malformed checkpoint structure: node {c} has two parents")
+                    entered.add(c)
+                    stack.append(((link, k), c))
 
     # -- reading
     def stream_tensors(self, paths: list[tuple], write) -> None:
@@ -236,16 +303,26 @@ def _whole_numbers(shape: Any, path: tuple) -> list[int]:
     return list(shape)
 
 
-def _walk_loaded(v: Any, path: tuple) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
-    if isinstance(v, torch.Tensor):
-        yield path, "tensor", TensorInfo(v.dtype, v.shape, v.numel() * v.element_size())
-    elif isinstance(v, dict):
-        yield path, "odict" if isinstance(v, collections.OrderedDict) else "dict", None
-        for k, x in v.items():
-            yield from _walk_loaded(x, path + (k,))
-    elif isinstance(v, (list, tuple)):
-        yield path, "list" if isinstance(v, list) else "tuple", None
-        for j, x in enumerate(v):
-            yield from _walk_loaded(x, path + (j,))
-    else:
-        yield path, type(v).__name__, None
+def _walk_loaded(root: Any, wanted: frozenset | None) -> Iterator[tuple[tuple, str, TensorInfo | None]]:
+    """``walk`` over a loaded value: iterative (a value nested deeper than Python's recursion
+    limit is fine), paths linked and made tuples only for what is yielded."""
+    stack: list[tuple[Link, Any]] = [(None, root)]
+    while stack:
+        link, v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            if wanted is None or "tensor" in wanted:
+                yield _unlink(link), "tensor", TensorInfo(v.dtype, v.shape, v.numel() * v.element_size())
+            continue
+        if isinstance(v, dict):
+            kind = "odict" if isinstance(v, collections.OrderedDict) else "dict"
+            kids = list(v.items())
+        elif isinstance(v, (list, tuple)):
+            kind = "list" if isinstance(v, list) else "tuple"
+            kids = list(enumerate(v))
+        else:
+            kind, kids = type(v).__name__, None
+        if wanted is None or kind in wanted:
+            yield _unlink(link), kind, None
+        if kids:
+            for k, x in reversed(kids):
+                stack.append(((link, k), x))

@@ -61,27 +61,47 @@ def write_record(path: Path, doc: dict, major: int | None = None) -> None:
 # ---------------------------------------------------------------- a reader from the document alone
 
 def spec_reader(d: str):
-    """Reads a version 2 checkpoint directory following docs/format.md; tensors become numpy arrays."""
+    """Reads a version 2 or 3 checkpoint directory following docs/format.md; tensors become numpy arrays."""
     names = os.listdir(d)
     commits = sorted((n for n in names if re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{8}\.commit", n)), reverse=True)
     raw = open(os.path.join(d, commits[0]), "rb").read()
     nl = raw.index(b"\n")
     magic, major, length, crc = raw[:nl].split(b" ")
     body = raw[nl + 1:]
-    assert magic == b"CKPTSTORE" and int(major) == 2 and len(body) == int(length)
+    assert magic == b"CKPTSTORE" and int(major) in (2, 3) and len(body) == int(length)
     assert crc32c.crc32c(body) == int(crc, 16)
     head, _, table = body.partition(b"\n")
     doc = json.loads(head)
     doc["nodes"] = json.loads(table)
+    assert doc["version"][0] == int(major)
     assert doc["tensors"] == sum(1 for n in doc["nodes"] if n[0] == "tensor")
-    stream = b"".join(open(os.path.join(d, f["name"]), "rb").read() for f in doc["files"])
-    blobs, starts, pos = doc["blobs"], [], 0
-    for n in blobs["nbytes"]:
-        starts.append(pos)
-        pos += -(-n // 64) * 64
+    blobs = doc["blobs"]
+    if int(major) == 2:
+        # Version 2: the record's own files, numbered in increasing order; offsets implied.
+        numbers = [int(f["name"].rsplit("-", 1)[1][:-4]) for f in doc["files"]]
+        assert all(f["name"].startswith(doc["generation"] + "-") for f in doc["files"]) and numbers == sorted(numbers)
+        stream = b"".join(open(os.path.join(d, f["name"]), "rb").read() for f in doc["files"])
+        starts, pos = [], 0
+        for n in blobs["nbytes"]:
+            starts.append(pos)
+            pos += -(-n // 64) * 64
+        end = max((s + n for s, n in zip(starts, blobs["nbytes"])), default=0)
+        assert end <= len(stream) <= -(-end // 64) * 64
+    else:
+        # Version 3: files in the run's .shared directory, in the listed order; offsets explicit.
+        import xxhash
+        assert all(f["dir"] == ".shared" for f in doc["files"])
+        shared = Path(d).parent / ".shared"
+        stream = b"".join((shared / f["name"]).read_bytes() for f in doc["files"])
+        starts = blobs["start"]
+    for k, f in enumerate(doc["files"]):
+        assert len(open(os.path.join(d, f["name"]) if int(major) == 2 else Path(d).parent / ".shared" / f["name"],
+                        "rb").read()) == f["nbytes"]
     data = [stream[s:s + n] for s, n in zip(starts, blobs["nbytes"])]
     for i, b in enumerate(data):
         assert crc32c.crc32c(b) == int(blobs["crc32c"][8 * i:8 * i + 8], 16)
+        if int(major) == 3:
+            assert xxhash.xxh3_128(b).hexdigest() == blobs["xxh3"][32 * i:32 * i + 32]
     np_dtypes = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "float16": "<f2", "int32": "<i4",
                  "uint8": "u1", "bool": "?"}
     nodes, values = doc["nodes"], {}
@@ -452,3 +472,153 @@ def test_a_version_3_record_that_lies_is_corrupt(lie):
     record = b"CKPTSTORE 3 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body
     with pytest.raises(CorruptCheckpointError):
         Manifest.from_bytes(record, "x")
+
+
+# ---------------------------------------------------------------- what the document states precisely
+
+def test_the_document_names_the_current_version_this_ckptstore_reads():
+    from ckptstore.format.manifest import INCREMENTAL_MAJOR, READABLE_MAJORS
+    text = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    assert text.splitlines()[0] == f"# The ckptstore on-storage format (version {max(READABLE_MAJORS)}.0)"
+    assert f"The format's current\nversion is **{max(READABLE_MAJORS)}.0**" in text
+    assert max(READABLE_MAJORS) == INCREMENTAL_MAJOR
+
+
+def test_an_empty_blob_shares_its_start_offset_with_the_next_blob(tmp_path):
+    state = {"a": torch.ones(3), "e": torch.empty(0), "b": b"", "c": torch.arange(5), "z": torch.empty(0)}
+    ckptstore.save(state, tmp_path / "c")
+    _, doc = read_record(tmp_path / "c")
+    sizes = doc["blobs"]["nbytes"]
+    assert sizes == [12, 0, 0, 40, 0]
+    # offsets implied: 0, 64, 64, 64, 128 -- the empty blobs share theirs with the next blob
+    assert doc["blobs"]["crc32c"][8:24] == "0" * 16
+    got = spec_reader(str(tmp_path / "c"))
+    np.testing.assert_array_equal(got["c"], np.arange(5))
+    assert got["b"] == b"" and got["e"].size == 0 and got["z"].size == 0
+    assert ckptstore.verify(tmp_path / "c", deep=True).ok
+
+
+def test_a_reader_written_from_the_document_reads_an_incremental_step(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1000, generator=g)
+    run = tmp_path / "run"
+    with ckptstore.CheckpointManager(str(run), incremental=True) as mgr:
+        mgr.save(1, {"base": base, "head": torch.randn(7, generator=g), "e": torch.empty(0)})
+        head = torch.randn(9, generator=g)
+        mgr.save(2, {"base": base, "head": head, "e": torch.empty(0), "b": b""})
+    header, doc = read_record(run / "step-2")
+    assert header.startswith(b"CKPTSTORE 3 ")
+    names = [f["name"] for f in doc["files"]]
+    # Version 2's numbering rule does not hold: two generations' -00000.bin in one record.
+    assert len(names) == 2 and all(n.endswith("-00000.bin") for n in names)
+    assert names[0][:25] != names[1][:25] and names[1].startswith(doc["generation"])
+    got = spec_reader(str(run / "step-2"))
+    np.testing.assert_array_equal(got["base"], base.numpy())
+    np.testing.assert_array_equal(got["head"], head.numpy())
+    assert got["b"] == b"" and got["e"].size == 0
+
+
+def _rewrite_head(d: Path, change) -> None:
+    """Change the record object (not the node table) of ``d``'s record, its CRC recomputed."""
+    raw = record_path(d).read_bytes()
+    header, body = raw.split(b"\n", 1)
+    head, table = body.split(b"\n", 1)
+    doc = json.loads(head)
+    change(doc)
+    body = json.dumps(doc, separators=(",", ":")).encode() + b"\n" + table
+    record_path(d).write_bytes(header.split(b" ")[0] + b" %s %d %08x\n" % (header.split(b" ")[1], len(body),
+                                                                           crc32c.crc32c(body)) + body)
+
+
+@pytest.mark.parametrize("field", ["writer", "meta", "nbytes", "blobs.device", "writer=null", "meta=null",
+                                   "an unknown field"])
+def test_an_optional_record_field_may_be_absent(tmp_path, field):
+    ckptstore.save({"w": torch.arange(3), "n": 2}, tmp_path / "c", storage_options={})
+
+    def change(doc):
+        if field == "an unknown field":
+            doc["from_the_future"] = {"x": 1}
+        elif field.endswith("=null"):
+            doc[field[:-5]] = None
+        elif field.startswith("blobs."):
+            doc["blobs"].pop("device", None)
+        else:
+            del doc[field]
+    _rewrite_head(tmp_path / "c", change)
+    got = ckptstore.load(tmp_path / "c")
+    assert torch.equal(got["w"], torch.arange(3)) and got["n"] == 2
+    assert ckptstore.verify(tmp_path / "c", deep=True).ok
+
+
+@pytest.mark.parametrize("field", ["format", "version", "generation", "created", "files", "blobs", "tensors",
+                                   "pickled", "files.name", "files.nbytes", "files.crc32c", "blobs.nbytes",
+                                   "blobs.crc32c", "blobs.kind", "blobs.devices"])
+def test_a_record_without_a_required_field_is_not_intact(tmp_path, field):
+    ckptstore.save({"w": torch.arange(3)}, tmp_path / "c")
+
+    def change(doc):
+        top, _, sub = field.partition(".")
+        if not sub:
+            del doc[top]
+        elif top == "files":
+            del doc["files"][0][sub]
+        else:
+            del doc["blobs"][sub]
+    _rewrite_head(tmp_path / "c", change)
+    with pytest.raises(CorruptCheckpointError, match="not intact"):
+        ckptstore.load(tmp_path / "c")
+    assert not ckptstore.verify(tmp_path / "c").ok
+
+
+def test_a_recorded_device_goes_where_map_location_says_and_a_missing_one_is_not_corruption(tmp_path):
+    from ckptstore.errors import CheckpointError
+    d = tmp_path / "c"
+    ckptstore.save({"w": torch.arange(3)}, d)
+    _rewrite_head(d, lambda doc: doc["blobs"].__setitem__("devices", ["cuda:7"]))
+    assert torch.equal(ckptstore.load(d, map_location="cpu")["w"], torch.arange(3))
+    assert ckptstore.load(d, map_location="meta")["w"].is_meta
+    if not (torch.cuda.is_available() and torch.cuda.device_count() > 7):
+        with pytest.raises(CheckpointError) as e:
+            ckptstore.load(d)
+        assert not isinstance(e.value, CorruptCheckpointError), e.value
+        assert "cuda:7" in str(e.value) and "map_location" in str(e.value)
+    assert ckptstore.verify(d, deep=True).ok
+    _rewrite_head(d, lambda doc: doc["blobs"].__setitem__("devices", ["no-such-device"]))
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(d)
+    assert not ckptstore.verify(d).ok
+
+
+def test_load_checks_blob_crcs_and_only_verify_deep_checks_file_crcs_and_xxh3(tmp_path):
+    d = tmp_path / "c"
+    ckptstore.save({"w": torch.arange(3)}, d)
+    # A lie in a whole file's CRC-32C: load does not check it, verify(deep=True) does.
+    _rewrite_head(d, lambda doc: doc["files"][0].__setitem__("crc32c", "%08x" % (int(doc["files"][0]["crc32c"],
+                                                                                       16) ^ 1)))
+    assert torch.equal(ckptstore.load(d)["w"], torch.arange(3))
+    assert ckptstore.verify(d).ok
+    report = ckptstore.verify(d, deep=True)
+    assert not report.ok and "CRC-32C" in report.problems[0] and "data file" in report.problems[0]
+    # A lie in a blob's CRC-32C: load refuses it.
+    ckptstore.save({"w": torch.arange(3)}, d)
+    _rewrite_head(d, lambda doc: doc["blobs"].__setitem__("crc32c", "%08x" % (int(doc["blobs"]["crc32c"], 16) ^ 1)))
+    with pytest.raises(CorruptCheckpointError, match="CRC-32C"):
+        ckptstore.load(d)
+    assert not ckptstore.verify(d, deep=True).ok
+    # A lie in a version 3 blob's xxh3-128: load does not check it, verify(deep=True) does.
+    run = tmp_path / "run"
+    with ckptstore.CheckpointManager(str(run), incremental=True) as mgr:
+        mgr.save(1, {"w": torch.arange(3)})
+    step = run / "step-1"
+    _rewrite_head(step, lambda doc: doc["blobs"].__setitem__("xxh3", "0" * 32))
+    assert torch.equal(ckptstore.load(step)["w"], torch.arange(3))
+    report = ckptstore.verify(step, deep=True)
+    assert not report.ok and "xxh3-128" in " ".join(report.problems)
+
+
+def test_part_size_is_at_least_one_mib(tmp_path):
+    from ckptstore.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="1MiB"):
+        ckptstore.save({"w": torch.ones(3)}, tmp_path / "c", storage_options={"part_size": "1048575"})
+    ckptstore.save({"w": torch.ones(3)}, tmp_path / "c", storage_options={"part_size": "1048576"})
+    assert torch.equal(ckptstore.load(tmp_path / "c")["w"], torch.ones(3))

@@ -12,8 +12,10 @@ size (the process's high-water mark is reset before each case), never a file
 opened outside the checkpoint's directory (an audit hook records every open
 of the process). Foreign files get the same: torch.save files whose pickle is
 mutated or malicious, zip archives with escaping member names, safetensors
-headers that lie. Deterministic by seed; `make fuzz` runs the same
-properties with many more cases and random seeds.
+headers that lie. And `verify(deep=True)` reports a problem exactly when
+`load` refuses the checkpoint as corrupt, but for what only verify checks (a
+data file's whole CRC-32C, a blob's xxh3-128). Deterministic by seed; `make
+fuzz` runs the same properties with many more cases and random seeds.
 """
 
 from __future__ import annotations
@@ -184,21 +186,46 @@ def _not_a_storage_fault(e: CheckpointError) -> None:
         f"{type(e).__name__}: {e}"
 
 
+# What verify(deep=True) checks and load does not (docs/format.md, "What each reader checks"):
+# a whole data file's CRC-32C, a blob's xxh3-128. A problem of another kind that verify
+# reports, load must refuse too.
+_ONLY_VERIFY_CHECKS = re.compile(r"^data file \S+: CRC-32C [0-9a-f]{8}, the commit record says [0-9a-f]{8}$"
+                                 r"|^blob \d+ \(\d+ bytes[^)]*\): xxh3-128 ")
+
+
+def verify_agrees_with_load(load_error: CheckpointError | None, report) -> None:
+    """verify(deep=True) refuses exactly what load refuses as corrupt (or too new), and passes
+    what load returns, but for the checks only verify makes."""
+    if isinstance(load_error, (CorruptCheckpointError, FormatTooNewError)):
+        assert not report.ok, f"load refused it ({type(load_error).__name__}: {load_error}) but " \
+                              "verify(deep=True) reports it ok"
+    elif load_error is None:
+        assert report.ok or all(_ONLY_VERIFY_CHECKS.search(p) for p in report.problems), \
+            f"load returned it, but verify(deep=True) reports {report.problems}"
+
+
 def _readers(uri: str, storage_options=None) -> object:
-    """Run every reader over ``uri``; returns what load gave (or None). Fails on any non-CheckpointError."""
-    loaded = None
+    """Run every reader over ``uri``; returns what load gave (or None). Fails on any non-CheckpointError,
+    and where verify(deep=True) and load disagree."""
+    loaded, load_error = None, None
     try:
         loaded = ckptstore.load(uri, storage_options=storage_options)
         event("load: returned")
     except CheckpointError as e:
+        load_error = e
         event(f"load: {type(e).__name__}")
         _not_a_storage_fault(e)
-    for reader in (lambda: ckptstore.verify(uri, deep=True, storage_options=storage_options),
-                   lambda: info(uri, storage_options=storage_options)):
-        try:
-            reader()
-        except CheckpointError as e:
-            _not_a_storage_fault(e)
+    try:
+        report = ckptstore.verify(uri, deep=True, storage_options=storage_options)
+    except CheckpointError as e:
+        _not_a_storage_fault(e)
+    else:
+        event(f"verify(deep=True): {'ok' if report.ok else 'problems'}")
+        verify_agrees_with_load(load_error, report)
+    try:
+        info(uri, storage_options=storage_options)
+    except CheckpointError as e:
+        _not_a_storage_fault(e)
     _partial_readers(uri, storage_options)
     if storage_options is None:
         _quiet_cli(["verify", "--deep", uri])

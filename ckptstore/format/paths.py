@@ -13,6 +13,7 @@ data; every lookup fails with ``KeyError`` naming the path before any does.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterator
 
 from ..errors import CorruptCheckpointError, PathNotFoundError, SelectTypeError, record_checks
@@ -61,23 +62,38 @@ def _bad(msg: str) -> CorruptCheckpointError:
 malformed_is_corrupt = record_checks
 
 
+# The live Tree of each node table (by the table's id, which cannot be reused while the
+# Tree, holding the table, lives).
+_LIVE: "weakref.WeakValueDictionary[tuple[int, int], Tree]" = weakref.WeakValueDictionary()
+
+
 class Tree:
     """Navigation of a node table: children of containers, keys decoded on demand."""
 
     def __init__(self, nodes: list, version: int):
         self.nodes, self.version = nodes, version
-        self._keys: dict[int, Any] = {}
-        self._index: dict[int, tuple[dict, list]] = {}
+        # Trees over one node table (an open view's, and the plan of each read through it) share
+        # the keys they decoded and the containers they indexed: reading each of n keys of an
+        # open view then indexes the container once, not once per read.
+        other = _LIVE.get((id(nodes), version))
+        if other is not None and other.nodes is nodes:
+            self._keys, self._index, self._key_nodes = other._keys, other._index, other._key_nodes
+        else:
+            self._keys: dict[int, Any] = {}
+            self._index: dict[int, tuple[dict, list]] = {}
+            self._key_nodes: dict[int, dict[int, int]] = {}
+            _LIVE[(id(nodes), version)] = self
 
     def key_value(self, kn: int) -> Any:
         """The dict key that node ``kn`` holds (a tuple, a float, ...), decoded once."""
         if kn not in self._keys:
-            from .tree import decode
+            from .tree import decode_part
 
             def no_blob(i, kind):
                 raise _bad(f"a dict key refers to blob {i!r:.40}")
-            self._keys[kn] = decode(self.nodes, no_blob, version=self.version, needed=set(self.subtree(kn)),
-                                    root=kn)
+            # decode_part costs what the key's nodes cost, not the table's length: a dict of
+            # 10**5 keys held as nodes is read in O(10**5), not O(10**10)
+            self._keys[kn] = decode_part(self.nodes, no_blob, set(self.subtree(kn)), kn, version=self.version)
         return self._keys[kn]
 
     def node(self, i: int) -> list:
@@ -176,20 +192,37 @@ class Tree:
                 return child
         return None
 
+    def key_nodes(self, i: int) -> dict[int, int]:
+        """{child: the node holding its key} of container ``i``, for its keys held as nodes;
+        built once per container."""
+        if i not in self._key_nodes:
+            self._key_nodes[i] = {child: kn for _, child, kn in self.items(i) if kn is not None}
+        return self._key_nodes[i]
+
     def subtree(self, i: int) -> Iterator[int]:
-        """``i`` and every node below it."""
+        """``i`` and every node below it, each once: O(their number).
+
+        A node reached twice has two parents, which the decoder refuses too; without the check,
+        a table of d nodes each naming the next twice would be walked 2**d times."""
         stack = [i]
+        seen = {i}
         while stack:
             n = stack.pop()
             yield n
             if self.tag(n) in CONTAINER_TAGS:
+                kids = []
                 for _, child, kn in self.items(n):
-                    stack.append(child)
+                    kids.append(child)
                     if kn is not None:
-                        stack.append(kn)
+                        kids.append(kn)
                 meta = self.metadata_child(n)
                 if meta is not None:
-                    stack.append(meta)
+                    kids.append(meta)
+                for c in kids:
+                    if c in seen:
+                        raise _bad(f"node {c} has two parents")
+                    seen.add(c)
+                    stack.append(c)
 
 
 class Selection:
@@ -211,6 +244,9 @@ class Selection:
             trail = tree.lookup(p)
             self.ends[p] = trail[-1]
             trails.append(trail)
+        # Shorter paths first: a subtree already taken whole is not walked again for each
+        # selected path inside it.
+        trails.sort(key=len)
         for trail in trails:
             end = trail[-1]
             if end in whole:
@@ -225,8 +261,10 @@ class Selection:
         for parent, kids in self.partial.items():
             self.needed.add(parent)
             # Keys that are nodes (tuple keys) are built with the items they name.
-            for _, child, kn in tree.items(parent):
-                if child in kids and kn is not None:
+            key_nodes = tree.key_nodes(parent)
+            for child in kids:
+                kn = key_nodes.get(child)
+                if kn is not None:
                     self.needed.update(tree.subtree(kn))
         for parent in list(self.partial):
             if parent in whole:

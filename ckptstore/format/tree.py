@@ -679,3 +679,36 @@ def _decode_tensor(info: TensorNode, blob_value) -> torch.Tensor:
         t.requires_grad_(True)
     return t
 
+
+# ---------------------------------------------------------------- decoding a few nodes of a large table
+
+class _Sparse(dict):
+    """Values (or parent marks) of the nodes decoded so far; a node not there reads as None."""
+
+    def __missing__(self, key: int) -> None:
+        return None
+
+
+class _PartTable(_Table):
+    """``_Table`` for a decode of a few nodes: sized by what it decodes, not by the table."""
+
+    def __init__(self, nodes: list, blob_value: Callable[[int], Any]):
+        self.nodes, self.blob_value = nodes, blob_value
+        self.values = _Sparse()
+        self.claimed = _Sparse()
+        self.partial = {}
+
+
+def decode_part(nodes: list, blob_value: Callable[[int], Any], needed: set, root: int, version: int = 2) -> Any:
+    """``decode(nodes, blob_value, version=version, needed=needed, root=root)``, pickles refused,
+    in time and memory proportional to ``len(needed)`` instead of ``len(nodes)``: what
+    ``paths.Tree`` uses to read a dict key held as a node, once per key."""
+    if not isinstance(nodes, list) or not nodes:
+        raise _bad("empty node table")
+    order = sorted(needed, reverse=True)
+    refuse_pickle([nodes[i] for i in order])
+    table = _PartTable(nodes, blob_value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # complex32 warns that it is experimental
+        _decode_all(nodes, table, version, order, {})
+    return table.values[root]
