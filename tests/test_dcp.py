@@ -44,12 +44,13 @@ def full_weight(rows: int) -> torch.Tensor:
     return torch.arange(rows * COLS, dtype=torch.float32).reshape(rows, COLS) / 7.0
 
 
-def start_job(mode: str, uri: str, options: dict[int, dict], rows: int) -> list[subprocess.Popen]:
+def start_job(mode: str, uri: str, options: dict[int, dict], rows: int,
+              extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """Two ranks of one gloo job, as separate processes."""
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+        env = dict(os.environ, **(extra_env or {}), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         opts = json.dumps({str(r): o for r, o in options.items()})
         procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, uri, opts, str(rows)], env=env,
@@ -73,6 +74,15 @@ def run_job(mode: str, uri: str, options: dict[int, dict], rows: int) -> None:
     for rank, (rc, text) in enumerate(finish_job(start_job(mode, uri, options, rows))):
         assert rc == 0, f"rank {rank} of the {mode} job failed:\n{text[-4000:]}"
         assert ("SAVED" if mode == "save" else "LOADED") in text
+
+
+def job_says(mode: str, uri: str, rows: int = 64, env: dict[str, str] | None = None) -> list[str]:
+    """The last line each rank of a ``mode`` job printed (the job must succeed)."""
+    said = []
+    for rank, (rc, text) in enumerate(finish_job(start_job(mode, uri, {}, rows, env), timeout=180)):
+        assert rc == 0, f"rank {rank} of the {mode} job failed:\n{text[-4000:]}"
+        said.append(text.strip().splitlines()[-1])
+    return said
 
 
 def commits(store) -> list[str]:
@@ -236,3 +246,88 @@ def test_non_contiguous_views_store_only_their_elements(memory_store):
     assert all(torch.equal(target[k], v) for k, v in state.items())
     # Only the views' elements were written, not their 48-element base three times.
     assert ckptstore.verify(uri).nbytes < 3 * 48 * 4
+
+
+# ---------------------------------------------------------------- DCP's own options, two ranks
+
+def test_overwrite_false_refuses_a_committed_checkpoint_on_every_rank_and_keeps_it(tmp_path):
+    uri = str(tmp_path / "c")
+    run_job("save", uri, {}, 64)
+    before = commits(open_store(uri))
+    # Each rank refuses on its own (CheckpointExistsError), as FileSystemWriter(overwrite=False) does.
+    assert job_says("save-exclusive", uri) == ["REFUSED 0:CheckpointExistsError,1:CheckpointExistsError"] * 2
+    store = open_store(uri)
+    assert commits(store) == before
+    assert all(FileName.parse(n).gen == before[0] for n in store.list()), "the refused save wrote nothing"
+    flat = ckptstore.load(uri)
+    assert torch.equal(torch.cat([flat["w@0,0"], flat["w@32,0"]]), full_weight(64))
+
+
+def test_overwrite_false_saves_where_nothing_is_committed(tmp_path):
+    uri = str(tmp_path / "c")
+    assert job_says("save-exclusive", uri) == ["SAVED"] * 2
+    flat = ckptstore.load(uri)
+    assert torch.equal(torch.cat([flat["w@0,0"], flat["w@32,0"]]), full_weight(64) + 1)
+
+
+def test_overwrite_defaults_to_true_and_replaces(tmp_path):
+    assert StoreWriter("x").overwrite is True         # DCP's default
+    uri = str(tmp_path / "c")
+    run_job("save", uri, {}, 64)
+    first = commits(open_store(uri))
+    run_job("save", uri, {}, 32)
+    store = open_store(uri)
+    assert len(commits(store)) == 1 and commits(store) != first
+    flat = ckptstore.load(uri)
+    assert torch.equal(torch.cat([flat["w@0,0"], flat["w@16,0"]]), full_weight(32))
+
+
+def test_non_tensor_values_round_trip_without_allow_pickle(tmp_path):
+    # ints, floats, tuples, lists, dicts, None, torch.Size/dtype/device: what weights_only accepts.
+    assert job_says("values", str(tmp_path / "c")) == ["VALUES-OK"] * 2
+
+
+def test_a_value_whose_pickle_runs_code_is_refused_on_every_rank(tmp_path):
+    marker = tmp_path / "pwned"
+    assert job_says("unsafe", str(tmp_path / "c"), env={"DCP_MARKER": str(marker)}) == ["REFUSED-UNSAFE"] * 2
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["async-thread", "async-thread-cached", "async-process-cached"])
+def test_async_save_copies_the_state_before_it_returns(kind, tmp_path):
+    # Each rank changes its state in place while its save waits to write; both saves load back
+    # as they were when async_save was called.
+    said = job_says(kind, str(tmp_path / "c"), env={"DCP_GATE": str(tmp_path / "gate")})
+    assert said == ["ASYNC-OK"] * 2
+
+
+def test_a_save_without_collectives_is_refused(tmp_path):
+    # Every rank would commit its own part alone, each retiring the others'.
+    assert job_says("no-collectives", str(tmp_path / "c")) == ["REFUSED-NOCOLL"] * 2
+    assert not ckptstore.exists(str(tmp_path / "c"))
+
+
+# ---------------------------------------------------------------- DCP's own options, one process
+
+def test_writer_takes_file_system_writer_keywords():
+    w = StoreWriter("x", single_file_per_rank=False, sync_files=False, thread_count=8,
+                    per_thread_copy_ahead=0, cache_staged_state_dict=True, overwrite=False)
+    assert w.overwrite is False and w.cache_staged_state_dict is True
+    # What it cannot honour (stream transforms, another file format) it refuses.
+    with pytest.raises(TypeError):
+        StoreWriter("x", _extensions=[])
+    with pytest.raises(TypeError):
+        StoreWriter("x", serialization_format=None)
+
+
+def test_a_class_torch_allows_is_allowed(tmp_path):
+    # The check is torch's own: what a user allow-lists with add_safe_globals loads; the rest is refused.
+    uri = str(tmp_path / "c")
+    dcp.save({"buf": io.BytesIO(b"loader position"), "w": torch.ones(2)}, storage_writer=StoreWriter(uri))
+    target = {"buf": None, "w": torch.zeros(2)}
+    with pytest.raises((CheckpointException, ckptstore.CheckpointError)) as e:
+        dcp.load(target, storage_reader=StoreReader(uri))
+    assert any(isinstance(x, ckptstore.UnsafeCheckpointError) for x in _error_chain(e))
+    with torch.serialization.safe_globals([io.BytesIO]):
+        dcp.load(target, storage_reader=StoreReader(uri))
+    assert target["buf"].getvalue() == b"loader position"

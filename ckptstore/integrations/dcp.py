@@ -33,8 +33,16 @@ values DCP serialized with ``torch.save``.
 Those ``bytes`` values are the one place DCP itself unpickles: its default
 load planner calls ``torch.load(..., weights_only=False)`` on them. The
 reader therefore first loads each such value with torch's weights-only
-unpickler and refuses, with ``UnsafeCheckpointError``, any that needs more,
-unless it was built with ``allow_pickle=True``.
+unpickler (as ``ckptstore.load`` reads a ``.pt`` file) and refuses, with
+``UnsafeCheckpointError``, exactly what that refuses, unless it was built
+with ``allow_pickle=True``.
+
+The writer takes the keywords of DCP's ``FileSystemWriter`` so that one can
+replace the other: ``overwrite`` and ``cache_staged_state_dict`` mean what
+they mean there; the tuning knobs of DCP's own file layout are accepted and
+have no effect here (see ``StoreWriter``). Like ``FileSystemWriter`` it is
+its own ``AsyncStager``, so ``dcp.async_save`` copies the state to host
+memory before it returns.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -55,11 +64,14 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import (
     LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItemType,
 )
+from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
 from ..datafiles import blob_table, plan as layout, write_files
-from ..errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedObjectError
+from ..errors import (
+    CheckpointError, CheckpointExistsError, CorruptCheckpointError, UnsafeCheckpointError, UnsupportedObjectError,
+)
 from ..format.dtypes import dtype_from_name, dtype_name
 from ..format.manifest import ALIGN, BYTES, STORAGE, FileEntry, Manifest, commit_name
 from ..format.tree import Blob, bytes_node, flat_dict_nodes, tensor_node, tensors
@@ -67,7 +79,7 @@ from ..ranges import Range, StreamReader
 from ..reader import open_commit, shallow_problems
 from ..stores import open_store
 from ..stores.base import Store
-from ..writer import Generation, writer_fields
+from ..writer import Generation, has_commit, writer_fields
 
 __all__ = ["StoreWriter", "StoreReader"]
 
@@ -84,6 +96,19 @@ def _location(checkpoint_id: Any) -> str:
     if not isinstance(checkpoint_id, str):
         raise TypeError(f"a checkpoint id must be a path or a URL string, not {type(checkpoint_id).__name__}")
     return checkpoint_id
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _can_pin() -> bool:
+    """Whether pinned host memory can be had (it needs an accelerator)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------- what travels between ranks
@@ -253,22 +278,67 @@ class _OnStore:
 
 # ---------------------------------------------------------------- the writer
 
-class StoreWriter(_OnStore, StorageWriter):
+class StoreWriter(_OnStore, StorageWriter, BlockingAsyncStager):
     """DCP ``StorageWriter`` over a ckptstore URL (local path, ``s3://``, ``gs://``, FUSE mount, ...).
 
     ``uri`` may be overridden by ``dcp.save(..., checkpoint_id=...)``.
     ``storage_options`` configure the backend like those of
     ``ckptstore.save``; ``verify=True`` has each rank check what the backend
     stored before it reports success. Saving again to the same URI commits a
-    new generation and retires the old one, as ``ckptstore.save`` does.
+    new generation and retires the old one, as ``ckptstore.save`` does;
+    ``overwrite=False`` refuses instead, on every rank, with
+    ``CheckpointExistsError``, when a checkpoint is committed there (as DCP's
+    ``FileSystemWriter(overwrite=False)`` refuses an existing one).
+
+    ``dcp.async_save`` stages through the writer, as through
+    ``FileSystemWriter``: the state is copied to host memory before
+    ``async_save`` returns. ``cache_staged_state_dict=True`` keeps that copy
+    for the next ``async_save`` with the same writer (pinned where an
+    accelerator is present); wait for a save's future before starting the
+    next one, since the next staging overwrites the copy it is writing.
+
+    Accepted for compatibility with ``FileSystemWriter``, with no effect:
+    ``single_file_per_rank`` and ``thread_count`` (each rank writes its own
+    data files of the backend's ``part_size``, ``concurrency`` of them at a
+    time: set those in ``storage_options``), ``per_thread_copy_ahead`` (a
+    device tensor is copied to the host one bounded chunk at a time), and
+    ``sync_files`` (files are always made durable before the commit, as the
+    atomic-commit guarantee needs).
     """
 
     def __init__(self, uri: str | os.PathLike | None = None, *,
-                 storage_options: Mapping[str, Any] | None = None, verify: bool = True) -> None:
+                 storage_options: Mapping[str, Any] | None = None, verify: bool = True,
+                 overwrite: bool = True, cache_staged_state_dict: bool = False,
+                 single_file_per_rank: bool = True, sync_files: bool = True, thread_count: int = 1,
+                 per_thread_copy_ahead: int = 10_000_000) -> None:
         super().__init__(uri, storage_options)
+        BlockingAsyncStager.__init__(self, cache_staged_state_dict=cache_staged_state_dict)
         self.verify = verify
+        self.overwrite = overwrite
         self.save_id = uuid.uuid4().hex
         self._generation: Generation | None = None
+
+    def __getstate__(self) -> dict:
+        # The process-based async_save sends the writer to its checkpointing
+        # process: the store is reopened there, and the staged copy travels
+        # once, as the state dict itself.
+        state = dict(self.__dict__)
+        state["_store"] = None
+        state["state_dict_cache"] = None
+        return state
+
+    # --- DCP's AsyncStager (dcp.async_save)
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A host-memory copy of ``state_dict`` that later updates of the training state do not reach."""
+        if not self.cache_staged_state_dict:
+            return super().stage(state_dict)
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        if self.state_dict_cache is None:
+            # BlockingAsyncStager always pins the cache, which fails on a machine without an accelerator.
+            self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=_can_pin())
+        return _copy_state_dict(state_dict, self.state_dict_cache)
 
     # --- DCP protocol
 
@@ -281,15 +351,31 @@ class StoreWriter(_OnStore, StorageWriter):
         return StorageMeta(checkpoint_id=self.store.uri, save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        pass  # the coordinator's part is prepare_global_plan and finish, which DCP calls on it alone
+        # The coordinator's part is prepare_global_plan and finish, which DCP calls on it alone.
+        # Without collectives every rank would be a coordinator and commit its own part alone.
+        if kwargs.get("use_collectives", True) is False and _world_size() > 1:
+            raise CheckpointError(
+                f"{self.store.uri}: StoreWriter commits one checkpoint for all ranks and needs DCP's "
+                "collectives; call dcp.save without use_collectives=False", self.store.uri)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        if not self.overwrite:
+            self._refuse_existing()
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Coordinator: one generation for everyone, and a file-number slot per rank."""
-        self._generation = Generation.begin(self.store)
+        # With overwrite=False, begin checks once more, and the commit takes the exclusive claim.
+        self._generation = Generation.begin(self.store, overwrite=self.overwrite)
         return [dataclasses.replace(p, storage_data=_Slot(self._generation.id, i)) for i, p in enumerate(plans)]
+
+    def _refuse_existing(self) -> None:
+        """``overwrite=False``: every rank refuses a committed checkpoint, in DCP's words."""
+        store = self.store
+        if has_commit(store, store.list() or {}):
+            raise CheckpointExistsError(
+                f"{store.uri}: Checkpoint already exists and overwrite=False; nothing was written. Save "
+                "elsewhere, or pass overwrite=True to replace it", store.uri)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         slot: _Slot = plan.storage_data
@@ -493,13 +579,7 @@ class StoreReader(_OnStore, StorageReader):
         if req.type == LoadItemType.BYTE_IO:
             raw = bytes(buf)
             if not self.allow_pickle:
-                try:
-                    torch.load(io.BytesIO(raw), weights_only=True)
-                except Exception as e:  # noqa: BLE001 - any refusal means: not plain data
-                    raise UnsafeCheckpointError(
-                        f"{self.store.uri}: the value {req.storage_index.fqn!r} needs the full unpickler "
-                        f"({type(e).__name__}); pass allow_pickle=True to StoreReader if you trust this "
-                        "checkpoint") from None
+                self._check_weights_only(raw, req.storage_index.fqn)
             planner.load_bytes(req, io.BytesIO(raw))
             return
         dtype, shape = shapes[b]
@@ -514,6 +594,31 @@ class StoreReader(_OnStore, StorageReader):
                 f"the load plan wants {tuple(target.size())}")
         target.copy_(t)
         planner.commit_tensor(req, target)
+
+    def _check_weights_only(self, raw: bytes, fqn: str) -> None:
+        """Refuse a serialized value that torch's weights-only unpickler refuses.
+
+        That unpickler runs no code: it builds only allow-listed types (and
+        whatever ``torch.serialization.add_safe_globals`` added), so a value it
+        accepts is safe for DCP's own unpickler too, which then loads it.
+        """
+        uri = self.store.uri
+        try:
+            torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "error:" in ln]
+            raise UnsafeCheckpointError(
+                f"{uri}: the value {fqn!r} holds objects outside torch's weights-only allow-list, and "
+                "unpickling them could run arbitrary code; pass allow_pickle=True to StoreReader only if "
+                "you trust where it came from, or allow-list a harmless class with "
+                "torch.serialization.add_safe_globals. Refused: " + (lines[0][:300] if lines else "pickle"),
+                uri) from None
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the weights-only unpickler runs no code: anything else is damage
+            raise CorruptCheckpointError(
+                f"{uri}: the value {fqn!r} is not a readable torch.save stream ({type(e).__name__}: {e})"[:400],
+                uri) from None
 
 
 def _direct_target(reqs: list[ReadItem], stored: tuple | None, planner: LoadPlanner) -> torch.Tensor | None:
