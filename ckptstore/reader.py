@@ -493,8 +493,8 @@ def check_devices(m: Manifest, plan: ReadPlan | None, map_location) -> None:
     Storages read into ``into=`` tensors go where those tensors are, and are not checked.
     """
     t = m.blobs
-    if t.all_on_cpu and (map_location is None or callable(map_location) and not isinstance(map_location, str)):
-        return
+    if tree.is_placement_function(map_location) or (map_location is None and t.all_on_cpu):
+        return      # only calling a function tells where it places a storage
     skip = {tg.blob for tg in plan.targets} if plan is not None else set()
     wanted = range(len(t)) if plan is None or plan.blobs is None else plan.blobs
     seen: set[str] = set()

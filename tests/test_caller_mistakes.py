@@ -17,7 +17,6 @@ import threading
 import time
 from pathlib import Path
 
-import crc32c
 import pytest
 import torch
 
@@ -26,6 +25,7 @@ from ckptstore.manager import core as manager_module
 from ckptstore.errors import CallerMistake, ClaimHeldError, DeviceUnavailableError
 from ckptstore.format.manifest import CLAIM_NAME
 from ckptstore.writer import CLAIM_STALE
+from helpers.records import rewrite_record
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 
@@ -43,23 +43,6 @@ def run_with(tmp_path: Path, steps, **kw) -> ckptstore.CheckpointManager:
     return mgr
 
 
-def record_of(step_dir: Path) -> Path:
-    (name,) = [n for n in os.listdir(step_dir) if n.endswith(".commit")]
-    return step_dir / name
-
-
-def rewrite_record(path: Path, edit) -> None:
-    """Apply ``edit(head)`` to a commit record's head and recompute its CRC (a record that
-    is intact, as far as its checksum goes, and says what ``edit`` made it say)."""
-    raw = path.read_bytes()
-    major = int(raw.split(b" ", 2)[1])
-    head_raw, nodes_raw = raw.split(b"\n", 1)[1].split(b"\n", 1)
-    head = json.loads(head_raw)
-    edit(head)
-    body = json.dumps(head, separators=(",", ":")).encode() + b"\n" + nodes_raw
-    path.write_bytes(b"CKPTSTORE %d %d %08x\n" % (major, len(body), crc32c.crc32c(body)) + body)
-
-
 def say_saved_on(step_dir: Path, device: str) -> None:
     def edit(head):
         blobs = head["blobs"]
@@ -68,7 +51,7 @@ def say_saved_on(step_dir: Path, device: str) -> None:
         else:
             for b in blobs:
                 b["device"] = device
-    rewrite_record(record_of(step_dir), edit)
+    rewrite_record(step_dir, edit)
 
 
 def flip_a_data_byte(step_dir: Path) -> None:
@@ -184,7 +167,7 @@ def test_restore_raises_naming_every_step_when_none_verifies(tmp_path, caplog):
 
 
 def test_a_fallback_past_corrupt_steps_lets_the_run_save_them_again(tmp_path, caplog):
-    mgr = run_with(tmp_path, [25, 45, 50, 51], keep_last=3)
+    run_with(tmp_path, [25, 45, 50, 51], keep_last=3)
     flip_a_data_byte(tmp_path / "run" / "step-50")
     flip_a_data_byte(tmp_path / "run" / "step-51")
     fresh = ckptstore.CheckpointManager(tmp_path / "run", keep_last=3, save_interval_steps=5)

@@ -351,6 +351,11 @@ def describe(m: Manifest) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- decoding
 
+def is_placement_function(map_location) -> bool:
+    """Whether ``map_location`` is a function ``(storage, location) -> storage`` (torch.load's form)."""
+    return callable(map_location) and not isinstance(map_location, (str, torch.device))
+
+
 def target_device(location: str, map_location) -> torch.device | None:
     """Where a storage saved on ``location`` goes, as torch.load decides it; None when
     ``map_location`` is a function (only calling it tells).
@@ -358,7 +363,7 @@ def target_device(location: str, map_location) -> torch.device | None:
     A ``map_location`` that names no device is the caller's ``ArgumentError``; a recorded
     ``location`` that names none is a malformed record.
     """
-    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+    if is_placement_function(map_location):
         return None
     if map_location is None:
         target = location
@@ -408,7 +413,7 @@ def restore_location(storage: torch.UntypedStorage, location: str, map_location)
     Errors of the caller's ``map_location`` function and of the device copy are the caller's
     and the machine's, never signs of corruption (errors.not_stored).
     """
-    if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+    if is_placement_function(map_location):
         try:
             result = map_location(storage, location)
         except BaseException as e:

@@ -12,23 +12,40 @@ import torch
 
 import ckptstore
 
-def _record(d: Path) -> Path:
+
+def record_of(d: Path) -> Path:
+    """The commit record file of the checkpoint directory ``d``."""
     (name,) = [n for n in os.listdir(d) if n.endswith(".commit")]
     return d / name
 
 
+def rewrite_record(d: Path, edit_head=None, nodes: list | None = None) -> None:
+    """Rewrite the commit record of ``d``: ``edit_head(head)`` applied to its head, ``nodes``
+    (when given) as its node table, its major version kept and its CRC recomputed, so the
+    record is intact and says what the edit made it say (docs/format.md, "The commit record")."""
+    path = record_of(d)
+    raw = path.read_bytes()
+    major = int(raw.split(b" ", 2)[1])
+    head_raw, nodes_raw = raw.split(b"\n", 1)[1].split(b"\n", 1)
+    head = json.loads(head_raw)
+    if edit_head is not None:
+        edit_head(head)
+    if nodes is not None:
+        nodes_raw = json.dumps(nodes, separators=(",", ":")).encode()
+    body = json.dumps(head, separators=(",", ":")).encode() + b"\n" + nodes_raw
+    path.write_bytes(b"CKPTSTORE %d %d %08x\n" % (major, len(body), crc32c.crc32c(body)) + body)
+
+
 def forge(d: Path, nodes: list, state=None) -> Path:
     """Save ``state`` (default: one small tensor) at ``d``, then give its record the node table
-    ``nodes``, the counts of the first line made to match and the CRC recomputed: an intact
-    record that says whatever ``nodes`` says (docs/format.md, "The commit record")."""
+    ``nodes``, the counts of the head made to match: an intact record that says whatever
+    ``nodes`` says."""
     ckptstore.save({"t": torch.arange(4, dtype=torch.float32)} if state is None else state, d)
-    raw = _record(d).read_bytes()
-    head = json.loads(raw.split(b"\n", 1)[1].split(b"\n", 1)[0])
-    head["tensors"] = sum(1 for n in nodes if type(n) is list and n and n[0] == "tensor")
-    head["pickled"] = any(type(n) is list and n and n[0] == "pickle" for n in nodes)
-    body = json.dumps(head, separators=(",", ":")).encode() + b"\n" + \
-        json.dumps(nodes, separators=(",", ":")).encode()
-    _record(d).write_bytes(b"CKPTSTORE 2 %d %08x\n" % (len(body), crc32c.crc32c(body)) + body)
+
+    def counts(head: dict) -> None:
+        head["tensors"] = sum(1 for n in nodes if type(n) is list and n and n[0] == "tensor")
+        head["pickled"] = any(type(n) is list and n and n[0] == "pickle" for n in nodes)
+    rewrite_record(d, counts, nodes)
     return d
 
 
