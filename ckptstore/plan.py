@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CorruptCheckpointError, PathMismatchError, PathNotFoundError, SelectTypeError
-from .format import tree
+from .format import shards, tree
 from .format.dtypes import dtype_name
 from .format.manifest import NDARRAY, STORAGE, Manifest
 from .format.paths import Selection, Tree, malformed_is_corrupt, normalize, show
@@ -72,29 +72,59 @@ class Target:
 
 
 @dataclass
+class Piece:
+    """Part of an ``into=`` tensor filled from one stored shard (or a whole stored tensor)."""
+
+    local: torch.Tensor           # the caller's memory: a local shard, or the whole tensor
+    local_at: tuple               # where ``local`` sits in the global tensor
+    node: int                     # the stored tensor node
+    node_at: tuple                # where that stored tensor sits in the global tensor
+    at: tuple                     # the box they share: global offsets and shape
+    shape: tuple
+
+
+@dataclass
+class ShardTarget:
+    """An ``into=`` tensor filled from a sharded value, or a sharded tensor (DTensor,
+    ShardedTensor) filled from any saved tensor: only the stored shards that overlap the
+    parts this rank holds are read."""
+
+    path: tuple
+    node: int
+    tensor: torch.Tensor
+    pieces: list
+
+
+@dataclass
 class ReadPlan:
     needed: set | None = None                  # nodes to build (None: all)
     partial: dict = field(default_factory=dict)
     blobs: set | None = None                   # blobs to read into fresh buffers (None: all)
     targets: list = field(default_factory=list)
+    shard_targets: list = field(default_factory=list)
+    shard_blobs: set = field(default_factory=set)   # blobs read for shard_targets (placed where they go)
+    ranks: Any = None                          # the reader's (rank, world size), for values saved per rank
 
     @property
     def direct(self) -> dict[int, Target]:
         return {t.blob: t for t in self.targets if t.direct}
 
     @classmethod
-    def make(cls, m: Manifest, select: Any = None, into: Any = None, into_prefix: tuple = ()) -> "ReadPlan":
+    def make(cls, m: Manifest, select: Any = None, into: Any = None, into_prefix: tuple = (),
+             ranks: Any = None) -> "ReadPlan":
         with malformed_is_corrupt():
-            return cls._make(m, select, into, into_prefix)
+            return cls._make(m, select, into, into_prefix, ranks)
 
     @classmethod
-    def _make(cls, m: Manifest, select: Any, into: Any, into_prefix: tuple) -> "ReadPlan":
+    def _make(cls, m: Manifest, select: Any, into: Any, into_prefix: tuple, ranks: Any = None) -> "ReadPlan":
         paths = normalize(select)
+        version = m.version[0]
+        if version >= 4 and paths is None:
+            paths = [()]      # values saved per rank: decided here, naming the path, before reading
         if paths is None and into is None:
             return cls()
-        version = m.version[0]
-        nav = Tree(m.nodes, version)
-        plan = cls()
+        nav = Tree(m.nodes, version, ranks)
+        plan = cls(ranks=ranks)
         if paths is not None:
             sel = Selection(nav, paths)
             plan.needed, plan.partial = sel.needed, sel.partial
@@ -110,7 +140,18 @@ class ReadPlan:
                     raise CorruptCheckpointError(f"malformed checkpoint structure: {show(path)} and "
                                                  f"{show(seen[node])} are the same node {node}")
                 seen[node] = path
-                plan.targets.append(_target(m, nav, path, node, dst, version))
+                if nav.tag(node) == "sharded" or shards.is_sharded(dst):
+                    plan.shard_targets.append(_shard_target(m, nav, path, node, dst, version))
+                else:
+                    plan.targets.append(_target(m, nav, path, node, dst, version))
+        for st in plan.shard_targets:
+            # the stored shards are read where they go, the others not at all
+            if plan.needed is not None:
+                plan.needed.difference_update(set(nav.subtree(st.node)) - {st.node})
+            for piece in st.pieces:
+                b = node_blob(m.nodes[piece.node], version)
+                if b is not None:
+                    plan.shard_blobs.add(b)
         nodes = range(len(m.nodes)) if plan.needed is None else plan.needed
         users: dict[int, int] = {}
         blobs = set()
@@ -125,7 +166,7 @@ class ReadPlan:
         for t in plan.targets:
             if t.direct and users.get(t.blob, 0) != 1:
                 t.direct = False       # tied weights: the storage is read once, then copied
-        plan.blobs = blobs - {t.blob for t in plan.targets if t.direct}
+        plan.blobs = (blobs - {t.blob for t in plan.targets if t.direct}) | plan.shard_blobs
         return plan
 
 
@@ -157,6 +198,41 @@ def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, v
               and tuple(info.stride) == tuple(tree.contiguous_strides(list(saved)))
               and int(m.blobs.sizes[b]) == n and dst.is_contiguous() and n > 0)
     return Target(path, node, dst, b, direct)
+
+
+def _shard_target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, version: int) -> ShardTarget:
+    """Match ``dst`` with the sharded (or whole) tensor saved at ``path``, and find which stored
+    shards overlap each part of ``dst`` this process holds."""
+    raw = nav.node(node)
+    if raw[0] == "sharded":
+        dtype, saved, entries, _ = tree.sharded_info(node, raw)
+        name = dtype_name(dtype)
+        stored = []
+        for offsets, child in entries:
+            info = tree.tensor_info(nav.node(nav._child(node, child)), version)
+            stored.append((child, offsets, tuple(int(d) for d in info.shape)))
+    elif raw[0] == "tensor":
+        info = tree.tensor_info(raw, version)
+        name, saved = info.dtype, [int(d) for d in info.shape]
+        if info.blob is None:
+            raise PathMismatchError(f"into={show(path)}: the checkpoint holds a meta tensor there (no data to load)")
+        stored = [(node, (0,) * len(saved), tuple(saved))]
+    else:
+        raise PathMismatchError(f"into={show(path)}: the checkpoint holds {raw[0]!r:.20} there, not a tensor")
+    if name != dtype_name(dst.dtype):
+        raise PathMismatchError(f"into={show(path)}: the checkpoint holds {name}, the tensor is {dtype_name(dst.dtype)}")
+    if tuple(saved) != tuple(dst.shape):
+        raise PathMismatchError(f"into={show(path)}: the checkpoint holds shape {list(saved)}, the tensor "
+                                f"has {list(dst.shape)}")
+    pieces = []
+    for local_at, local in shards.target_regions(dst):
+        if local.device.type == "meta":
+            raise PathMismatchError(f"into={show(path)}: a meta tensor has no memory to load into")
+        for child, node_at, node_shape in stored:
+            o = shards.overlap(local_at, local.shape, node_at, node_shape)
+            if o is not None:
+                pieces.append(Piece(local, local_at, child, node_at, o[0], o[1]))
+    return ShardTarget(path, node, dst, pieces)
 
 
 def file_blobs(m: Manifest, path: tuple) -> dict | None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError, record_checks
-from .format import tree
+from .format import shards, tree
 from .format.manifest import (
     NDARRAY, SHARED_DIR, STORAGE, FileEntry, FileName, Manifest, commit_generations, commit_name,
 )
@@ -495,7 +495,7 @@ def check_devices(m: Manifest, plan: ReadPlan | None, map_location) -> None:
     t = m.blobs
     if tree.is_placement_function(map_location) or (map_location is None and t.all_on_cpu):
         return      # only calling a function tells where it places a storage
-    skip = {tg.blob for tg in plan.targets} if plan is not None else set()
+    skip = {tg.blob for tg in plan.targets} | plan.shard_blobs if plan is not None else set()
     wanted = range(len(t)) if plan is None or plan.blobs is None else plan.blobs
     seen: set[str] = set()
     with record_checks("blob devices"):
@@ -536,9 +536,22 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
 
     blob_value = blob_values(map_location)
     version = m.version[0]
-    if plan is None or (plan.needed is None and not plan.targets):
-        return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version)
+    ranks = plan.ranks if plan is not None else None
+    if plan is None or (plan.needed is None and not plan.targets and not plan.shard_targets):
+        return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version, ranks=ranks)
     given: dict[int, Any] = {}
+    for st in plan.shard_targets:
+        # each overlapping stored shard built where the part it fills is, and its box copied in
+        built: dict[tuple, torch.Tensor] = {}
+        with torch.no_grad():
+            for p in st.pieces:
+                key = (p.node, p.local.device)
+                if key not in built:
+                    built[key] = tree.decode(m.nodes, blob_values(p.local.device), version=version,
+                                             needed={p.node}, root=p.node)
+                src = shards.box(built[key], p.node_at, p.at, p.shape)
+                shards.box(p.local, p.local_at, p.at, p.shape).copy_(src)
+        given[st.node] = st.tensor
     for tg in plan.targets:
         if not tg.direct:
             # A view or a shared storage: build the saved tensor where the target is, copy it in.
@@ -548,7 +561,7 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
                 tg.tensor.copy_(saved)
         given[tg.node] = tg.tensor
     return tree.decode(m.nodes, blob_value, allow_pickle=allow_pickle, version=version, needed=plan.needed,
-                       partial=plan.partial, placed=given)
+                       partial=plan.partial, placed=given, ranks=ranks)
 
 
 def stream_blob(store: Store, m: Manifest, b: int, sink, verify: bool = True) -> int:
@@ -618,9 +631,10 @@ def load_committed(store: Store, *, map_location=None, verify: bool = True, allo
 
 
 def load_manifest(store: Store, m: Manifest, *, map_location=None, verify: bool = True, allow_pickle: bool = False,
-                  select: Any = None, into: Any = None, into_prefix: tuple = ()) -> Any:
-    """What ``m`` (a commit record of ``store`` already read) holds, or the selected part of it."""
-    plan = ReadPlan.make(m, select, into, into_prefix)
+                  select: Any = None, into: Any = None, into_prefix: tuple = (), ranks: Any = None) -> Any:
+    """What ``m`` (a commit record of ``store`` already read) holds, or the selected part of it.
+    ``ranks``: the reader's (rank, world size) in a multi-rank restore (values saved per rank)."""
+    plan = ReadPlan.make(m, select, into, into_prefix, ranks)
     if not allow_pickle and m.pickled:
         tree.refuse_pickle(m.nodes if plan.needed is None else [m.nodes[i] for i in plan.needed])
     check_devices(m, plan, map_location)
@@ -676,7 +690,8 @@ def structure_problems(m: Manifest) -> list[str]:
                 for loc in {t.device_of(i) for i in range(len(t)) if t.kind(i) == STORAGE}:
                     tree.target_device(loc, None)
         # all on the CPU: the stand-ins are used as they are, as load uses what it read
-        build_state(m, _stand_ins(m), map_location=None if t.all_on_cpu else "meta", allow_pickle=True)
+        plan = ReadPlan(ranks=tree.ALL_RANKS) if m.version[0] >= 4 else None
+        build_state(m, _stand_ins(m), map_location=None if t.all_on_cpu else "meta", allow_pickle=True, plan=plan)
     except CorruptCheckpointError as e:
         return [str(e)]
     return []

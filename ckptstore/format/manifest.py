@@ -39,7 +39,8 @@ MAGIC = b"CKPTSTORE"
 FORMAT_MAJOR = 2          # what this ckptstore writes
 FORMAT_MINOR = 0
 INCREMENTAL_MAJOR = 3     # what an incremental step is written as (data in the run's shared directory)
-READABLE_MAJORS = (1, 2, 3)  # what it reads
+DISTRIBUTED_MAJOR = 4     # what a step saved by several ranks of a torch.distributed job is written as
+READABLE_MAJORS = (1, 2, 3, 4)  # what it reads
 SHARED_DIR = ".shared"    # an incremental run's data files: <run>/.shared/<gen>-<n>.bin
 COMMIT_SUFFIX = ".commit"
 TMP_SUFFIX = ".tmp"
@@ -492,7 +493,12 @@ def _parse(doc: Any, major: int, raw_nodes: bytes | None, where: str) -> Manifes
         counts = (_int(tensors, "the tensor count"), pickled)
         if type(pickled) is not bool:
             raise CorruptCheckpointError("pickled must be true or false")
-    files = _files(doc["files"], gen) if major < 3 else _shared_files(doc["files"])
+    raw_files = doc["files"]
+    if major < 3 or (major == DISTRIBUTED_MAJOR and type(raw_files) is list and raw_files
+                     and type(raw_files[0]) is dict and "dir" not in raw_files[0]):
+        files = _files(raw_files, gen)      # the checkpoint's own directory, this generation's files
+    else:
+        files = _shared_files(raw_files)
     stream = sum(f.nbytes for f in files)
     if major == 1:
         blobs = _blobs_from_v1(doc["blobs"], files)

@@ -70,8 +70,11 @@ _LIVE: "weakref.WeakValueDictionary[tuple[int, int], Tree]" = weakref.WeakValueD
 class Tree:
     """Navigation of a node table: children of containers, keys decoded on demand."""
 
-    def __init__(self, nodes: list, version: int):
+    def __init__(self, nodes: list, version: int, ranks: Any = None):
         self.nodes, self.version = nodes, version
+        # which child a "ranks" node (format 4: a value saved per rank) stands for: the reader's
+        # (rank, world size), tree.ALL_RANKS for all of them, or None (a single process: none)
+        self.ranks = ranks
         # Trees over one node table (an open view's, and the plan of each read through it) share
         # the keys they decoded and the containers they indexed: reading each of n keys of an
         # open view then indexes the container once, not once per read.
@@ -155,6 +158,7 @@ class Tree:
     def lookup(self, path: tuple) -> list[int]:
         """The nodes from the root to ``path`` (PathNotFoundError, a KeyError, naming it if it is not there)."""
         at, trail = 0, [0]
+        at = self._through_ranks(at, trail, ())
         for depth, key in enumerate(path):
             if self.tag(at) not in CONTAINER_TAGS:
                 raise PathNotFoundError(f"{show(path)}: {show(path[:depth])} is not a container")
@@ -163,7 +167,64 @@ class Tree:
                 raise PathNotFoundError(f"{show(path)}: the checkpoint has no {key!r} in {show(path[:depth])}")
             at = child
             trail.append(at)
+            at = self._through_ranks(at, trail, path[:depth + 1])
         return trail
+
+    def _through_ranks(self, at: int, trail: list, path: tuple) -> int:
+        """Past a value saved per rank to this reader's own (appended to ``trail``)."""
+        while self.version >= 4 and self.tag(at) == "ranks":
+            at = self.rank_child(at, path)
+            trail.append(at)
+        return at
+
+    def rank_children(self, i: int) -> list[int]:
+        node = self.node(i)
+        kids = node[1] if len(node) == 2 else None
+        if type(kids) is not list or len(kids) < 2:
+            raise _bad(f"node {i}: malformed ranks node")
+        return [self._child(i, c) for c in kids]
+
+    def rank_child(self, i: int, path: tuple) -> int:
+        """The child of ranks node ``i`` this reader takes, or ValueError naming ``path``."""
+        from .tree import ALL_RANKS, per_rank_error
+
+        kids = self.rank_children(i)
+        if self.ranks is not None and self.ranks != ALL_RANKS and self.ranks[1] == len(kids):
+            return kids[self.ranks[0]]
+        raise per_rank_error(len(kids), None if self.ranks == ALL_RANKS else self.ranks, show(path))
+
+    def _format4_children(self, n: int, tag: str) -> list[int]:
+        """The children of a sharded node (its shards) or of a ranks node (the reader's own, or all)."""
+        from .tree import ALL_RANKS
+
+        if tag == "ranks":
+            if self.ranks == ALL_RANKS:
+                return self.rank_children(n)
+            return [self.rank_child(n, ())]
+        node = self.node(n)
+        try:
+            return [self._child(n, e[1]) for e in node[3]]
+        except (TypeError, IndexError, KeyError):
+            raise _bad(f"node {n}: malformed sharded node") from None
+
+    def path_of(self, target: int) -> tuple:
+        """The path from the root to node ``target`` (for messages; O(table))."""
+        parent: dict[int, tuple[int, Any]] = {}
+        for i in range(len(self.nodes)):
+            tag = self.tag(i)
+            if tag in CONTAINER_TAGS:
+                for k, child, kn in self.items(i):
+                    parent.setdefault(child, (i, k if kn is None else self.key_value(kn)))
+            elif tag in ("ranks", "sharded") and self.version >= 4:
+                kids = self.rank_children(i) if tag == "ranks" else self._format4_children(i, tag)
+                for r, c in enumerate(kids):
+                    parent.setdefault(c, (i, None))
+        out: list = []
+        while target in parent:
+            target, key = parent[target]
+            if key is not None:
+                out.append(key)
+        return tuple(reversed(out))
 
     def _find(self, at: int, key: Any) -> int | None:
         """The child of container ``at`` under ``key`` (of the same type and equal), the first one
@@ -209,7 +270,21 @@ class Tree:
         while stack:
             n = stack.pop()
             yield n
-            if self.tag(n) in CONTAINER_TAGS:
+            tag = self.tag(n)
+            if self.version >= 4 and tag in ("ranks", "sharded"):
+                try:
+                    kids = self._format4_children(n, tag)
+                except ValueError as e:
+                    if isinstance(e, CorruptCheckpointError):
+                        raise
+                    from .tree import per_rank_error
+                    raise per_rank_error(len(self.rank_children(n)), self.ranks, show(self.path_of(n))) from None
+                for c in kids:
+                    if c in seen:
+                        raise _bad(f"node {c} has two parents")
+                    seen.add(c)
+                    stack.append(c)
+            elif tag in CONTAINER_TAGS:
                 kids = []
                 for _, child, kn in self.items(n):
                     kids.append(child)

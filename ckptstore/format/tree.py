@@ -33,6 +33,7 @@ from ..errors import (
     ArgumentError, CorruptCheckpointError, DeviceUnavailableError, UnsafeCheckpointError, UnsupportedObjectError,
     not_stored, record_checks,
 )
+from . import shards
 from .dtypes import NAME_OF, dtype_from_name, dtype_name
 from .manifest import BYTES, NDARRAY, PICKLE, STORAGE, Manifest
 from .walk import DICT, LIST, ODICT, TUPLE, render_path, typename, walk
@@ -126,8 +127,11 @@ def flat_dict_nodes(items: list[tuple[str, list]]) -> list:
 class Encoder:
     """Turns a state tree into (nodes, blobs). One use per save."""
 
-    def __init__(self, allow_pickle: bool = False, devices: dict | None = None):
+    def __init__(self, allow_pickle: bool = False, devices: dict | None = None, sharded: bool = False):
         self.allow_pickle = allow_pickle
+        # a rank's part of a multi-rank save: DTensors and ShardedTensors become "sharded" nodes
+        # holding the shards this rank has
+        self.sharded = sharded
         # data_ptr -> device string, for storages that are host copies of
         # device memory (an async save's snapshot): record where they came from
         self.devices = devices or {}
@@ -157,7 +161,9 @@ class Encoder:
             else:
                 pnode[1][slot] = len(nodes)
         if kind is None:
-            nodes.append(self._leaf(obj, path))
+            at = len(nodes)
+            nodes.append(None)          # a sharded leaf appends its shards' nodes after its own
+            nodes[at] = self._leaf(obj, path)
             return None
         if kind in (LIST, TUPLE):
             node = [kind, [None] * len(obj)]
@@ -170,6 +176,8 @@ class Encoder:
         t = type(obj)
         if t is torch.Tensor or t is torch.nn.Parameter:
             return self._tensor(obj, path)
+        if self.sharded and shards.is_sharded(obj):
+            return self._sharded(obj, path)
         if obj is None:
             return ["none"]
         if t is bool:
@@ -248,6 +256,24 @@ class Encoder:
             node = tensor_node(blob, name, shape, stride, offset, grad, param)
         return node
 
+    def _sharded(self, obj: torch.Tensor, path: tuple) -> list:
+        """``["sharded", dtype, shape, [[offsets, node], ...]]``: the shards this rank holds."""
+        where = render_path(path)
+        name = NAME_OF.get(obj.dtype)
+        if name is None:
+            raise UnsupportedObjectError(f"{where}: a sharded {obj.dtype} tensor is not supported by the safe format")
+        entries: list = []
+        node = ["sharded", name, [int(d) for d in obj.shape], entries]
+        if obj.requires_grad or isinstance(obj, torch.nn.Parameter):
+            node.append({**({"grad": True} if obj.requires_grad else {}),
+                         **({"param": True} if isinstance(obj, torch.nn.Parameter) else {})})
+        for offsets, local in shards.local_shards(obj, where):
+            at = len(self.nodes)
+            self.nodes.append(None)
+            self.nodes[at] = self._tensor(local, path)
+            entries.append([list(offsets), at])
+        return node
+
     def _ndarray(self, a: np.ndarray, path: tuple) -> dict:
         if not plain_numpy_dtype(a.dtype):
             raise UnsupportedObjectError(
@@ -274,9 +300,11 @@ def plain_numpy_dtype(dtype: np.dtype) -> bool:
     return not dtype.hasobject and dtype.fields is None and dtype.subdtype is None
 
 
-def encode(state: Any, allow_pickle: bool = False, devices: dict | None = None) -> tuple[list, list[Blob]]:
-    """Encode ``state``; raises UnsupportedObjectError before any I/O happens."""
-    return Encoder(allow_pickle, devices).encode(state)
+def encode(state: Any, allow_pickle: bool = False, devices: dict | None = None,
+           sharded: bool = False) -> tuple[list, list[Blob]]:
+    """Encode ``state``; raises UnsupportedObjectError before any I/O happens. ``sharded``: a
+    rank's part of a multi-rank save (DTensors and ShardedTensors as the shards it holds)."""
+    return Encoder(allow_pickle, devices, sharded).encode(state)
 
 
 # ---------------------------------------------------------------- reading the table
@@ -440,11 +468,12 @@ def _bad(msg: str) -> CorruptCheckpointError:
 class _Table:
     """The decoder's view of the node table: values built so far, and which nodes have a parent."""
 
-    def __init__(self, nodes: list, blob_value: Callable[[int], Any]):
+    def __init__(self, nodes: list, blob_value: Callable[[int], Any], ranks: Any = None):
         self.nodes, self.blob_value = nodes, blob_value
         self.values: list = [None] * len(nodes)
         self.claimed = bytearray(len(nodes))
         self.partial: dict = {}
+        self.ranks = ranks      # (rank, world size) of the reader, ALL_RANKS, or None (see _decode_ranks)
 
     def child(self, i: int, c: Any) -> Any:
         if type(c) is not int or not (i < c < len(self.nodes)):
@@ -457,7 +486,7 @@ class _Table:
 
 def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = False, version: int = 2,
            needed: set | None = None, partial: dict | None = None, placed: dict | None = None,
-           root: int = 0) -> Any:
+           root: int = 0, ranks: Any = None) -> Any:
     """Rebuild the state from ``nodes``.
 
     ``blob_value(i, kind)`` returns blob i as loaded, or raises
@@ -470,6 +499,8 @@ def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = F
     the selected keys, a list or tuple its length with None elsewhere).
     ``placed`` maps node indices to values built elsewhere (the tensors of
     ``into=``), used as they are. ``root`` is the node whose value is returned.
+    ``ranks``: which child a ``ranks`` node (a value saved per rank) stands for: this
+    reader's ``(rank, world size)``, or ``ALL_RANKS`` for the list of them all.
     """
     if not isinstance(nodes, list) or not nodes:
         raise _bad("empty node table")
@@ -479,7 +510,7 @@ def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = F
             refuse_pickle(nodes)
         else:
             refuse_pickle([nodes[i] for i in order])
-    table = _Table(nodes, blob_value)
+    table = _Table(nodes, blob_value, ranks)
     table.partial = partial or {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # complex32 warns that it is experimental
@@ -525,6 +556,10 @@ def _decode_node(i: int, tag: str, node: list, table: _Table, version: int) -> A
     if tag == "pickle":
         import pickle
         return pickle.loads(table.blob_value(node[1], PICKLE))
+    if tag == SHARDED:
+        return _decode_sharded(i, node, table)
+    if tag == RANKS:
+        return _decode_ranks(i, node, table)
     raise _bad(f"node {i} has unknown kind {tag!r:.40}; it may need a newer ckptstore")
 
 
@@ -687,6 +722,79 @@ def _decode_tensor(info: TensorNode, blob_value) -> torch.Tensor:
 
 # ---------------------------------------------------------------- decoding a few nodes of a large table
 
+SHARDED = "sharded"   # a tensor saved as shards by the ranks that held them (format version 4)
+RANKS = "ranks"       # a value saved by each rank, one child per rank (format version 4)
+ALL_RANKS = "all"     # decode a ranks node as the list of every rank's value (verify)
+
+
+def sharded_info(i: int, node: list) -> tuple[torch.dtype, list[int], list[tuple[tuple, Any]], dict]:
+    """A sharded node's dtype, global shape, [(offsets, child)] and extra, checked for form."""
+    if len(node) not in (4, 5) or type(node[2]) is not list or type(node[3]) is not list:
+        raise _bad(f"node {i}: malformed sharded node")
+    dtype = dtype_from_name(node[1])
+    shape = [_whole(d, "size") for d in node[2]]
+    extra = node[4] if len(node) == 5 else {}
+    if type(extra) is not dict:
+        raise _bad(f"node {i}: malformed sharded node")
+    entries = []
+    for e in node[3]:
+        if type(e) is not list or len(e) != 2 or type(e[0]) is not list or len(e[0]) != len(shape):
+            raise _bad(f"node {i}: malformed shard entry")
+        entries.append((tuple(_whole(o, "offset") for o in e[0]), e[1]))
+    return dtype, shape, entries, extra
+
+
+def _decode_sharded(i: int, node: list, table: _Table) -> torch.Tensor:
+    """The global tensor, assembled from its shards; they must tile it exactly."""
+    dtype, shape, entries, extra = sharded_info(i, node)
+    parts = []
+    covered = 0
+    for offsets, c in entries:
+        t = table.child(i, c)
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != len(shape):
+            raise _bad(f"node {i}: shard node {c} is not a {dtype} tensor of {len(shape)} dimensions")
+        if any(o + n > d for o, n, d in zip(offsets, t.shape, shape)):
+            raise _bad(f"node {i}: shard node {c} lies outside the tensor")
+        for o2, t2 in parts:
+            if shards.overlap(offsets, t.shape, o2, t2.shape) is not None:
+                raise _bad(f"node {i}: two shards overlap")
+        parts.append((offsets, t))
+        covered += t.numel()
+    if covered != math.prod(shape):
+        raise _bad(f"node {i}: the shards cover {covered} of the tensor's {math.prod(shape)} elements")
+    device = parts[0][1].device if parts else torch.device("cpu")
+    out = torch.empty(shape, dtype=dtype, device=device)
+    with torch.no_grad():
+        for offsets, t in parts:
+            shards.box(out, (0,) * len(shape), offsets, t.shape).copy_(t)
+    if extra.get("param") is True:
+        return torch.nn.Parameter(out, requires_grad=extra.get("grad") is True)
+    if extra.get("grad") is True:
+        out.requires_grad_(True)
+    return out
+
+
+def _decode_ranks(i: int, node: list, table: _Table) -> Any:
+    kids = node[1] if len(node) == 2 else None
+    if type(kids) is not list or len(kids) < 2:
+        raise _bad(f"node {i}: malformed ranks node")
+    if table.ranks == ALL_RANKS:
+        return [table.child(i, c) for c in kids]
+    if table.ranks is not None and table.ranks[1] == len(kids):
+        return table.child(i, kids[table.ranks[0]])
+    raise per_rank_error(len(kids), table.ranks, None)
+
+
+def per_rank_error(world: int, ranks: Any, where: str | None) -> ArgumentError:
+    """A value saved per rank, asked for by a reader that is not one of those ranks."""
+    at = f"{where}: " if where else ""
+    who = "a single process" if ranks is None or ranks[1] == 1 else f"a job of {ranks[1]} ranks"
+    return ArgumentError(
+        f"{at}this value was saved by each of {world} ranks separately (it differed between them), and "
+        f"{who} cannot tell which rank's to take; leave it out with select= (e.g. select='model'), or "
+        f"restore on {world} ranks")
+
+
 class _Sparse(dict):
     """Values (or parent marks) of the nodes decoded so far; a node not there reads as None."""
 
@@ -702,6 +810,7 @@ class _PartTable(_Table):
         self.values = _Sparse()
         self.claimed = _Sparse()
         self.partial = {}
+        self.ranks = None
 
 
 def decode_part(nodes: list, blob_value: Callable[[int], Any], needed: set, root: int, version: int = 2) -> Any:

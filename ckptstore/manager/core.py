@@ -31,11 +31,12 @@ from ..format import tree
 from ..format.manifest import SHARED_DIR, FileName, Manifest, commit_generations, commit_name, generation_time
 from ..info import CheckpointInfo
 from ..incremental import SharedIndex, commit_step, listed_by, sweep
-from ..reader import find_commit, load_committed, open_commit
+from ..reader import find_commit, load_manifest, open_commit
 from ..stores import open_store
 from ..stores.base import Store
 from ..writer import remove_files, write_checkpoint
 from .background import SaveHandle, live, snapshot, yield_to_training
+from .ranks import Ranks, restore_on_ranks, save_on_ranks, world
 from .retention import StepRecord, to_keep
 from .schedule import Preemption, check_step, signal_numbers
 
@@ -63,14 +64,16 @@ class CheckpointManager:
                  save_interval_steps: int | None = None,
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
                  grace_seconds: float | None = None, allow_pickle: bool = False,
-                 upload_settle_seconds: float | None = 300.0, _probe: bool = True):
+                 upload_settle_seconds: float | None = 300.0, collective_timeout: float = 600.0,
+                 _probe: bool = True):
         v: Any
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every),
                         ("save_interval_steps", save_interval_steps)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive whole number or None, got {v!r}")
         for name, v in (("max_age", max_age), ("save_interval_seconds", save_interval_seconds),
-                        ("grace_seconds", grace_seconds), ("upload_settle_seconds", upload_settle_seconds)):
+                        ("grace_seconds", grace_seconds), ("upload_settle_seconds", upload_settle_seconds),
+                        ("collective_timeout", collective_timeout)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                   or not math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number of seconds or None, got {v!r}")
@@ -109,26 +112,49 @@ class CheckpointManager:
         self._floor: int | None = None        # no save below it without force (the newest step, or the one restored)
         self._corrupt: set[int] = set()       # steps restore() found corrupt: a save may replace them
         self._signals_at_start = 0            # preemption signals received when the last save started
-        if _probe:
+        # several ranks of a torch.distributed job: the same manager on each, agreeing (ranks.py)
+        where = world()
+        self._ranks: Ranks | None = None
+        if where is not None:
+            self._ranks = Ranks(self.directory, float(collective_timeout), *where)
+            self._ranks.join({"directory": self.directory, "keep_last": keep_last, "keep_best": keep_best,
+                              "best_metric": best_metric, "best_mode": best_mode, "keep_every": keep_every,
+                              "max_age": max_age, "async_save": async_save, "incremental": incremental,
+                              "save_interval_steps": save_interval_steps,
+                              "save_interval_seconds": save_interval_seconds, "allow_pickle": allow_pickle},
+                             self._probe_shared)
+        elif _probe:
             self._probe()
         self._preemption = Preemption(signals, self.directory)
         live.add(self)
 
     # -- setup
 
-    def _probe(self) -> None:
+    def _probe(self, keep: bool = False) -> None:
         """Prove the directory writable now, not at the first save hours into training."""
         store = self._store
-        name = f".ckptstore-probe-{time.time_ns():x}"
+        name = self._probe_name = f".ckptstore-probe-{time.time_ns():x}"
         try:
             with store.errors("probe a write to"):
                 store.makedirs()
                 store.put(name, b"ckptstore write probe\n")
-                store.remove([name])
+                if not keep:
+                    store.remove([name])
         except CheckpointError as e:
             raise StorageError(
                 f"{self.directory} is not writable for checkpoints: {e}", self.directory,
                 errno=getattr(e, "errno", None)) from None
+
+    def _probe_shared(self, check: str | None = None, remove: str | None = None):
+        """Rank 0 writes a probe (returns its name); each rank checks it sees it; rank 0 removes it."""
+        if remove is not None:
+            with self._store.errors("remove a probe from"):
+                self._store.remove([remove])
+            return None
+        if check is not None:
+            return check in (self._store.list() or {})
+        self._probe(keep=True)
+        return self._probe_name
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
@@ -137,8 +163,9 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """True once one of ``preemption_signals`` has arrived."""
-        return self._preemption.count > 0
+        """True once one of ``preemption_signals`` has arrived (on any rank, in a multi-rank job,
+        once this rank has heard of it)."""
+        return self._preemption.count > 0 or (self._ranks is not None and self._ranks.preempted)
 
     @property
     def last_signal(self) -> int | None:
@@ -155,6 +182,8 @@ class CheckpointManager:
         ``save_interval_seconds`` since the last save started (or the manager was created), or a
         preemption signal since the last save started. Never for a step already saved."""
         check_step(step)
+        if self._ranks is not None:
+            return self._should_save_ranks(step)
         if step in self._known_steps():
             return False
         if self._preemption.count > self._signals_at_start:
@@ -163,6 +192,20 @@ class CheckpointManager:
             return True
         return self.save_interval_seconds is not None and \
             time.monotonic() - self._last_start >= self.save_interval_seconds
+
+    def _should_save_ranks(self, step: int) -> bool:
+        """should_save on one rank of several: the same answer on every rank (ranks.py)."""
+        r = self._ranks
+        assert r is not None
+        if self._preemption.count > self._signals_at_start:
+            r.raise_event(preempt=True)
+        elif r.rank == 0 and self.save_interval_seconds is not None and \
+                time.monotonic() - self._last_start >= self.save_interval_seconds:
+            r.raise_event(preempt=False)
+        due = r.due(step)
+        if step in self._known_steps():
+            return False
+        return due or (self.save_interval_steps is not None and step % self.save_interval_steps == 0)
 
     # -- discovery
 
@@ -214,11 +257,21 @@ class CheckpointManager:
         return StepRecord(step, True, when, dict(m.meta.get("metrics") or {}), generation_time(m.generation))
 
     def steps(self) -> list[int]:
-        """Committed steps, ascending (one listing of the run)."""
+        """Committed steps, ascending (one listing of the run; rank 0's, on every rank)."""
+        if self._ranks is not None:
+            return self._ranks.share("listing the steps", self._local_steps)
+        return self._local_steps()
+
+    def _local_steps(self) -> list[int]:
         return [r.step for r in self._scan() if r.committed]
 
     def latest_step(self) -> int | None:
-        """The most recently committed step (by commit time), or None."""
+        """The most recently committed step (by commit time), or None (rank 0's, on every rank)."""
+        if self._ranks is not None:
+            return self._ranks.share("finding the latest step", self._local_latest)
+        return self._local_latest()
+
+    def _local_latest(self) -> int | None:
         committed = [r for r in self._scan() if r.committed]
         if not committed:
             return None
@@ -231,7 +284,7 @@ class CheckpointManager:
         if self._saved is None:
             with self._lock:
                 in_flight = set(self._in_flight)
-            committed = set(self.steps())
+            committed = set(self._local_steps())
             self._saved = (committed - self._corrupt) | in_flight
             if self._floor is None and committed:
                 self._floor = max(committed)
@@ -251,6 +304,15 @@ class CheckpointManager:
         """
         if self._closed:
             raise CheckpointError(f"{self.directory}: the manager is closed")
+        if self._ranks is not None:
+            return save_on_ranks(self, step, state, metrics, force)
+        metrics, replace = self._admit(step, metrics, force)
+        start = time.monotonic()
+        self.wait()   # at most one save in flight; raises the previous one's error
+        return self._save_admitted(step, state, metrics, replace, force, start)
+
+    def _admit(self, step: int, metrics, force: bool) -> tuple[dict | None, bool]:
+        """The checks a save passes before anything is written: (metrics, replace)."""
         check_step(step)
         metrics = self._check_metrics(metrics)
         if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
@@ -273,8 +335,11 @@ class CheckpointManager:
                 "to resume, use another directory, or pass force=True to save it anyway")
         if step in self._corrupt and not force:
             log.warning("%s: step %d did not verify when restored; this save replaces it", self.directory, step)
-        start = time.monotonic()
-        self.wait()   # at most one save in flight; raises the previous one's error
+        return metrics, replace
+
+    def _save_admitted(self, step: int, state: Any, metrics: dict | None, replace: bool, force: bool,
+                       start: float):
+        known = self._known_steps()
         self._last_start, self._signals_at_start = start, self._preemption.count
         known.add(step)
         self._floor = step if self._floor is None else max(self._floor, step)
@@ -390,7 +455,7 @@ class CheckpointManager:
         each record this manager has not read or written itself (records never change; a step
         replaced with force=True here updates the cache)."""
         out = {}
-        for step in self.steps():
+        for step in self._local_steps():
             m = self._manifests.get(step)
             if m is None:
                 try:
@@ -451,6 +516,8 @@ class CheckpointManager:
         is passed over for the one before it, which fills the same tensors again. Saves of
         steps after the restored one are accepted from then on.
         """
+        if self._ranks is not None:
+            return restore_on_ranks(self, step, map_location, select, into)
         if step is not None:
             check_step(step)
             state = self._load(step, map_location, select, into)
@@ -487,9 +554,11 @@ class CheckpointManager:
 
     def _load(self, step: int, map_location, select: Any = None, into: Any = None) -> Any:
         store = self._store.child(step_dir(step))
+        ranks = (self._ranks.rank, self._ranks.world) if self._ranks is not None else None
         with store.errors("restore"):
-            return load_committed(store, map_location=map_location, select=select, into=into,
-                                  allow_pickle=self.allow_pickle)
+            m, _ = open_commit(store)
+            return load_manifest(store, m, map_location=map_location, select=select, into=into,
+                                 allow_pickle=self.allow_pickle, ranks=ranks)
 
     # -- retention
 
@@ -500,6 +569,8 @@ class CheckpointManager:
         whose steps hold metrics but never that one raises MissingMetricError naming the
         metrics they hold (a typo would otherwise rank no step best, and keep none for it).
         """
+        if self._ranks is not None:
+            return self._ranks.share("pruning", lambda: self._prune(dry_run=dry_run))
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool = False, check_metric: bool = True) -> list[int]:
