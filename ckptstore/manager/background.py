@@ -88,6 +88,34 @@ def snapshot(state: Any) -> tuple[Any, dict]:
     return out, devices
 
 
+def copy_blobs(blobs: list) -> list:
+    """Copies of an encoded state's blobs (``tree.Blob``) that later in-place updates of the
+    training tensors cannot reach: what an async save of one rank's part takes before
+    ``save`` returns. Device storages go to (pinned) host memory; each blob keeps the device
+    it records."""
+    from ..format.manifest import NDARRAY, STORAGE
+    from ..format.tree import Blob
+
+    out, pinned = [], False
+    for b in blobs:
+        src = b.source
+        if b.kind == STORAGE and isinstance(src, torch.UntypedStorage):
+            if src.device.type == "cpu":
+                src = src.clone()
+            else:
+                pin = torch.cuda.is_available() and src.device.type == "cuda"
+                new = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                new.copy_(src, non_blocking=pin)
+                pinned = pinned or pin
+                src = new
+        elif b.kind == NDARRAY and isinstance(src, np.ndarray):
+            src = src.copy()
+        out.append(Blob(b.kind, b.nbytes, src, b.device))
+    if pinned:
+        torch.cuda.synchronize()   # the pinned copies are complete before save() returns
+    return out
+
+
 class SaveHandle:
     """An async save in flight: ``result()`` waits and returns its CheckpointInfo (or raises)."""
 

@@ -56,6 +56,7 @@ from ..info import CheckpointInfo
 from ..reader import shallow_problems
 from ..stores.base import Store
 from ..writer import Generation, info_of, remove_files, writer_fields
+from .background import copy_blobs
 from .room import CollectiveError, Op
 
 log = logging.getLogger("ckptstore")
@@ -80,9 +81,12 @@ class Part:
                 "blobs": [[KIND_CODES[b.kind], b.nbytes, h.hex(), b.device] for b, h in zip(self.blobs, self.hashes)]}
 
 
-def encode_part(state: Any, *, allow_pickle: bool = False, devices: dict | None = None) -> Part:
-    """The plan phase: this rank's state encoded (no I/O), each blob hashed."""
-    nodes, blobs = tree.encode(state, allow_pickle=allow_pickle, devices=devices, sharded=True)
+def encode_part(state: Any, *, allow_pickle: bool = False, copy: bool = False) -> Part:
+    """The plan phase: this rank's state encoded (no I/O), each blob hashed. ``copy``: the
+    blobs copied off the training tensors (an async save), the hashes taken of the copies."""
+    nodes, blobs = tree.encode(state, allow_pickle=allow_pickle, sharded=True)
+    if copy:
+        blobs = copy_blobs(blobs)
     return Part(nodes, blobs, [blob_hash(b) for b in blobs])
 
 
@@ -403,7 +407,13 @@ def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | N
     except BaseException as e:
         if not isinstance(e, CollectiveError):
             op.fail(e)
+        elif rank == 0:
+            with contextlib.suppress(CheckpointError):
+                if not op.failed():
+                    op.relay(e)       # rank 0's own finding (who never came): every rank raises it
         _discard(job, mine, gen, rank, gen_id)
+        if rank == 0:
+            op.linger(e.ranks if isinstance(e, CollectiveError) else (), job.margin)
         raise_here(op, e)
 
 

@@ -65,7 +65,7 @@ class CheckpointManager:
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
                  grace_seconds: float | None = None, allow_pickle: bool = False,
                  upload_settle_seconds: float | None = 300.0, collective_timeout: float = 600.0,
-                 _probe: bool = True):
+                 _probe: bool = True, _collective: bool = True):
         v: Any
         for name, v in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every),
                         ("save_interval_steps", save_interval_steps)):
@@ -113,7 +113,7 @@ class CheckpointManager:
         self._corrupt: set[int] = set()       # steps restore() found corrupt: a save may replace them
         self._signals_at_start = 0            # preemption signals received when the last save started
         # several ranks of a torch.distributed job: the same manager on each, agreeing (ranks.py)
-        where = world()
+        where = world() if _collective else None
         self._ranks: Ranks | None = None
         if where is not None:
             self._ranks = Ranks(self.directory, float(collective_timeout), *where)

@@ -34,7 +34,7 @@ import concurrent.futures as cf
 from ..errors import CheckpointError, CorruptCheckpointError, is_corruption
 from ..incremental import SharedIndex
 from . import collective
-from .background import SaveHandle, snapshot, yield_to_training
+from .background import SaveHandle, yield_to_training
 from .room import CollectiveError, Op, Room, ranks_text
 from .schedule import check_step
 
@@ -230,13 +230,13 @@ def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
     try:
         metrics, replace = mgr._admit(step, metrics, force)
         known = mgr._known_steps()
-        devices = None
-        if not blocking:
-            state, devices = snapshot(state)     # off the training tensors before save returns
-        # encoded here, so a value the safe format refuses raises from save itself
-        part = collective.encode_part(state, allow_pickle=mgr.allow_pickle, devices=devices)
+        # encoded here, so a value the safe format refuses raises from save itself; async, the
+        # blobs copied off the training tensors before save returns
+        part = collective.encode_part(state, allow_pickle=mgr.allow_pickle, copy=not blocking)
     except BaseException as e:
         op.fail(e)
+        if r.rank == 0:
+            op.linger((), r.margin)
         collective.raise_here(op, e)
     mgr._last_start, mgr._signals_at_start = start, mgr._preemption.count
     known.add(step)

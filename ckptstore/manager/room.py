@@ -172,8 +172,34 @@ class Op:
     def failed(self) -> bool:
         return bool(self._call(self.store.add, self._key("err", "n"), 0))
 
+    def relay(self, error: CollectiveError) -> None:
+        """Rank 0: tell every rank its own finding (which ranks never came), in its words."""
+        try:
+            self.store.set(self._key("relay"), json.dumps({"message": str(error), "ranks": list(error.ranks)}))
+            self.store.add(self._key("err", "n"), 1)
+        except Exception:  # noqa: BLE001 - the error itself matters more
+            pass
+
+    def linger(self, gone, wait: float) -> None:
+        """Rank 0, after a failure: give the ranks not in ``gone`` up to ``wait`` seconds to read
+        it. Rank 0 hosts the store, and a program that ends on the error takes the store with it."""
+        alive = self.room.world - 1 - len(set(gone) - {self.rank})
+        until = time.monotonic() + wait
+        try:
+            while self.store.add(self._key("err", "read"), 0) < alive and time.monotonic() < until:
+                time.sleep(0.01)
+        except Exception:  # noqa: BLE001
+            pass
+
     def _failure(self) -> CollectiveError:
         store = self.store
+        try:
+            store.add(self._key("err", "read"), 1)
+        except Exception:  # noqa: BLE001
+            pass
+        if self._call(store.check, [self._key("relay")]):
+            said = json.loads(self._call(store.get, self._key("relay")))
+            return CollectiveError(said["message"], self.room.uri, tuple(said["ranks"]))
         said = {}
         for r in range(self.room.world):
             k = self._key("err", r)
