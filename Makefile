@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test typecheck wheel-check test-oldest bench fuzz soak clean
+.PHONY: venv tools test typecheck wheel-check test-oldest bench bench-full fuzz soak clean
 
 venv: $(VENV)/.installed
 
@@ -83,8 +83,26 @@ test-oldest: tools
 	.venv-oldest/bin/python -m pip install --quiet -e ".[dev]" $(OLDEST)
 	.venv-oldest/bin/python -m pytest -q -rs tests
 
-bench: venv tools
-	$(PY) -m benchmarks.bench
+# `make bench`: the quick benchmark, about 3 minutes on 2 cores once installed: ckptstore
+# against torch.save / torch.load (and its mmap), safetensors, boto3 and s3torchconnector at
+# 128 MiB on the local disk, a Drive-like rclone mount and S3 (moto), into a new
+# benchmarks/results/runs/<date>-<time>/ (table printed, PNG written). `make bench-full` (or
+# `make bench BENCH=full`) is every scenario and row, over an hour, and alone rewrites
+# benchmarks/results/latest.* and the generated tables of README.md and docs/benchmarks.md.
+# Options reach the script: `make bench ARGS="--backends s3 --size 1GiB"`.
+# It installs the `bench` extra (not `dev`) into .venv, torch pinned as for `venv`.
+$(VENV)/.bench-installed: pyproject.toml ckptstore/_version.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import torch' 2>/dev/null || { $(PY) -m pip install --quiet --upgrade pip && \
+	    $(PY) -m pip install --quiet "$(TORCH)"; }
+	$(PY) -m pip install --quiet -e ".[bench]" "$$($(PY) -c 'import torch; print("torch==" + torch.__version__)')"
+	touch $@
+
+bench: $(VENV)/.bench-installed tools
+	$(PY) -m benchmarks.bench $(if $(filter full,$(BENCH)),--full) $(ARGS)
+
+bench-full: $(VENV)/.bench-installed tools
+	$(PY) -m benchmarks.bench --full $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-oldest build dist *.egg-info .pytest_cache

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import ckptstore
-    from benchmarks.sysutil import drop_caches
+    from ckptstore.benchmeasure import drop_caches
 
     scratch = Path(tempfile.mkdtemp(prefix="ckptstore-load-phases-",
                                     dir=args.workdir or Path(__file__).resolve().parent.parent.parent))

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+# How the benchmark and ``ckptstore bench`` count a state's bytes: one place for both.
+from ckptstore.benchmeasure import iter_tensors, state_nbytes, unique_storages  # noqa: F401
 
 # Bytes per parameter in an fp32 AdamW checkpoint: the weight plus exp_avg and
 # exp_avg_sq. The per-parameter "step" scalars are noise next to this.
@@ -207,29 +210,16 @@ def expected_nbytes(total_bytes: int) -> int:
     return n_params * _BYTES_PER_PARAM + 4 * len(shapes)
 
 
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested dicts/lists/tuples, shared ones repeated."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from iter_tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from iter_tensors(value)
-
-
-def unique_storages(obj: Any) -> Iterator[torch.UntypedStorage]:
-    """Each distinct tensor storage in ``obj`` once (tied weights and views share one)."""
-    seen: set[tuple[int, int]] = set()
-    for t in iter_tensors(obj):
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            yield storage
-
-
-def state_nbytes(state: Any) -> int:
-    """Tensor bytes ``state`` holds, each shared storage counted once."""
-    return sum(s.nbytes() for s in unique_storages(state))
+def materialize(meta: Any, made: dict | None = None) -> Any:
+    """Empty CPU tensors in the structure of ``meta`` (a state built on the meta device);
+    tied tensors stay one tensor."""
+    made = {} if made is None else made
+    if isinstance(meta, torch.Tensor):
+        if id(meta) not in made:
+            made[id(meta)] = torch.empty(meta.shape, dtype=meta.dtype)
+        return made[id(meta)]
+    if isinstance(meta, dict):
+        return type(meta)((k, materialize(v, made)) for k, v in meta.items())
+    if isinstance(meta, (list, tuple)):
+        return type(meta)(materialize(v, made) for v in meta)
+    return meta

@@ -1,12 +1,12 @@
 """The benchmark table as a picture: speed against each row's baseline and
 extra peak memory, one bar per row, targets marked.
 
-``write_plot(rows, path, title)`` is called by ``benchmarks.bench`` with the
+``write_plot(rows, path, title)`` is called by ``benchmarks.harness.report`` with the
 rows it also writes to ``latest.json``; to redraw from a saved run::
 
-    python -m benchmarks.plot benchmarks/results/latest.json [out.png]
+    python -m benchmarks.harness.plot benchmarks/results/latest.json [out.png]
 
-matplotlib is optional (it is in the ``dev`` extra): without it the
+matplotlib is optional (it is in the ``bench`` extra): without it the
 benchmark still writes its table and says why there is no picture.
 """
 
@@ -35,7 +35,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> tuple[bool
         import matplotlib
     except ImportError:
         return False, ("plot skipped: matplotlib is not installed "
-                       "(pip install matplotlib, or pip install -e '.[dev]')")
+                       "(pip install matplotlib, or pip install -e '.[bench]')")
     try:
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
@@ -186,7 +186,7 @@ def _draw_scaling(plt: Any, rows: list[dict[str, Any]], path: Path, title: str) 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
-        print("usage: python -m benchmarks.plot RESULT.json [OUT.png]", file=sys.stderr)
+        print("usage: python -m benchmarks.harness.plot RESULT.json [OUT.png]", file=sys.stderr)
         return 2
     src = Path(argv[1])
     out = Path(argv[2]) if len(argv) > 2 else src.with_suffix(".png")
