@@ -232,15 +232,6 @@ def test_save_interval_seconds_makes_the_trainer_save_on_time(local_store, tmp_p
     assert ckptstore.CheckpointManager(local_store.uri("run"), _probe=False).steps() == [1, 2, 3]
 
 
-def test_only_world_process_zero_commits(local_store, tmp_path):
-    args = training_args(tmp_path / "out")
-    fake_checkpoint(tmp_path / "out", 3)
-    callback = StoreCallback(local_store.uri("run"))
-    save_as_trainer(callback, args, 3, zero=False)
-    assert callback.manager is None
-    assert local_store.files() == []
-
-
 def test_keep_best_ranks_by_the_trainers_metric_for_best_model(local_store, tmp_path):
     args = training_args(tmp_path / "out", metric_for_best_model="loss")  # logged as eval_loss, lower is better
     callback = StoreCallback(local_store.uri("run"), keep_last=1, keep_best=1)

@@ -148,7 +148,8 @@ def restore_checkpoint(uri: Any, output_dir: str | os.PathLike, step: int | None
     out = Path(output_dir)
     if step is not None:   # known target: refuse before reading anything
         _refuse_occupied(out / f"{PREFIX_CHECKPOINT_DIR}-{step}", overwrite)
-    mgr = CheckpointManager(uri, storage_options=storage_options, _probe=False)  # restoring needs no write access
+    # restoring needs no write access; one process writes the files, whether or not it is a rank of a job
+    mgr = CheckpointManager(uri, storage_options=storage_options, _probe=False, _collective=False)
     try:
         if step is not None:
             candidates = [step]
@@ -267,9 +268,12 @@ def _wait_for_every_rank() -> None:
 class StoreCallback(TrainerCallback):
     """Commit each ``checkpoint-<global_step>`` the Trainer saves to a CheckpointManager at ``uri``.
 
-    Only the world process zero touches the store; the manager is opened (and
-    its directory proven writable) when training begins and closed, waiting
-    for an async save, when it ends. Retention options mean what they mean
+    The manager is opened (and its directory proven writable) when training
+    begins and closed, waiting for an async save, when it ends. Under
+    several processes (DDP) it is the multi-rank manager (docs/distributed.md):
+    every rank takes part in each save, the files equal on every rank are
+    stored once and written by whichever rank is least loaded, and the
+    ranks' own files (``rng_state_<rank>.pth``) are kept per rank. Retention options mean what they mean
     for :class:`ckptstore.CheckpointManager`; ``keep_best`` without
     ``best_metric`` ranks by the Trainer's ``metric_for_best_model``. Each
     step records the metrics the Trainer logged at that step.
@@ -282,8 +286,8 @@ class StoreCallback(TrainerCallback):
     ``preemption_signals`` (e.g. ``(signal.SIGTERM,)``) installs the manager's
     handlers, which only record the signal; at the end of the step it arrived
     in, the Trainer is told to save that step (committed before the save
-    returns) and to stop. Both need a single-process run: the Trainer must
-    decide to save on every rank alike. ``upload_settle_seconds``: the
+    returns) and to stop; under several processes, a signal on any rank
+    makes every rank save the same step and stop. ``upload_settle_seconds``: the
     manager's, for a run on a FUSE mount such as Colab's Drive. ``incremental``:
     the manager's; each checkpoint-<step> directory's files are stored once
     across steps when their bytes did not change (a frozen base model).
@@ -322,30 +326,21 @@ class StoreCallback(TrainerCallback):
         return self.manager
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if (self.preemption_signals is not None or self.save_interval_seconds is not None) \
-                and args.world_size > 1:
-            raise CheckpointError(
-                "StoreCallback: preemption_signals= and save_interval_seconds= need a single-process run "
-                f"(this one has {args.world_size} processes, which must all decide to save alike)")
-        if state.is_world_process_zero:
-            self._open(args)   # a bad URL or missing credentials fail now, not at the first save
+        self._open(args)   # on every rank; a bad URL or missing credentials fail now, not at the first save
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         mgr = self.manager
-        if mgr is None:
+        if mgr is None or (self.save_interval_seconds is None and self.preemption_signals is None):
             return
-        if mgr.preempted:
-            log.info("%s: preemption signal %s: saving step %d and stopping", mgr.directory, mgr.last_signal,
-                     state.global_step)
+        # should_save is the same on every rank (a signal on any one, rank 0's clock)
+        if mgr.should_save(state.global_step):
             control.should_save = True
-            control.should_training_stop = True
-        elif self.save_interval_seconds is not None and mgr.should_save(state.global_step):
-            control.should_save = True
+            if mgr.preempted:
+                log.info("%s: preemption signal: saving step %d and stopping", mgr.directory, state.global_step)
+                control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         _wait_for_every_rank()
-        if not state.is_world_process_zero:
-            return
         step = state.global_step
         directory = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         if not directory.is_dir():

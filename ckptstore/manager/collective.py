@@ -41,7 +41,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ..datafiles import plan as layout, write_files
 from ..errors import CallerMistake, CheckpointError, UnsupportedObjectError
@@ -88,6 +88,11 @@ def encode_part(state: Any, *, allow_pickle: bool = False, copy: bool = False) -
     if copy:
         blobs = copy_blobs(blobs)
     return Part(nodes, blobs, [blob_hash(b) for b in blobs])
+
+
+def plan_part(state: Any, *, allow_pickle: bool = False, copy: bool = False) -> Part:
+    """``encode_part``, looked up here at each call (the manager's way in: a test may replace it)."""
+    return encode_part(state, allow_pickle=allow_pickle, copy=copy)
 
 
 # ---------------------------------------------------------------- merging the ranks' tables (rank 0)
@@ -248,10 +253,10 @@ class Merger:
 
     def _per_rank(self, idx: list[int], path: tuple) -> int:
         at = self._reserve()
-        node = [tree.RANKS, [None] * self.world]
-        self.nodes[at] = node
+        kids: list[int] = []
+        self.nodes[at] = [tree.RANKS, kids]
         for r, i in enumerate(idx):
-            node[1][r] = self._copy(r, i)
+            kids.append(self._copy(r, i))
         return at
 
     def _copy(self, r: int, i: int, replicated: Any = None) -> int:
@@ -285,10 +290,16 @@ class Merger:
                     holders = {r: slot[0]}
                 else:
                     pairs = replicated.items() if isinstance(replicated, dict) else enumerate(replicated)
-                    holders = {q: self._blob_slot(self._node(q, n))[0] for q, n in pairs}
+                    holders = {q: _slot_of(self._node(q, n)) for q, n in pairs}
                 key = ("own", r, slot[0]) if replicated is None else ("rep", tuple(sorted(holders.items())))
                 slot[1](node, self._merged_blob(key, holders))
         return at
+
+
+def _slot_of(node: list) -> int:
+    slot = Merger._blob_slot(node)
+    assert slot is not None and slot[0] is not None   # equal canonical forms: a leaf with a blob
+    return slot[0]
 
 
 def assign_writers(blobs: list[MergedBlob], world: int) -> None:
@@ -379,11 +390,12 @@ def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | N
         if rank == 0:
             plans = op.gather("plan", doing="reach this save", readers=0)
             gen, assignment = _coordinate(op, job, plans)
+            merged = assignment.pop("_merged")
             op.post("assign", assignment)
         assignment = op.gather("assign", [0], readers=world, doing="plan this save",
                                behind=("plan", "reach this save"))[0]
         gen_id = assignment["gen"]
-        target = job.shared if assignment["shared"] else job.store
+        target = job.shared if assignment["shared"] and job.shared is not None else job.store
         blobs = [job.part.blobs[b] for b in assignment["writes"][str(rank)]]
         part = write_part(target, gen_id, rank, blobs, verify=job.verify, written=mine,
                           shared=bool(assignment["shared"]))
@@ -391,7 +403,8 @@ def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | N
         vote_commit(op, part)
         if rank == 0:
             votes = op.gather("vote", doing="write its part", readers=0)
-            m = _commit(op, job, gen, assignment, votes, target)
+            assert gen is not None and target is not None
+            m = _commit(op, job, gen, assignment, votes, target, merged)
             op.post("done", {"generation": m.generation, "nbytes": m.nbytes})
             op.forget(["plan", "vote"])
             _hear_acks(op, job)
@@ -427,7 +440,7 @@ def _hear_acks(op: Op, job: SaveJob) -> None:
         log.warning("%s: step %d is committed; %s", job.store.uri, job.step, e)
 
 
-def raise_here(op: Op, e: BaseException):
+def raise_here(op: Op, e: BaseException) -> NoReturn:
     """Re-raise this rank's failure of ``op`` (already posted): a CheckpointError or a caller's
     mistake as it is, anything else as the CollectiveError every other rank raises."""
     if isinstance(e, (CheckpointError, CallerMistake)) or not isinstance(e, Exception):
@@ -462,6 +475,7 @@ def _discard(job: SaveJob, mine: list[str], gen: Generation | None, rank: int, g
 
 
 def _coordinate(op: Op, job: SaveJob, plans: dict[int, dict]) -> tuple[Generation, dict]:
+    # (the assignment's "_merged" stays on rank 0: it is taken out before the assignment is posted)
     """Rank 0: check the ranks agree on the step, merge, begin the generation, assign writers."""
     world = op.room.world
     steps = {r: p["step"] for r, p in plans.items()}
@@ -473,7 +487,7 @@ def _coordinate(op: Op, job: SaveJob, plans: dict[int, dict]) -> tuple[Generatio
     nodes, blobs = merger.run()
     gen = Generation.begin(job.store, overwrite=job.overwrite)
     shared = job.shared is not None
-    if shared:
+    if job.shared is not None:
         taken: set = set()
         for b in blobs:
             if b.nbytes and job.index is not None:
@@ -495,21 +509,25 @@ def _coordinate(op: Op, job: SaveJob, plans: dict[int, dict]) -> tuple[Generatio
     for b in blobs:
         if b.writer is not None:
             writes[str(b.writer)].append(b.holders[b.writer])
-    op.merged = (nodes, blobs)       # kept for the commit
-    return gen, {"gen": gen.id, "shared": shared, "writes": writes}
+    return gen, {"gen": gen.id, "shared": shared, "writes": writes, "_merged": (nodes, blobs)}
+
+
+def _order(name: str) -> tuple[str, int]:
+    parsed = FileName.parse(name)
+    return (parsed.gen, parsed.number) if parsed is not None else (name, 0)
 
 
 def _commit(op: Op, job: SaveJob, gen: Generation, assignment: dict, votes: dict[int, dict],
-            target: Store) -> Manifest:
+            target: Store, merged: tuple[list, list[MergedBlob]]) -> Manifest:
     """Rank 0, every vote in: the record of the whole step, published once."""
-    nodes, blobs = op.merged
+    nodes, blobs = merged
     world = op.room.world
     files: list[FileEntry] = []
     shared = SHARED_DIR if assignment["shared"] else None
     # reused bytes first (incremental), grouped by the generation that wrote them, in their order
     base: dict[str, int] = {}
     old = {f.name: f for b in blobs if b.known is not None for f in b.known.files}
-    for f in sorted(old.values(), key=lambda f: (FileName.parse(f.name).gen, FileName.parse(f.name).number)):
+    for f in sorted(old.values(), key=lambda f: _order(f.name)):
         base[f.name] = sum(x.nbytes for x in files)
         files.append(FileEntry(f.name, f.nbytes, f.crc32c, shared))
     rank_base: dict[int, int] = {}
@@ -533,6 +551,7 @@ def _commit(op: Op, job: SaveJob, gen: Generation, assignment: dict, votes: dict
             starts.append(base[b.known.files[0].name] + b.known.offset)
             crcs.append(b.known.crc32c)
         else:
+            assert b.writer is not None
             s, c = where[(b.writer, b.holders[b.writer])]
             starts.append(s)
             crcs.append(c)
@@ -550,7 +569,7 @@ def _commit(op: Op, job: SaveJob, gen: Generation, assignment: dict, votes: dict
                               f"collective_timeout={op.timeout:g} s; not committing (the other ranks have given up)",
                               job.store.uri)
     gen.commit(m)
-    if shared:
+    if job.shared is not None and assignment["shared"]:
         with contextlib.suppress(CheckpointError):
             job.shared.remove([gen.id + INTENT_SUFFIX])
         if job.index is not None:

@@ -33,7 +33,7 @@ import concurrent.futures as cf
 
 from ..errors import CheckpointError, CorruptCheckpointError, is_corruption
 from ..incremental import SharedIndex
-from . import collective
+from .collective import SaveJob, plan_part, raise_here, save_step
 from .background import SaveHandle, yield_to_training
 from .room import CollectiveError, Op, Room, ranks_text
 from .schedule import check_step
@@ -186,6 +186,7 @@ class Ranks:
             op = self.op(f"restoring step {step}")
             error: BaseException | None = None
             state = None
+            mine: dict[str, Any]
             try:
                 state = load(step)
                 mine = {"ok": True}
@@ -221,23 +222,22 @@ class Ranks:
 
 def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
     """``CheckpointManager.save`` on one rank of several (see collective.py)."""
-    r = mgr._ranks
+    r: Ranks = mgr._ranks
     mgr.wait()    # the save in flight first (its error, on every rank)
     blocking = not mgr.async_save or mgr.preempted
     op = r.op(f"saving step {step}", background=not blocking)
     start = time.monotonic()
-    known = None
     try:
         metrics, replace = mgr._admit(step, metrics, force)
         known = mgr._known_steps()
         # encoded here, so a value the safe format refuses raises from save itself; async, the
         # blobs copied off the training tensors before save returns
-        part = collective.encode_part(state, allow_pickle=mgr.allow_pickle, copy=not blocking)
+        part = plan_part(state, allow_pickle=mgr.allow_pickle, copy=not blocking)
     except BaseException as e:
         op.fail(e)
         if r.rank == 0:
             op.linger((), r.margin)
-        collective.raise_here(op, e)
+        raise_here(op, e)
     mgr._last_start, mgr._signals_at_start = start, mgr._preemption.count
     known.add(step)
     mgr._floor = step if mgr._floor is None else max(mgr._floor, step)
@@ -248,7 +248,7 @@ def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
         for m in mgr._committed_manifests().values():
             mgr._index.add(m)
     from .core import step_dir
-    job = collective.SaveJob(step=step, store=mgr._store.child(step_dir(step)),
+    job = SaveJob(step=step, store=mgr._store.child(step_dir(step)),
                              shared=mgr._shared() if incremental else None, part=part,
                              meta={"step": step, "metrics": metrics or {}}, overwrite=replace,
                              index=mgr._index if r.rank == 0 else None, margin=r.margin)
@@ -274,7 +274,7 @@ def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
 def _run_save(mgr: Any, op: Op, job: Any, start: float):
     step = job.step
     try:
-        m, info = collective.save_step(op, job)
+        m, info = save_step(op, job)
     except BaseException:
         if mgr._saved is not None:
             mgr._saved.discard(step)      # not saved: should_save may ask for it again

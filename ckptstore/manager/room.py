@@ -63,7 +63,7 @@ class Room:
         ``background``: run by another thread than the caller's (its own connection)."""
         self.seq += 1
         if background and self._background is None:
-            self._background = self.store.clone()
+            self._background = self.store.clone()  # type: ignore[attr-defined]
         return Op(self, self.seq, what, self.timeout if timeout is None else timeout,
                   self._background if background else None)
 
