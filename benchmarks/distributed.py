@@ -98,7 +98,7 @@ def worker(mode: str, where: str, nbytes: int, extra: dict) -> dict:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Shard, init_device_mesh
 
     import ckptstore
 

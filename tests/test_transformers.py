@@ -26,12 +26,13 @@ import numpy as np
 import pytest
 import torch
 from transformers import (
-    GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments,
+    Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments,
 )
 
 import ckptstore
 from ckptstore.api import info
 from ckptstore.integrations.transformers import FORMAT, StoreCallback, directory_state, restore_checkpoint
+from helpers.tiny_gpt2 import dataset, tiny_model
 
 STEPS = 12           # the whole run
 STOP_AT = 8          # the interrupted run stops here: mid-epoch (6 steps an epoch)
@@ -41,18 +42,6 @@ KEEP_LAST = 2
 
 # ---------------------------------------------------------------- a tiny, deterministic run
 
-def tiny_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-
-
-def dataset(n: int = 24, length: int = 16) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (length,), generator=g)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
 
 
 def training_args(output_dir: Path, **overrides) -> TrainingArguments:

@@ -35,6 +35,17 @@ def yield_to_training() -> None:
         pass  # not Linux, or not allowed: the save runs at the loop's priority
 
 
+def host_copy(s: torch.UntypedStorage) -> tuple[torch.UntypedStorage, bool]:
+    """A host-memory copy of storage ``s``, and whether it is a pinned copy still in flight
+    (a CUDA storage: synchronise before using it)."""
+    if s.device.type == "cpu":
+        return s.clone(), False
+    pin = torch.cuda.is_available() and s.device.type == "cuda"
+    new = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+    new.copy_(s, non_blocking=pin)
+    return new, pin
+
+
 def snapshot(state: Any) -> tuple[Any, dict]:
     """A copy of ``state`` that later in-place updates of the training tensors cannot reach.
 
@@ -49,14 +60,9 @@ def snapshot(state: Any) -> tuple[Any, dict]:
     def copy_storage(s: torch.UntypedStorage) -> torch.UntypedStorage:
         key = (str(s.device), s.data_ptr(), s.nbytes())
         if key not in copies or s.data_ptr() == 0:
-            if s.device.type == "cpu":
-                new = s.clone()
-            else:
-                pin = torch.cuda.is_available() and s.device.type == "cuda"
-                new = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
-                new.copy_(s, non_blocking=pin)
-                if new.data_ptr():
-                    devices[new.data_ptr()] = str(s.device)
+            new, _ = host_copy(s)
+            if s.device.type != "cpu" and new.data_ptr():
+                devices[new.data_ptr()] = str(s.device)
             copies[key] = new
         return copies[key]
 
@@ -100,14 +106,8 @@ def copy_blobs(blobs: list) -> list:
     for b in blobs:
         src = b.source
         if b.kind == STORAGE and isinstance(src, torch.UntypedStorage):
-            if src.device.type == "cpu":
-                src = src.clone()
-            else:
-                pin = torch.cuda.is_available() and src.device.type == "cuda"
-                new = torch.empty(src.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
-                new.copy_(src, non_blocking=pin)
-                pinned = pinned or pin
-                src = new
+            src, pin = host_copy(src)
+            pinned = pinned or pin
         elif b.kind == NDARRAY and isinstance(src, np.ndarray):
             src = src.copy()
         out.append(Blob(b.kind, b.nbytes, src, b.device))

@@ -640,6 +640,8 @@ class CheckpointManager:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._ranks is not None:
+                self._ranks.release()
             live.discard(self)
 
     def __enter__(self) -> "CheckpointManager":

@@ -76,6 +76,11 @@ class Ranks:
     def store(self):
         return self.room.store
 
+    def release(self) -> None:
+        """Let go of the job's store (the manager is closed): a process that ends must not hold
+        connections to it, nor keep the one rank 0 hosts alive, past its own shutdown."""
+        self.room.release()
+
     def op(self, what: str, background: bool = False) -> Op:
         return self.room.op(what, background=background)
 
@@ -91,17 +96,8 @@ class Ranks:
                 f"{self.uri}: {ranks_text(differ)} made the CheckpointManager with other settings than rank 0 "
                 f"(rank 0: {said[0]}; rank {differ[0]}: {said[differ[0]]}); every rank must pass the same",
                 self.uri)
-        op = self.op("checking the ranks share the directory")
-        name = None
-        if self.rank == 0:
-            try:
-                name = probe()
-            except BaseException as e:
-                op.fail(e)
-                raise
-        name = op.share(name)
-        seen = probe(check=name)
-        answers = op.everyone(seen)
+        name = self.share("writing a probe of the directory", probe)
+        answers = self.op("checking the ranks share the directory").everyone(probe(check=name))
         if self.rank == 0:
             probe(remove=name)
         blind = sorted(r for r, ok in answers.items() if not ok)
@@ -121,6 +117,7 @@ class Ranks:
                 value = compute()
             except BaseException as e:
                 op.fail(e)
+                op.linger((), self.margin)   # rank 0 hosts the store: the others read the error first
                 raise
             return op.share(value)
         return op.share()

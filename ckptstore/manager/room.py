@@ -58,6 +58,9 @@ class Room:
         self.seq = 0
         self._background: Any = None
 
+    def release(self) -> None:
+        self.store = self._background = None
+
     def op(self, what: str, timeout: float | None = None, background: bool = False) -> "Op":
         """The next exchange (every rank must open the same ones in the same order).
         ``background``: run by another thread than the caller's (its own connection)."""

@@ -21,23 +21,12 @@ import sys
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ckptstore.integrations.transformers import StoreCallback
+from tiny_gpt2 import dataset, tiny_model
 
 
-def tiny_model() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-
-
-def dataset(n: int = 24, length: int = 16) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (length,), generator=g)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
 
 
 class Report(TrainerCallback):
@@ -75,6 +64,11 @@ def main() -> None:
                                   "global_step": trainer.state.global_step, "saves": report.saves}), flush=True)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # Not a normal interpreter shutdown: there, now and then, DDP's Reducer is freed while a
+    # gloo run-loop thread frees an allgather's tensors; ~ProcessGroupGloo joins that thread
+    # holding the GIL, the thread waits for the GIL, and the rank never exits (seen with gdb).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
