@@ -53,7 +53,7 @@ class Room:
         import torch.distributed as dist
 
         digest = hashlib.sha1(name.encode()).hexdigest()[:16]
-        self.store = dist.PrefixStore(f"ckptstore/{digest}/", store)
+        self.store: Any = dist.PrefixStore(f"ckptstore/{digest}/", store)
         self.rank, self.world, self.timeout, self.uri = rank, world, timeout, uri
         self.seq = 0
         self._background: Any = None
@@ -66,7 +66,7 @@ class Room:
         ``background``: run by another thread than the caller's (its own connection)."""
         self.seq += 1
         if background and self._background is None:
-            self._background = self.store.clone()  # type: ignore[attr-defined]
+            self._background = self.store.clone()
         return Op(self, self.seq, what, self.timeout if timeout is None else timeout,
                   self._background if background else None)
 
