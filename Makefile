@@ -32,8 +32,11 @@ $(VENV)/.installed: pyproject.toml ckptstore/_version.py
 
 # The two quick checks run first, so a broken package fails in a minute or two and
 # pytest's summary stays the last thing printed.
+# The suite runs in TEST_WORKERS processes (pytest-xdist): most of its time is spent waiting
+# (timeouts, servers, subprocesses of real ranks and kernels), which overlaps well on 2 cores.
+TEST_WORKERS ?= 2
 test: venv tools typecheck wheel-check
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) tests
 
 # mypy over the public API as a user's code meets it (tests/typecheck_public.py) and
 # the modules that define it; what it checks is set in pyproject.toml ([tool.mypy]).
