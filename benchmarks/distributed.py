@@ -196,15 +196,23 @@ def worker(mode: str, where: str, nbytes: int, extra: dict) -> dict:
     return result
 
 
-def single(mode: str, where: str, nbytes: int) -> float:
-    """One process saving (or loading) the same bytes with ckptstore.save / load."""
+def single(mode: str, where: str, nbytes: int, ranks: int = 4, kind: str = "sharded") -> float:
+    """One process saving (or loading) the same bytes the ranks hold, with ckptstore.save / load:
+    ``sharded``, the global tensors the ranks' shards form; ``replicated``, the DDP state."""
     code = f"""
 import time, torch, ckptstore
 torch.set_num_threads(1)
 n = {nbytes} // 4 // 8
-rows = n // 1024
+rows, world = n // 1024, {ranks}
+if {kind!r} == "replicated":
+    torch.manual_seed(0)
+    state = {{"model": {{f"w{{i}}": torch.randn(n) for i in range(8)}}}}
+else:
+    def part(i, r):
+        local = torch.full((rows // world, 1024), float(i))
+        return local + torch.arange(rows // world).unsqueeze(1) * 1e-3 + r
+    state = {{"model": {{f"w{{i}}": torch.cat([part(i, r) for r in range(world)]) for i in range(8)}}}}
 if {mode!r} == "save":
-    state = {{"model": {{f"w{{i}}": torch.full((rows, 1024), float(i)) for i in range(8)}}}}
     t = time.perf_counter(); ckptstore.save(state, {where!r}); print(time.perf_counter() - t)
 else:
     t = time.perf_counter(); ckptstore.load({where!r}); print(time.perf_counter() - t)
@@ -249,18 +257,20 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             print(f"round {rnd}/{args.rounds}", flush=True)
             d = root / f"r{rnd}"
-            add("ckptstore 1 proc save s", single("save", str(d / "single"), nbytes))
+            add("ckptstore 1 proc save s", single("save", str(d / "single"), nbytes, ranks))
             add("ckptstore ranks save s", max(r["seconds"] for r in launch(ranks, "save", str(d / "mgr"), nbytes)))
             add("dcp FileSystemWriter save s",
                 max(r["seconds"] for r in launch(ranks, "dcp-save", str(d / "dcp"), nbytes)))
             cold = drop_caches() and cold
-            add("ckptstore 1 proc load s", single("load", str(d / "single"), nbytes))
+            add("ckptstore 1 proc load s", single("load", str(d / "single"), nbytes, ranks))
             cold = drop_caches() and cold
             add("ckptstore ranks restore(into=) s",
                 max(r["seconds"] for r in launch(ranks, "restore", str(d / "mgr"), nbytes)))
             cold = drop_caches() and cold
             add("dcp FileSystemReader load s",
                 max(r["seconds"] for r in launch(ranks, "dcp-load", str(d / "dcp"), nbytes)))
+            add("ckptstore 1 proc replicated-state save s",
+                single("save", str(d / "single-rep"), nbytes, ranks, "replicated"))
             rep = launch(ranks, "replicated", str(d / "rep"), nbytes)
             add("ckptstore ranks replicated save s", max(r["seconds"] for r in rep))
             extra["replicated bytes stored / state"] = du(str(d / "rep")) / nbytes
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
          "ckptstore ranks restore(into=) s", 1.0),
         ("sharded load: restore(into=) vs 1 process load (x)", "ckptstore 1 proc load s",
          "ckptstore ranks restore(into=) s", None),
-        ("replicated save: 1 process / ranks (x, >=0.8 i.e. <=1.25x)", "ckptstore 1 proc save s",
+        ("replicated save: 1 process / ranks (x, >=0.8 i.e. <=1.25x)", "ckptstore 1 proc replicated-state save s",
          "ckptstore ranks replicated save s", 0.8),
     ]
     lines = [f"# Multi-rank benchmark ({ranks} ranks, {args.size}, {args.rounds} rounds, "
