@@ -204,6 +204,13 @@ class Checkpoint:
                     shape = torch.Size(_whole_numbers(t.shape, path))
                     yield path, kind, TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
                 continue
+            if kind == tree.SHARDED:
+                # saved as shards by several ranks: to a reader, the global tensor they form
+                if wanted is None or "tensor" in wanted:
+                    dtype, shape_list, _, _ = tree.sharded_info(i, node)
+                    shape = torch.Size(shape_list)
+                    yield _unlink(link), "tensor", TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
+                continue
             if wanted is None or kind in wanted:
                 yield _unlink(link), kind, None
             if kind in CONTAINER_TAGS:

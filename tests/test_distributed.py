@@ -129,6 +129,20 @@ def test_a_single_process_loads_and_verifies_the_global_tensors_of_a_multi_rank_
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_multi_rank_step_exports_its_global_tensors_to_safetensors(layout_run, tmp_path):
+    from safetensors.torch import load_file
+
+    directory, ranks = layout_run
+    step = f"{directory}/step-7"
+    assert ckptstore.exists(step), describe(ranks)
+    ckptstore.export(step, tmp_path / "model.safetensors", select="model")
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    wanted = {name: g for name, g in layout_globals().items()}
+    assert set(exported) == set(wanted)
+    for name, g in wanted.items():
+        assert same_bits(exported[name], g), name
+
+
 def test_a_single_process_loading_the_whole_step_is_told_which_values_are_per_rank(layout_run):
     directory, ranks = layout_run
     assert ckptstore.exists(f"{directory}/step-7"), describe(ranks)

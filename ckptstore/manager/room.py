@@ -226,10 +226,31 @@ class Op:
         """``root``'s value on every rank (only ``root`` passes one)."""
         if self.rank == root:
             self.post("share", value)
+            self._until_read("share", [root], self.room.world - 1)
             return value
-        return self.gather("share", [root], readers=self.room.world - 1)[root]
+        out = self.gather("share", [root], readers=0)[root]
+        self._call(self.store.add, self._key("share", "read"), 1)
+        return out
 
     def everyone(self, value: Any) -> dict[int, Any]:
         """Every rank's value on every rank."""
         self.post("all", value)
-        return self.gather("all", readers=self.room.world)
+        out = self.gather("all", readers=0)
+        self._call(self.store.add, self._key("all", "read"), 1)
+        if self.rank == 0:
+            self._until_read("all", range(self.room.world), self.room.world)
+        return out
+
+    def _until_read(self, name: str, ranks, readers: int) -> None:
+        """Rank 0 (or the root): wait until ``readers`` ranks have read ``name``, then delete it.
+        Rank 0 hosts the store: returning first would let a program that ends right after this
+        call take the store away from ranks still reading it. A rank that never reads (it died)
+        holds this up to the op's deadline, and no longer."""
+        pause = _POLL_FIRST
+        key = self._key(name, "read")
+        while self._call(self.store.add, key, 0) < readers and time.monotonic() < self.deadline:
+            if self.failed():
+                break
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX)
+        self._delete([self._key(name, r) for r in ranks] + [self._key(name, "n"), key])
