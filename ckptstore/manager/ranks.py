@@ -89,7 +89,13 @@ class Ranks:
     def join(self, settings: dict, probe) -> None:
         """Same settings everywhere, and one directory everyone sees (rank 0 proves it writable)."""
         op = self.op("making the CheckpointManager")
-        said = op.everyone(settings)
+        try:
+            said = op.everyone(settings)
+        except CollectiveError as e:
+            raise CollectiveError(
+                f"{e}. Under torch.distributed with {self.world} ranks the manager is collective: every rank "
+                "must make it, with the same arguments (a manager made on rank 0 alone waits for the others; "
+                "see docs/distributed.md)", self.uri, e.ranks) from None
         differ = sorted(r for r, s in said.items() if s != said[0])
         if differ:
             raise CheckpointError(
