@@ -274,9 +274,7 @@ class Tree:
             if self.version >= 4 and tag in ("ranks", "sharded"):
                 try:
                     kids = self._format4_children(n, tag)
-                except ValueError as e:
-                    if isinstance(e, CorruptCheckpointError):
-                        raise
+                except ValueError:       # a per-rank value this reader cannot take: named by its path
                     from .tree import per_rank_error
                     raise per_rank_error(len(self.rank_children(n)), self.ranks, show(self.path_of(n))) from None
                 for c in kids:

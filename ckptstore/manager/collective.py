@@ -418,15 +418,25 @@ def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | N
                                     generation=done["generation"], created=time.time(),
                                     files=len(part.files), meta=dict(job.meta))
     except BaseException as e:
+        cause: CollectiveError | None = None
         if not isinstance(e, CollectiveError):
-            op.fail(e)
+            # Another rank failed first, and this error is its consequence (rank 0 removing the
+            # failed save's files under this rank's feet): every rank names the first cause.
+            with contextlib.suppress(CheckpointError):
+                if isinstance(e, Exception) and op.failed():
+                    cause = op.failure()
+            if cause is None:
+                op.fail(e)
         elif rank == 0:
             with contextlib.suppress(CheckpointError):
                 if not op.failed():
                     op.relay(e)       # rank 0's own finding (who never came): every rank raises it
         _discard(job, mine, gen, rank, gen_id)
         if rank == 0:
-            op.linger(e.ranks if isinstance(e, CollectiveError) else (), job.margin)
+            gone = cause or e
+            op.linger(gone.ranks if isinstance(gone, CollectiveError) else (), job.margin)
+        if cause is not None:
+            raise cause from e
         raise_here(op, e)
 
 

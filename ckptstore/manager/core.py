@@ -130,10 +130,11 @@ class CheckpointManager:
 
     # -- setup
 
-    def _probe(self, keep: bool = False) -> None:
-        """Prove the directory writable now, not at the first save hours into training."""
+    def _probe(self, keep: bool = False) -> str:
+        """Prove the directory writable now, not at the first save hours into training; returns
+        the probe's name (``keep``: the probe stays, for the ranks to look for)."""
         store = self._store
-        name = self._probe_name = f".ckptstore-probe-{time.time_ns():x}"
+        name = f".ckptstore-probe-{time.time_ns():x}"
         try:
             with store.errors("probe a write to"):
                 store.makedirs()
@@ -144,6 +145,7 @@ class CheckpointManager:
             raise StorageError(
                 f"{self.directory} is not writable for checkpoints: {e}", self.directory,
                 errno=getattr(e, "errno", None)) from None
+        return name
 
     def _probe_shared(self, check: str | None = None, remove: str | None = None):
         """Rank 0 writes a probe (returns its name); each rank checks it sees it; rank 0 removes it."""
@@ -153,8 +155,7 @@ class CheckpointManager:
             return None
         if check is not None:
             return check in (self._store.list() or {})
-        self._probe(keep=True)
-        return self._probe_name
+        return self._probe(keep=True)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r})"
@@ -438,12 +439,16 @@ class CheckpointManager:
         finally:
             with self._lock:
                 self._in_flight.discard(step)
+        self._retain_after(step)
+        return info
+
+    def _retain_after(self, step: int) -> None:
+        """Retention once ``step`` is committed (a failure of it harms nothing else: logged)."""
         try:
             self._prune(check_metric=False)
         except CheckpointError as e:
             log.warning("%s: retention after step %d failed (nothing else is affected): %s",
                         self.directory, step, e)
-        return info
 
     # -- incremental steps
 
@@ -470,15 +475,23 @@ class CheckpointManager:
 
     def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
                            devices: dict | None, encoded: tuple | None = None) -> CheckpointInfo:
+        m, info = commit_step(store, state, self._shared_index(), overwrite=force, meta=meta, devices=devices,
+                              allow_pickle=self.allow_pickle, encoded=encoded)
+        self._committed_incremental(step_of(store), m)
+        return info
+
+    def _shared_index(self) -> SharedIndex:
+        """The run's bytes, built from its committed records at the first incremental save."""
         if self._index is None:
             self._index = SharedIndex()
             for m in self._committed_manifests().values():
                 self._index.add(m)
-        m, info = commit_step(store, state, self._index, overwrite=force, meta=meta, devices=devices,
-                              allow_pickle=self.allow_pickle, encoded=encoded)
-        self._sweep_due = self._sweep_due or step_of(store) in self._manifests
-        self._manifests[step_of(store)] = m
-        return info
+        return self._index
+
+    def _committed_incremental(self, step: int, m: Manifest) -> None:
+        """An incremental ``step`` committed as ``m``: a generation it replaced may leave files unlisted."""
+        self._sweep_due = self._sweep_due or step in self._manifests
+        self._manifests[step] = m
 
     def _sweep_shared(self, dry_run: bool = False) -> list[str]:
         """Remove the shared data files no committed step lists and no save in flight may list."""

@@ -32,10 +32,9 @@ import torch
 import concurrent.futures as cf
 
 from ..errors import CheckpointError, CorruptCheckpointError, is_corruption
-from ..incremental import SharedIndex
 from .collective import SaveJob, plan_part, raise_here, save_step
 from .background import SaveHandle, yield_to_training
-from .room import CollectiveError, Op, Room, ranks_text
+from .room import CollectiveError, Op, Room, delete_keys, ranks_text
 from .schedule import check_step
 
 log = logging.getLogger("ckptstore")
@@ -174,8 +173,9 @@ class Ranks:
                 # the previous event's keys: every rank has saved for it, so has read them (this
                 # event's may still be read by ranks that have not reached this save yet)
                 old = self.epoch - 1
-                for part in [*(("noticed", r) for r in range(self.world)), ("noticed", "n"), ("raised",)]:
-                    _forget(self.store, "/".join(map(str, ("event", old, *part))))
+                delete_keys(self.store, ["/".join(map(str, ("event", old, *part)))
+                                         for part in [*(("noticed", r) for r in range(self.world)), ("noticed", "n"),
+                                                      ("raised",)]])
             self.epoch += 1
             self.noticed = self.target = None
 
@@ -246,15 +246,12 @@ def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
     mgr._floor = step if mgr._floor is None else max(mgr._floor, step)
     r.consume(step)
     incremental = mgr.incremental
-    if incremental and r.rank == 0 and mgr._index is None:
-        mgr._index = SharedIndex()
-        for m in mgr._committed_manifests().values():
-            mgr._index.add(m)
     from .core import step_dir
     job = SaveJob(step=step, store=mgr._store.child(step_dir(step)),
                              shared=mgr._shared() if incremental else None, part=part,
                              meta={"step": step, "metrics": metrics or {}}, overwrite=replace,
-                             index=mgr._index if r.rank == 0 else None, margin=r.margin)
+                             index=mgr._shared_index() if incremental and r.rank == 0 else None,
+                             margin=r.margin)
     with mgr._lock:
         mgr._in_flight.add(step)
     if blocking:
@@ -290,12 +287,8 @@ def _run_save(mgr: Any, op: Op, job: Any, start: float):
     mgr._check_grace(step, took)
     if m is not None:      # rank 0: the one process that removes anything
         if mgr.incremental:
-            mgr._sweep_due = mgr._sweep_due or step in mgr._manifests
-            mgr._manifests[step] = m
-        try:
-            mgr._prune(check_metric=False)
-        except CheckpointError as e:
-            log.warning("%s: retention after step %d failed (nothing else is affected): %s", mgr.directory, step, e)
+            mgr._committed_incremental(step, m)
+        mgr._retain_after(step)
     return info
 
 
@@ -321,10 +314,3 @@ def restore_on_ranks(mgr: Any, step: int | None, map_location, select: Any, into
         return None
     mgr._restored(found)
     return got
-
-
-def _forget(store, key: str) -> None:
-    try:
-        store.delete_key(key)
-    except Exception:  # noqa: BLE001 - a leftover key is harmless
-        pass

@@ -45,6 +45,15 @@ def ranks_text(ranks) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
+def delete_keys(store: Any, keys: list[str]) -> None:
+    """Delete ``keys`` from ``store``; a key left behind is harmless, so nothing is raised."""
+    for k in keys:
+        try:
+            store.delete_key(k)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 class Room:
     """The channel of one manager: the same name on every rank (the directory, and how many
     managers of it this process made before)."""
@@ -133,7 +142,7 @@ class Op:
         count_key = self._key(name, "n")
         while True:
             if self._call(store.add, self._key("err", "n"), 0):
-                raise self._failure()
+                raise self.failure()
             if self._call(store.add, count_key, 0) >= len(ranks):
                 break
             if time.monotonic() > deadline:
@@ -166,11 +175,7 @@ class Op:
         self._delete([self._key(n, r) for n in names for r in [*range(self.room.world), "n"]])
 
     def _delete(self, keys: list[str]) -> None:
-        for k in keys:
-            try:
-                self.store.delete_key(k)
-            except Exception:  # noqa: BLE001 - a leftover key is harmless
-                pass
+        delete_keys(self.store, keys)
 
     def failed(self) -> bool:
         return bool(self._call(self.store.add, self._key("err", "n"), 0))
@@ -194,7 +199,8 @@ class Op:
         except Exception:  # noqa: BLE001
             pass
 
-    def _failure(self) -> CollectiveError:
+    def failure(self) -> CollectiveError:
+        """The op's failure as every rank raises it (the ranks that said they failed, or rank 0's relay)."""
         store = self.store
         try:
             store.add(self._key("err", "read"), 1)
