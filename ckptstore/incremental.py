@@ -283,16 +283,19 @@ def sweep(run: Store, live_of, *, grace: float = STALE, dry_run: bool = False) -
 
     data = {n for n in listing if (f := FileName.parse(n)) is not None and f.role == "data"}
     candidates = sorted(data - protected())
-    if not candidates or dry_run:
+    if dry_run:
         return candidates
-    marker = new_generation() + CONDEMNED_SUFFIX
-    shared.put(marker, json.dumps({"files": candidates, "time": time.time()}).encode())
-    try:
-        dead = sorted(set(candidates) - protected())
-        if dead:
-            shared.remove(dead)
-    finally:
-        shared.remove([marker])
+    dead: list[str] = []
+    if candidates:
+        marker = new_generation() + CONDEMNED_SUFFIX
+        shared.put(marker, json.dumps({"files": candidates, "time": time.time()}).encode())
+        try:
+            dead = sorted(set(candidates) - protected())
+            if dead:
+                shared.remove(dead)
+        finally:
+            shared.remove([marker])
+    # markers of saves and sweeps that died, whether or not this sweep found data to remove
     stale = [n for n, e in listing.items() if n.endswith((INTENT_SUFFIX, CONDEMNED_SUFFIX))
              and e.mtime is not None and now - e.mtime > grace]
     if stale:

@@ -216,6 +216,31 @@ def test_gc_of_the_run_frees_what_no_step_lists_and_keeps_the_rest(tmp_path):
         assert equal(ckptstore.load(str(d / f"step-{s}")), frozen_state(s, base))
 
 
+def test_gc_grace_0_removes_markers_of_dead_saves_even_with_no_data_to_free(tmp_path):
+    import json
+    import os
+    import time
+
+    d = tmp_path / "run"
+    base = torch.randn(MiB // 4)
+    with ckptstore.CheckpointManager(str(d), incremental=True) as mgr:
+        mgr.save(1, frozen_state(1, base))
+    shared = d / ".shared"
+    data = {p.name for p in shared.iterdir()}
+    # what a save and a sweep killed with SIGKILL leave behind: no data file, only their markers
+    old = time.time() - 5
+    for name in ("18ee7903483a7ca2-cc85913e.intent", "18ee79027e1aeba8-0a2994e3.condemned"):
+        (shared / name).write_text(json.dumps({"generation": name.split(".")[0], "files": [], "time": old}))
+        os.utime(shared / name, (old, old))
+    from ckptstore.cli import main as cli
+    assert cli(["gc", str(d)]) == 0                       # within the default grace: kept
+    assert {p.name for p in shared.iterdir()} == data | {"18ee7903483a7ca2-cc85913e.intent",
+                                                          "18ee79027e1aeba8-0a2994e3.condemned"}
+    assert cli(["gc", "--grace", "0", str(d)]) == 0
+    assert {p.name for p in shared.iterdir()} == data
+    assert ckptstore.verify(str(d / "step-1"), deep=True).ok
+
+
 # ---------------------------------------------------------------- kill -9 at random instants
 
 def _kill_rounds(writers, store, rounds: int, seed: str, megabytes: float = 1.0, longest: float = 0.8) -> int:
