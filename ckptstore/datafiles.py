@@ -210,23 +210,35 @@ def _crc_piece(piece: memoryview, index: int, blob_crcs: list[int], file_crc: in
     return crc32c.crc32c(piece, file_crc)
 
 
-def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[int], bar,
-                      written: list[str]) -> list[int]:
-    """Write the data files one after the other, streaming; returns their CRC-32Cs.
+WRITE_UNIT = 8 << 20   # bytes per write call of a streaming write: the unit of overlap
 
-    The CRCs of each piece are computed in a helper thread while the piece is
-    written, so checksumming costs no time on a disk that is the bottleneck.
+
+def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[int], bar,
+                      written: list[str], verify: bool) -> tuple[list[int], list[int | None]]:
+    """Write the data files one after the other, streaming; returns their CRC-32Cs and, where
+    the writer reads back while writing, the CRC-32Cs of what is stored (else None).
+
+    Pieces are written in units of at most ``WRITE_UNIT`` bytes. While the main thread writes
+    one unit, one helper thread computes the CRC of the next unit's memory and reads back the
+    unit written before (``Writer.stored_crc``): checksums and the read-back check cost no time
+    on a disk that is the bottleneck, and the check needs no second pass after the last byte.
     """
-    crcs = [0] * len(names)
+    n = len(names)
+    crcs: list[int] = [0] * n
+    stored: list[int | None] = [None] * n
     w, k_open, pos = None, -1, 0
+    back = None          # the read-back of the unit last written, in flight
 
     def open_next(k: int):
-        nonlocal w, k_open, pos
+        nonlocal w, k_open, pos, back
         if w is not None:
+            if back is not None:
+                stored[k_open], back = back.result(), None
             _finish(store, w, names[k_open], pos, p.sizes[k_open])
             w = None
         written.append(names[k])
-        w, k_open, pos = store.open_writer(names[k]), k, 0
+        w, k_open, pos = store.open_writer(names[k], p.sizes[k]), k, 0
+        stored[k] = 0 if verify and w.reads_back else None
 
     # A helper thread is worth starting only when there are large pieces to overlap.
     pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") if p.total > BATCH else None
@@ -234,30 +246,42 @@ def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[i
         for k, index, piece, _ in _files(p, blob_crcs):
             while k != k_open:
                 open_next(k_open + 1)
-            if pool is None:
-                w.write(piece)
-                crcs[k] = _crc_piece(piece, index, blob_crcs, crcs[k])
-            else:
-                fut = pool.submit(_crc_piece, piece, index, blob_crcs, crcs[k])
-                w.write(piece)
-                crcs[k] = fut.result()
-            pos += len(piece)
-            if bar is not None:
-                bar.update(len(piece))
+            for o in range(0, len(piece), WRITE_UNIT):
+                unit = piece[o:o + WRITE_UNIT]
+                if pool is None:
+                    w.write(unit)
+                    crcs[k] = _crc_piece(unit, index, blob_crcs, crcs[k])
+                    if stored[k] is not None:
+                        stored[k] = w.stored_crc(pos, len(unit), stored[k])
+                else:
+                    fut = pool.submit(_crc_piece, unit, index, blob_crcs, crcs[k])
+                    w.write(unit)
+                    crcs[k] = fut.result()
+                    if stored[k] is not None:
+                        if back is not None:
+                            stored[k], back = back.result(), None
+                        back = pool.submit(w.stored_crc, pos, len(unit), stored[k])
+                pos += len(unit)
+                if bar is not None:
+                    bar.update(len(unit))
         # Files the stream never reached are empty (a state with no data).
-        while k_open < len(names) - 1:
+        while k_open < n - 1:
             open_next(k_open + 1)
         if w is not None:
+            if back is not None:
+                stored[k_open], back = back.result(), None
             _finish(store, w, names[k_open], pos, p.sizes[k_open])
             w = None
     except BaseException:
+        if back is not None:
+            back.exception()     # no read of a file that is about to be removed
         if w is not None:
             w.abort()
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
-    return crcs
+    return crcs, stored
 
 
 def _finish(store: Store, w, name: str, pos: int, size: int) -> None:
@@ -348,8 +372,7 @@ def write_files(store: Store, names: list[str], p: Plan, *, verify: bool, writte
     if store.part_bytes and store.concurrency > 1:
         crcs, reported = _write_parallel(store, names, p, blob_crcs, bar, written)
     else:
-        crcs = _write_sequential(store, names, p, blob_crcs, bar, written)
-        reported = [None] * len(names)
+        crcs, reported = _write_sequential(store, names, p, blob_crcs, bar, written, verify)
     entries = [FileEntry(names[k], p.sizes[k], crcs[k]) for k in range(len(names))]
     if verify:
         check_stored(store, entries, reported)
@@ -359,9 +382,10 @@ def write_files(store: Store, names: list[str], p: Plan, *, verify: bool, writte
 def check_stored(store: Store, entries: list[FileEntry], reported: list[int | None]) -> None:
     """The verifier: what the backend stored has the CRC-32C computed while writing.
 
-    The backend's own checksum of the stored object stands in for reading
-    it back where it reports one; otherwise each file is read back, several
-    at once.
+    ``reported[k]`` stands in for reading file ``k`` back where it is known:
+    the backend's own checksum of the stored object, or the CRC the writer
+    read back while writing (a local disk). Other files are read back now,
+    several at once.
     """
     def stored(k: int) -> int:
         if reported[k] is not None:

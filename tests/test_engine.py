@@ -211,3 +211,32 @@ def test_cp_retires_the_destinations_older_generation(tmp_path):
     assert cli(["cp", src, dst]) == 0
     new = generation_of(tmp_path / "dst")
     assert len(new) == 1 and not new & old
+
+
+# ---------------------------------------------------------------- the local writer's read-back
+
+def test_the_local_read_back_sees_the_disk_not_the_memory_written(tmp_path):
+    """save(verify=True) on a local disk checks what the kernel holds for the file while later
+    bytes are still being written: a byte changed on disk behind the writer changes the CRC
+    read back, and bytes another process added make the close fail."""
+    import crc32c
+
+    store = open_store(str(tmp_path / "ck"))
+    store.makedirs()
+    data = os.urandom(3 << 20)
+    w = store.open_writer("a.bin", len(data))
+    assert w.reads_back
+    w.write(memoryview(data))
+    assert w.stored_crc(0, len(data), 0) == crc32c.crc32c(data)
+    with open(tmp_path / "ck" / "a.bin", "r+b") as other:
+        other.seek(1 << 20)
+        other.write(bytes([data[1 << 20] ^ 1]))
+    assert w.stored_crc(0, len(data), 0) != crc32c.crc32c(data)
+    assert w.stored_crc(0, 1 << 20, 0) == crc32c.crc32c(data[:1 << 20])   # the bytes before it agree
+    with pytest.raises(ValueError):
+        w.stored_crc(0, len(data) + 1, 0)                                   # never past what was written
+    with open(tmp_path / "ck" / "a.bin", "ab") as other:
+        other.write(b"x")
+    with pytest.raises(StorageError):
+        w.close()
+

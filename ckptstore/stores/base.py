@@ -47,6 +47,14 @@ class Writer(ABC):
     @abstractmethod
     def abort(self) -> None: ...
 
+    #: whether ``stored_crc`` can read back what was written while the file is still open
+    reads_back = False
+
+    def stored_crc(self, offset: int, nbytes: int, crc: int) -> int:
+        """``crc`` extended by the CRC-32C of bytes [offset, offset + nbytes) of the file as the
+        storage now holds them (only where ``reads_back``)."""
+        raise NotImplementedError
+
 
 class Reader(ABC):
     @abstractmethod
@@ -136,7 +144,8 @@ class Store(ABC):
     def makedirs(self) -> None: ...
 
     @abstractmethod
-    def open_writer(self, name: str) -> Writer: ...
+    def open_writer(self, name: str, size: int | None = None) -> Writer:
+        """A new data file ``name``; ``size``, when known, is how many bytes will be written."""
 
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:

@@ -166,7 +166,7 @@ class FsspecStore(Store):
         with self.errors("create directory"):
             self.fs.makedirs(self.location.path, exist_ok=True)
 
-    def open_writer(self, name: str) -> Writer:
+    def open_writer(self, name: str, size: int | None = None) -> Writer:
         return _FsspecWriter(self, name)
 
     def put(self, name: str, data: bytes) -> None:
