@@ -163,9 +163,19 @@ class ReadPlan:
                                                  f"{b}, which does not exist")
                 blobs.add(b)
                 users[b] = users.get(b, 0) + 1
+        # A storage several nodes use (tied weights) is read straight into the target memory only
+        # when every one of its users is a target and they are all that same memory (a model
+        # whose weights are tied too); otherwise it is read once, then copied into each.
+        by_blob: dict[int, list[Target]] = {}
         for t in plan.targets:
-            if t.direct and users.get(t.blob, 0) != 1:
-                t.direct = False       # tied weights: the storage is read once, then copied
+            if t.direct:
+                by_blob.setdefault(t.blob, []).append(t)
+        for b, ts in by_blob.items():
+            first = ts[0].tensor
+            if users.get(b, 0) != len(ts) or any(
+                    x.tensor.device != first.device or x.tensor.data_ptr() != first.data_ptr() for x in ts[1:]):
+                for x in ts:
+                    x.direct = False
         plan.blobs = (blobs - {t.blob for t in plan.targets if t.direct}) | plan.shard_blobs
         return plan
 

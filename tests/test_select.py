@@ -125,6 +125,32 @@ def test_into_a_view_or_tied_weights_fills_them_too(store):
     assert torch.equal(dst["a"], base) and torch.equal(dst["b"], base)
 
 
+def test_into_a_model_whose_weights_are_tied_too_reads_straight_into_them(store):
+    """Tied weights saved and a target tied the same way: the shared storage is read once,
+    straight into the target memory (no buffer for it); an untied target gets copies."""
+    from ckptstore.plan import ReadPlan
+    from ckptstore.reader import open_commit
+    from ckptstore.stores import open_store
+
+    emb = torch.randn(64, 8)
+    uri = store.uri()
+    ckptstore.save({"wte": emb, "head": emb, "bias": torch.ones(8)}, uri)
+    m, _ = open_commit(open_store(uri))
+    tied = torch.zeros(64, 8)
+    dst = {"wte": tied, "head": tied, "bias": torch.zeros(8)}
+    plan = ReadPlan.make(m, None, dst)
+    assert all(t.direct for t in plan.targets) and not plan.blobs
+    got = ckptstore.load(uri, into=dst)
+    assert got["wte"] is tied and got["head"] is tied and torch.equal(tied, emb)
+    untied = {"wte": torch.zeros(64, 8), "head": torch.zeros(64, 8), "bias": torch.zeros(8)}
+    assert len(ReadPlan.make(m, None, untied).blobs) == 1
+    ckptstore.load(uri, into=untied)
+    assert torch.equal(untied["wte"], emb) and torch.equal(untied["head"], emb)
+    half = {"wte": torch.zeros(64, 8)}                     # one user of two is a target: copied
+    assert not any(t.direct for t in ReadPlan.make(m, None, half).targets)
+    assert torch.equal(ckptstore.load(uri, into=half)["wte"], emb)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"model": {"0.weight": torch.zeros(32, 65)}}, "shape"),
     ({"model": {"0.weight": torch.zeros(32, 64, dtype=torch.float64)}}, "float32"),
