@@ -31,7 +31,7 @@ from .ranges import stored_crc32c
 from .stores.base import CHUNK, Store
 
 SMALL = 1 << 20   # blobs below this size are batched
-BATCH = 4 << 20   # bytes per batch buffer
+BATCH = 1 << 20   # bytes per batch buffer
 _ZEROS = bytes(ALIGN)
 
 
@@ -211,6 +211,7 @@ def _crc_piece(piece: memoryview, index: int, blob_crcs: list[int], file_crc: in
 
 
 WRITE_UNIT = 8 << 20   # bytes per write call of a streaming write: the unit of overlap
+HANDOFF = 1 << 20      # pieces smaller than this are checksummed in the writing thread
 
 
 def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[int], bar,
@@ -226,50 +227,59 @@ def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[i
     n = len(names)
     crcs: list[int] = [0] * n
     stored: list[int | None] = [None] * n
-    w, k_open, pos = None, -1, 0
-    back = None          # the read-back of the unit last written, in flight
+    w, k_open, pos, checked = None, -1, 0, 0
+    back = None          # the read-back in flight: bytes [checked_before, checked) of file k_open
+
+    def read_back(final: bool) -> None:
+        """Start the read-back of what was written since the last one (every WRITE_UNIT
+        bytes, and at the end of a file, when ``final`` waits for it too)."""
+        nonlocal back, checked
+        if stored[k_open] is None:
+            return
+        if back is not None:
+            stored[k_open], back = back.result(), None
+        if pos > checked and (final or pos - checked >= WRITE_UNIT):
+            if pool is None or final:
+                stored[k_open] = w.stored_crc(checked, pos - checked, stored[k_open])
+            else:
+                back = pool.submit(w.stored_crc, checked, pos - checked, stored[k_open])
+            checked = pos
 
     def open_next(k: int):
-        nonlocal w, k_open, pos, back
+        nonlocal w, k_open, pos, checked
         if w is not None:
-            if back is not None:
-                stored[k_open], back = back.result(), None
+            read_back(final=True)
             _finish(store, w, names[k_open], pos, p.sizes[k_open])
             w = None
         written.append(names[k])
-        w, k_open, pos = store.open_writer(names[k], p.sizes[k]), k, 0
+        w, k_open, pos, checked = store.open_writer(names[k], p.sizes[k]), k, 0, 0
         stored[k] = 0 if verify and w.reads_back else None
 
     # A helper thread is worth starting only when there are large pieces to overlap.
-    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") if p.total > BATCH else None
+    pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") if p.total > WRITE_UNIT else None
     try:
         for k, index, piece, _ in _files(p, blob_crcs):
             while k != k_open:
                 open_next(k_open + 1)
             for o in range(0, len(piece), WRITE_UNIT):
                 unit = piece[o:o + WRITE_UNIT]
-                if pool is None:
+                if pool is None or len(unit) < HANDOFF:
+                    # cheaper to checksum here than to hand over to the helper
                     w.write(unit)
                     crcs[k] = _crc_piece(unit, index, blob_crcs, crcs[k])
-                    if stored[k] is not None:
-                        stored[k] = w.stored_crc(pos, len(unit), stored[k])
                 else:
                     fut = pool.submit(_crc_piece, unit, index, blob_crcs, crcs[k])
                     w.write(unit)
                     crcs[k] = fut.result()
-                    if stored[k] is not None:
-                        if back is not None:
-                            stored[k], back = back.result(), None
-                        back = pool.submit(w.stored_crc, pos, len(unit), stored[k])
                 pos += len(unit)
+                read_back(final=False)
                 if bar is not None:
                     bar.update(len(unit))
         # Files the stream never reached are empty (a state with no data).
         while k_open < n - 1:
             open_next(k_open + 1)
         if w is not None:
-            if back is not None:
-                stored[k_open], back = back.result(), None
+            read_back(final=True)
             _finish(store, w, names[k_open], pos, p.sizes[k_open])
             w = None
     except BaseException:
