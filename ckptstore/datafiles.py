@@ -245,18 +245,28 @@ def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[i
                 back = pool.submit(w.stored_crc, checked, pos - checked, stored[k_open])
             checked = pos
 
+    later: dict[int, cf.Future] = {}     # files read back after their close, while the next is written
+
+    def close_open() -> None:
+        nonlocal w
+        read_back(final=True)
+        _finish(store, w, names[k_open], pos, p.sizes[k_open])
+        w = None
+        if verify and stored[k_open] is None and n > 1:
+            entry = FileEntry(names[k_open], p.sizes[k_open], crcs[k_open])
+            later[k_open] = closed.submit(stored_crc32c, store, entry)
+
     def open_next(k: int):
         nonlocal w, k_open, pos, checked
         if w is not None:
-            read_back(final=True)
-            _finish(store, w, names[k_open], pos, p.sizes[k_open])
-            w = None
+            close_open()
         written.append(names[k])
         w, k_open, pos, checked = store.open_writer(names[k], p.sizes[k]), k, 0, 0
         stored[k] = 0 if verify and w.reads_back else None
 
     # A helper thread is worth starting only when there are large pieces to overlap.
     pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-crc") if p.total > WRITE_UNIT else None
+    closed = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-verify") if verify and n > 1 else None
     try:
         for k, index, piece, _ in _files(p, blob_crcs):
             while k != k_open:
@@ -279,18 +289,22 @@ def _write_sequential(store: Store, names: list[str], p: Plan, blob_crcs: list[i
         while k_open < n - 1:
             open_next(k_open + 1)
         if w is not None:
-            read_back(final=True)
-            _finish(store, w, names[k_open], pos, p.sizes[k_open])
-            w = None
+            close_open()
+        for k, fut in later.items():
+            stored[k] = fut.result()
     except BaseException:
         if back is not None:
             back.exception()     # no read of a file that is about to be removed
+        for fut in later.values():
+            fut.cancel()
         if w is not None:
             w.abort()
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        if closed is not None:
+            closed.shutdown(wait=True)
     return crcs, stored
 
 
@@ -379,7 +393,7 @@ def write_files(store: Store, names: list[str], p: Plan, *, verify: bool, writte
     what exists.
     """
     blob_crcs = [0] * len(p.blobs)
-    if store.part_bytes and store.concurrency > 1:
+    if store.part_bytes and store.concurrency > 1 and store.parallel_parts:
         crcs, reported = _write_parallel(store, names, p, blob_crcs, bar, written)
     else:
         crcs, reported = _write_sequential(store, names, p, blob_crcs, bar, written, verify)

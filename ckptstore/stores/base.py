@@ -79,6 +79,9 @@ class Store(ABC):
     #: size of one data file (the data stream is cut into parts of this size
     #: and uploaded in parallel); None keeps all data in one file
     part_bytes: int | None = None
+    #: whether parts are uploaded ``concurrency`` at a time; if not, they are
+    #: written one after another and each is read back while the next is written
+    parallel_parts = True
     #: transfers in flight at once (parts uploaded, ranges read)
     concurrency: int = 4
     #: bytes per read request when loading

@@ -203,7 +203,11 @@ class _LocalReader(Reader):
 
 
 class LocalStore(Store):
-    file_bytes = None  # one sequential file is fastest on a local disk
+    #: a FUSE or network mount cuts the data into files of this size: a check reads back
+    #: through a fresh open (the only read that reaches the mount's daemon rather than
+    #: the kernel's cache), and file k is read back while file k + 1 is written
+    MOUNT_PART = 64 << 20
+    parallel_parts = False
 
     def __init__(self, location):
         super().__init__(location)
@@ -212,6 +216,8 @@ class LocalStore(Store):
         self.remote_mount = is_remote_mount(location.path)
         self.atomic_rename = not self.remote_mount
         self.keep_previous = self.remote_mount
+        if self.remote_mount and location.part_size is None:
+            self.part_bytes = self.MOUNT_PART
 
     @property
     def path(self) -> str:
