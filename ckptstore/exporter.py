@@ -3,14 +3,18 @@
 safetensors (one file, or the Hugging Face sharded layout with
 ``model.safetensors.index.json``) is written by streaming: the header is
 built from the commit record alone, then the tensors' bytes are streamed
-from storage in order, a few read windows in flight (``Checkpoint.stream_tensors``),
-so memory stays bounded whatever the checkpoint's size. ``format="torch"`` writes a file
+from storage in order (``Checkpoint.stream_tensors``): the store reads ahead
+while a window is checked against its CRC-32C and earlier windows are
+written by a helper thread, so the export runs at the pace of the slower of
+reading and writing, and memory stays at a few read windows whatever the
+checkpoint's size. ``format="torch"`` writes a file
 ``torch.load(weights_only=True)`` reads back equal; torch.save needs the
 objects, so that export holds the selection in memory once.
 
 The output appears whole or not at all: on local disk it is written under a
-temporary name and renamed; object stores publish an object when its upload
-completes; a sharded export writes its index last.
+temporary name, made durable, renamed only once every blob in it has passed
+its CRC-32C check, and its directory synced; object stores publish an object
+when its upload completes; a sharded export writes its index last.
 """
 
 from __future__ import annotations
@@ -196,6 +200,7 @@ class _Output:
         self.writer.close()
         if self.temp != self.name:
             self.store.rename(self.temp, self.name)
+            self.store.sync_dir()
         return self.shown
 
     def abort(self) -> None:

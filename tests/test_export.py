@@ -8,9 +8,11 @@ checked against what Hugging Face's loader reads (the index's weight_map).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
+import threading
 
 import pytest
 import torch
@@ -143,6 +145,30 @@ def test_a_streamed_export_through_small_windows_is_exact_and_catches_a_corrupt_
     with pytest.raises(ckptstore.CorruptCheckpointError, match="CRC-32C mismatch"):
         ckptstore.export(uri, str(tmp_path / "n.safetensors"), select="model")
     assert not [n for n in os.listdir(tmp_path) if n.startswith("n.")]
+
+
+def test_a_write_that_fails_behind_the_reads_fails_the_export_naming_the_output_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    # The output is written by a helper thread while later windows are read and checked: its
+    # failure (here a full disk after a few windows) must reach the caller as the output's error,
+    # with no file left and no thread still writing.
+    from ckptstore.stores.local import LocalStore, _LocalWriter
+    monkeypatch.setattr(LocalStore, "read_bytes", 4096)
+    torch.manual_seed(3)
+    ckptstore.save({"model": {f"t{i}": torch.randn(5000) for i in range(8)}}, tmp_path / "c")
+    write, calls = _LocalWriter.write, []
+
+    def fail_on_the_fifth(self, data):
+        calls.append(len(data))
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, data)
+    monkeypatch.setattr(_LocalWriter, "write", fail_on_the_fifth)
+    with pytest.raises(ckptstore.InsufficientSpaceError, match="out.safetensors"):
+        ckptstore.export(tmp_path / "c", str(tmp_path / "out.safetensors"), select="model")
+    assert len(calls) == 5
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    assert not [t for t in threading.enumerate() if t.name == "ckptstore-write-behind"]
 
 
 def test_the_cli_exports_and_lists_tensors_from_the_record(tmp_path):

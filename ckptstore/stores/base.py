@@ -24,7 +24,7 @@ from ..url import Location, scrub
 
 CHUNK = 64 << 20  # bytes per write/read call: large enough for full disk speed, small enough to bound memory
 
-_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -272,7 +272,7 @@ def translate(e: BaseException, location: Location, action: str, name: str | Non
     code = getattr(e, "errno", None)
     if isinstance(e, FileNotFoundError) or code == errno.ENOENT:
         return CheckpointNotFoundError(f"{action} {where}: not found", uri)
-    if code in _NO_SPACE:
+    if code in NO_SPACE:
         return InsufficientSpaceError(
             f"{action} {where}: no space left on the target ({detail}); free space or choose "
             "another location", uri)

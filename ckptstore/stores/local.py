@@ -14,7 +14,7 @@ import threading
 
 import crc32c
 
-from .base import _NO_SPACE, Entry, Reader, Store, Writer
+from .base import NO_SPACE, Entry, Reader, Store, Writer
 from .mounts import is_remote_mount
 
 # Start writeback to disk while later chunks are still being produced, so the
@@ -78,7 +78,7 @@ class _LocalWriter(Writer):
         if _fallocate(self.fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0:
             return
         err = ctypes.get_errno()
-        if err in _NO_SPACE:
+        if err in NO_SPACE:
             self.abort()
             with self.store.errors("write", self.name):
                 raise OSError(err, os.strerror(err), self.path)
