@@ -168,3 +168,43 @@ def stored_crc32c(store: Store, entry: FileEntry) -> int:
     """CRC-32C of one stored data file (the writer's check before the commit, and deep verify)."""
     with StreamReader(store, [entry]) as r:
         return r.file_crc(0)
+
+
+# ---------------------------------------------------------------- CRC-32C of concatenations
+
+_POLY = 0x82F63B78      # CRC-32C (Castagnoli), bit-reflected
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32C polynomial, both bit-reflected."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> list[int]:
+    out, p = [], 1 << 30            # x^1
+    for _ in range(32):
+        out.append(p)
+        p = _multmodp(p, p)
+    return out
+
+
+_X2N = _x2n_table()                 # x^(2^k) modulo the polynomial
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32C of A + B from crc1 = CRC-32C(A), crc2 = CRC-32C(B) and len2 = len(B), without
+    reading either (crc1 is multiplied by x^(8 len2) modulo the polynomial)."""
+    p, n, k = 1 << 31, len2, 3      # x^0; then x^(len2 * 2^3)
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2

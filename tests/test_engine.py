@@ -273,3 +273,17 @@ def test_a_save_cut_into_files_checks_each_as_stored_and_loads(where, tmp_path, 
     assert not ckptstore.verify(uri, deep=True).ok
     with pytest.raises(ckptstore.CorruptCheckpointError):
         ckptstore.load(uri)
+
+
+def test_crc32c_combine_equals_the_crc_of_the_concatenation():
+    import random
+
+    import crc32c
+
+    from ckptstore.ranges import crc32c_combine
+
+    rng = random.Random(11)
+    for _ in range(200):
+        a = rng.randbytes(rng.randint(0, 3000))
+        b = rng.randbytes(rng.choice([0, 1, 3, 64, rng.randint(0, 200_000)]))
+        assert crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)

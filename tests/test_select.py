@@ -196,6 +196,34 @@ def test_into_many_small_tensors_and_one_larger_than_a_read(store):
         ckptstore.load(uri, select="small", into={"small": dst["small"]})
 
 
+@pytest.mark.parametrize("flip_at", [0.1, 0.4, 0.6, 0.9])
+def test_into_a_tensor_read_as_several_streams_catches_a_byte_flipped_in_any_of_them(tmp_path, flip_at):
+    """On a local disk into= reads one long run of the stream per thread, so one 6 MiB tensor is
+    read in parts whose CRCs are combined: every part's byte counts, whichever run it is in.
+    Small tensors around it are read in groups through a scratch buffer."""
+    from ckptstore.reader import open_commit
+    from ckptstore.stores import open_store
+
+    g = torch.Generator().manual_seed(5)
+    state = {"a": torch.randn(300, generator=g), "big": torch.randn(6 << 18, generator=g),
+             "small": [torch.randn(100, generator=g) for _ in range(50)]}
+    uri = str(tmp_path / "ck")
+    ckptstore.save(state, uri)
+    dst = {"a": torch.zeros(300), "big": torch.zeros(6 << 18), "small": [torch.zeros(100) for _ in range(50)]}
+    got = ckptstore.load(uri, into=dst)
+    assert got["big"] is dst["big"] and torch.equal(dst["big"], state["big"]) and torch.equal(dst["a"], state["a"])
+    assert all(torch.equal(x, y) for x, y in zip(dst["small"], state["small"]))
+    m, _ = open_commit(open_store(uri))
+    b = next(i for i in range(len(m.blobs)) if int(m.blobs.sizes[i]) == 6 << 20)
+    at = int(m.blobs.starts[b]) + int(flip_at * (6 << 20))
+    path = tmp_path / "ck" / m.files[0].name
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ckptstore.CorruptCheckpointError, match=f"blob {b}"):
+        ckptstore.load(uri, into=dst)
+
+
 def test_into_looks_each_container_up_once_not_once_per_key(tmp_path, monkeypatch):
     """Matching n targets against a dict of n keys reads the dict's entries once (O(n)), not once
     per target (O(n^2): 100,000 tensors took minutes)."""

@@ -86,6 +86,9 @@ class Store(ABC):
     concurrency: int = 4
     #: bytes per read request when loading
     read_bytes: int = 8 << 20
+    #: reads into existing tensors go best as a few long sequential streams (a disk
+    #: and its read-ahead) rather than many ranges in flight (object stores)
+    stream_reads = False
     #: stored files never change after they are written (object stores): the
     #: listing's sizes are the truth and no read past the end is needed
     immutable_files = False

@@ -208,6 +208,7 @@ class LocalStore(Store):
     #: the kernel's cache), and file k is read back while file k + 1 is written
     MOUNT_PART = 64 << 20
     parallel_parts = False
+    stream_reads = True
 
     def __init__(self, location):
         super().__init__(location)
