@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,6 +207,41 @@ def _check_padding(flat: np.ndarray, base: int, seg: _Segment, m: Manifest, wher
                                      uri)
 
 
+def _check(seg: _Segment, flat: np.ndarray, base: int, m: Manifest, where: str, uri: str,
+           padding: bool = True) -> None:
+    """Check one filled segment (``flat`` holds stream bytes from ``base``): its padding is zeros
+    (unless ``padding=False``) and every blob has its CRC-32C."""
+    view = memoryview(flat)
+    t = m.blobs
+    if padding:
+        _check_padding(flat, base, seg, m, where, uri)
+    for i in seg.blobs:
+        off, n = int(t.starts[i]) - base, int(t.sizes[i])
+        if crc32c.crc32c(view[off:off + n]) != int(t.crcs[i]):
+            raise CorruptCheckpointError(
+                f"{where}: CRC-32C mismatch in blob {i} ({n} bytes at stream byte {off + base}); "
+                "the checkpoint is corrupt", uri)
+
+
+def _cut(seg: _Segment, storage: torch.UntypedStorage, flat: np.ndarray, base: int, m: Manifest,
+         values: list) -> None:
+    """Cut the segment's blobs out of ``storage`` (slices: no copy)."""
+    t = m.blobs
+    for i in seg.blobs:
+        off, n = int(t.starts[i]) - base, int(t.sizes[i])
+        kind = t.kind(i)
+        if kind == STORAGE:
+            values[i] = storage[off:off + n] if n else torch.UntypedStorage(0)
+        elif kind == NDARRAY:
+            values[i] = flat[off:off + n]
+        else:
+            values[i] = bytes(memoryview(flat)[off:off + n])
+
+
+def _flat(storage: torch.UntypedStorage) -> np.ndarray:
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else np.zeros(0, np.uint8)
+
+
 def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, verify: bool, values: list,
           where: str, uri: str, padding: bool = True) -> None:
     """Check one filled segment and cut its blobs out of it (slices: no copy).
@@ -213,28 +249,18 @@ def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, 
     ``padding=False`` for a segment of selected blobs, whose gaps hold blobs
     that were not selected: only the blobs themselves are checked.
     """
-    flat = torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else np.zeros(0, np.uint8)
-    view = memoryview(flat)
-    t = m.blobs
-    if verify and padding:
-        _check_padding(flat, base, seg, m, where, uri)
-    for i in seg.blobs:
-        off, n = int(t.starts[i]) - base, int(t.sizes[i])
-        if verify and crc32c.crc32c(view[off:off + n]) != int(t.crcs[i]):
-            raise CorruptCheckpointError(
-                f"{where}: CRC-32C mismatch in blob {i} ({n} bytes at stream byte {off + base}); "
-                "the checkpoint is corrupt", uri)
-        kind = t.kind(i)
-        if kind == STORAGE:
-            values[i] = storage[off:off + n] if n else torch.UntypedStorage(0)
-        elif kind == NDARRAY:
-            values[i] = flat[off:off + n]
-        else:
-            values[i] = bytes(view[off:off + n])
+    flat = _flat(storage)
+    if verify:
+        _check(seg, flat, base, m, where, uri, padding)
+    _cut(seg, storage, flat, base, m, values)
 
 
-def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | None = None) -> list[Any]:
+def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | None = None,
+               defer: list | None = None) -> list[Any]:
     """The blobs of the manifest, read and checked (index-aligned with the blob table).
+
+    ``defer``: a list; where the checks can go on after this returns (a mapped local
+    file), a callable is appended to it that waits for them and raises what they found.
 
     All of them, or with a ``plan`` only ``plan.blobs`` (nearby ones in one
     request, nothing else read) and the direct targets straight into their
@@ -263,7 +289,7 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
             # Only the selected runs: read ahead just those.
             for sg in segs:
                 store.prefetch(m.files[0].name, sg.start, sg.end - sg.start)
-        _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency, segs, wanted is None)
+        _take_mapped(mapped, m, verify, values, where, store.uri, store.concurrency, segs, wanted is None, defer)
         return values
     with StreamReader(store, m.files) as reader:
         storages = [torch.UntypedStorage(s.end - s.start) for s in segs]
@@ -494,7 +520,7 @@ def _check_blob(view: memoryview, b: int, m: Manifest, where: str, uri: str) -> 
 
 
 def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: list, where: str, uri: str,
-                 workers: int, segs: list | None = None, whole: bool = True) -> None:
+                 workers: int, segs: list | None = None, whole: bool = True, defer: list | None = None) -> None:
     """Blobs as slices of a private (copy-on-write) mapping of a local data file.
 
     No allocation, no copy: the kernel reads the file into the page cache and
@@ -502,22 +528,54 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
     is what reads the file; segments are checked in parallel, so page faults
     and CRCs proceed on every core at once. Without verify, pages load when
     first touched.
+
+    ``defer``: a list to which a callable is appended that waits for the checks and
+    raises what they found; the slices are cut at once, so the caller can build the
+    state while the disk is still read, and must call it before handing anything out.
     """
     segs = segments(m) if segs is None else segs
+    flat = _flat(big)
+    if not verify:
+        for s in segs:
+            _cut(s, big, flat, 0, m, values)
+        return
     stop = threading.Event()
     filler = None
-    if verify and whole:
+    if whole:
         filler = threading.Thread(target=_populate, args=(big.data_ptr(), big.nbytes(), stop),
                                   name="ckptstore-populate", daemon=True)
         filler.start()
-    try:
-        with cf.ThreadPoolExecutor(max(2, workers), thread_name_prefix="ckptstore-crc") as pool:
-            for fut in [pool.submit(_take, s, big, 0, m, verify, values, where, uri, whole) for s in segs]:
+    # no more checking threads than cores: more only contend for the GIL between their CRCs
+    pool = cf.ThreadPoolExecutor(max(2, min(workers, os.cpu_count() or 2)), thread_name_prefix="ckptstore-crc")
+    futures = [pool.submit(_check, s, flat, 0, m, where, uri, whole) for s in segs]
+
+    def finish() -> None:
+        try:
+            for fut in futures:
                 fut.result()
-    finally:
-        stop.set()
-        if filler is not None:
-            filler.join()
+        finally:
+            stop.set()
+            for fut in futures:
+                fut.cancel()
+            pool.shutdown(wait=True)
+            if filler is not None:
+                filler.join()
+
+    if defer is None:
+        try:
+            for s in segs:
+                _cut(s, big, flat, 0, m, values)
+        finally:
+            finish()
+        return
+    defer.append(finish)
+    try:
+        for s in segs:
+            _cut(s, big, flat, 0, m, values)
+    except BaseException:
+        defer.remove(finish)
+        finish()
+        raise
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+
@@ -726,8 +784,14 @@ def load_manifest(store: Store, m: Manifest, *, map_location=None, verify: bool 
     if not allow_pickle and m.pickled:
         tree.refuse_pickle(m.nodes if plan.needed is None else [m.nodes[i] for i in plan.needed])
     check_devices(m, plan, map_location)
-    values = read_blobs(store, m, verify=verify, plan=plan)
-    return build_state(m, values, map_location=map_location, allow_pickle=allow_pickle, plan=plan)
+    pending: list = []      # the checks still running while the state is built
+    try:
+        values = read_blobs(store, m, verify=verify, plan=plan, defer=pending)
+        state = build_state(m, values, map_location=map_location, allow_pickle=allow_pickle, plan=plan)
+    finally:
+        for finish in pending:
+            finish()
+    return state
 
 
 # ---------------------------------------------------------------- verification
