@@ -27,6 +27,7 @@ from .format.manifest import (
     ALIGN, KIND_CODES, NDARRAY, STORAGE, BlobTable, FileEntry, aligned_starts, crc_hex, device_column,
 )
 from .format.tree import Blob
+from .hostmem import host_bytes
 from .ranges import stored_crc32c
 from .stores.base import CHUNK, Store
 
@@ -93,7 +94,7 @@ def blob_chunks(blob: Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
         else:
             u8 = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         if storage.device.type == "cpu":
-            flat = u8.numpy()
+            flat = host_bytes(u8)
             for o in range(0, blob.nbytes, chunk):
                 yield memoryview(flat[o:o + chunk])
             return

@@ -30,6 +30,7 @@ from .format.manifest import (
 )
 from .info import VerifyReport
 from .plan import ReadPlan
+from .hostmem import host_bytes
 from .ranges import Range, StreamReader, crc32c_combine
 from .stores.base import Store
 
@@ -239,7 +240,7 @@ def _cut(seg: _Segment, storage: torch.UntypedStorage, flat: np.ndarray, base: i
 
 
 def _flat(storage: torch.UntypedStorage) -> np.ndarray:
-    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy() if storage.nbytes() else np.zeros(0, np.uint8)
+    return host_bytes(storage)
 
 
 def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, verify: bool, values: list,
@@ -295,7 +296,7 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
         storages = [torch.UntypedStorage(s.end - s.start) for s in segs]
         ranges, left = [], [0] * len(segs)   # left: reads of each segment still to arrive
         for k, s in enumerate(segs):
-            flat = torch.empty(0, dtype=torch.uint8).set_(storages[k]).numpy() if s.end > s.start else None
+            flat = host_bytes(storages[k]) if s.end > s.start else None
             for o in range(s.start, s.end, store.read_bytes):
                 n = min(store.read_bytes, s.end - o)
                 ranges.append(Range(o, n, memoryview(flat[o - s.start:o - s.start + n]), k))
@@ -374,7 +375,7 @@ def _fill_host_streams(reader: StreamReader, store: Store, m: Manifest, host: di
     follows, and each read's CRC-32C is computed at once, while its bytes are still in the
     CPU's cache. A blob cut between two runs is checked by combining the CRCs of its parts."""
     t = m.blobs
-    flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
+    flats = {b: host_bytes(_bytes_of(tg.tensor.detach())) for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     total = sum(int(t.sizes[b]) for b in order)
     workers = max(1, min(max(2, store.concurrency), -(-total // STREAM_READ)))
@@ -455,7 +456,7 @@ def _fill_host(reader: StreamReader, store: Store, m: Manifest, host: dict, veri
     checked on a worker as soon as its last chunk is in (the disk and the CRC overlap)."""
     t = m.blobs
     step = store.read_bytes
-    flats = {b: _bytes_of(tg.tensor.detach()).numpy() for b, tg in host.items()}
+    flats = {b: host_bytes(_bytes_of(tg.tensor.detach())) for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     lock = threading.Lock()
     runs: list[list[int]] = []       # the targets' stream ranges, adjacent ones merged
