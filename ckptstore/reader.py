@@ -375,7 +375,7 @@ def _fill_host_streams(reader: StreamReader, store: Store, m: Manifest, host: di
     follows, and each read's CRC-32C is computed at once, while its bytes are still in the
     CPU's cache. A blob cut between two runs is checked by combining the CRCs of its parts."""
     t = m.blobs
-    flats = {b: host_bytes(_bytes_of(tg.tensor.detach())) for b, tg in host.items()}
+    flats = {b: host_bytes(tg.tensor) for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     total = sum(int(t.sizes[b]) for b in order)
     workers = max(1, min(max(2, store.concurrency), -(-total // STREAM_READ)))
@@ -456,7 +456,7 @@ def _fill_host(reader: StreamReader, store: Store, m: Manifest, host: dict, veri
     checked on a worker as soon as its last chunk is in (the disk and the CRC overlap)."""
     t = m.blobs
     step = store.read_bytes
-    flats = {b: host_bytes(_bytes_of(tg.tensor.detach())) for b, tg in host.items()}
+    flats = {b: host_bytes(tg.tensor) for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     lock = threading.Lock()
     runs: list[list[int]] = []       # the targets' stream ranges, adjacent ones merged
