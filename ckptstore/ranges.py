@@ -16,7 +16,7 @@ import collections
 import concurrent.futures as cf
 import itertools
 import threading
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Generator, Iterable, Iterator, NamedTuple
 
 import crc32c
 
@@ -96,7 +96,8 @@ class StreamReader:
         buf = r.into if r.into is not None else memoryview(bytearray(r.nbytes))
         return self.readinto(r.start, buf)
 
-    def fetch(self, ranges: Iterable[Range], concurrency: int | None = None) -> Iterator[tuple[Range, memoryview]]:
+    def fetch(self, ranges: Iterable[Range], concurrency: int | None = None
+              ) -> Generator[tuple[Range, memoryview], None, None]:
         """Each range with its bytes, in the order given, ``concurrency`` reads ahead.
 
         ``ranges`` is consumed lazily: at most ``concurrency`` ranges are taken
