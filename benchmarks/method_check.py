@@ -68,6 +68,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.harness.context import fsync_path
 from ckptstore.benchmeasure import drop_caches, state_nbytes, touch
 
 SWITCHES = ("nested", "keep-cache", "remove-outside", "no-touch", "fresh-process", "no-dir-fsync")
@@ -95,14 +96,6 @@ def build_states(mib: int, seed: int = 0) -> tuple[dict, dict]:
     return {k: t for k, t in flat_tensors(nested).items() if t.dim()}, nested
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -127,9 +120,9 @@ def _saver(impl: str, path: Path, dir_fsync: bool):
     def durable(write):
         def run(state):
             write(state, str(path))
-            _fsync(path)
+            fsync_path(path)
             if dir_fsync:
-                _fsync(path.parent)
+                fsync_path(path.parent)
         return run
 
     return {"ckptstore": lambda state: ckptstore.save(state, str(path)),

@@ -107,6 +107,15 @@ def run_worker(spec: dict, timeout: float = WORKER_TIMEOUT_S) -> dict:
     raise WorkerError(lines[-1] if lines else f"worker exited with status {proc.returncode}")
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def remove(path: Path) -> None:
     """Delete a file or tree, then sync so the freed blocks (and the discards ext4 issues
     for them) are not written back during the next timed operation."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ckptstore.benchmeasure import current_rss, drop_caches, peak_rss, reset_peak_rss, state_nbytes
 
-from benchmarks.harness.context import Context, Site
+from benchmarks.harness.context import Context, Site, fsync_path
 from benchmarks.harness.registry import Scenario, op, scenario
 from benchmarks.harness.series import Row, Series, compare
 
@@ -216,11 +216,11 @@ def op_export(spec: dict) -> dict:
     elif spec["impl"] == "load_save_file":  # what a user does without export: load, then save_file
         from safetensors.torch import save_file
         save_file(ckptstore.load(str(root / "ckptstore"), select="model")["model"], str(out))
-        _fsync(out)
+        fsync_path(out)
     else:
         from safetensors.torch import save_file
         save_file(tensors, str(out))
-        _fsync(out)
+        fsync_path(out)
     seconds = time.perf_counter() - start
     extra = peak_rss() - before
     size = out.stat().st_size
@@ -234,14 +234,6 @@ def op_export(spec: dict) -> dict:
     out.unlink()
     return {"seconds": seconds, "extra_rss": extra, "file_bytes": size, "cold": cold, "cold_note": why,
             "correct": ok}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 
