@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib as _contextlib
 import errno as _errno
 import sys as _sys
+from typing import Callable as _Callable
 
 
 class CheckpointError(Exception):
@@ -188,9 +189,10 @@ def is_corruption(e: BaseException) -> bool:
 
 
 @_contextlib.contextmanager
-def record_checks(what: str = "node table"):
+def record_checks(what: str | _Callable[[], str] = "node table"):
     """Walk a commit record: a Python error its structure provokes is corruption; the
-    caller's and the machine's errors pass through unchanged."""
+    caller's and the machine's errors pass through unchanged. ``what`` names the part
+    walked (a callable is asked only when there is an error to name)."""
     try:
         yield
     except CheckpointError:
@@ -198,5 +200,6 @@ def record_checks(what: str = "node table"):
     except BaseException as e:
         if is_environment(e) or not isinstance(e, _STRUCTURAL):
             raise
-        raise CorruptCheckpointError(f"malformed checkpoint structure: {what}: {type(e).__name__}: {e}"[:300]) \
+        where = what() if callable(what) else what
+        raise CorruptCheckpointError(f"malformed checkpoint structure: {where}: {type(e).__name__}: {e}"[:300]) \
             from None

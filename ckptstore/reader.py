@@ -13,6 +13,7 @@ of the data files is checked, and no second copy of the state is ever held.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import logging
 import os
 import threading
@@ -375,7 +376,6 @@ def _fill_host_streams(reader: StreamReader, store: Store, m: Manifest, host: di
     follows, and each read's CRC-32C is computed at once, while its bytes are still in the
     CPU's cache. A blob cut between two runs is checked by combining the CRCs of its parts."""
     t = m.blobs
-    flats = {b: host_bytes(tg.tensor) for b, tg in host.items()}
     order = sorted(host, key=lambda b: int(t.starts[b]))
     total = sum(int(t.sizes[b]) for b in order)
     workers = max(1, min(max(2, store.concurrency), -(-total // STREAM_READ)))
@@ -397,6 +397,7 @@ def _fill_host_streams(reader: StreamReader, store: Store, m: Manifest, host: di
     def read_run(run: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
         done: list[tuple[int, int, int, int]] = []        # (blob, offset, bytes, CRC-32C)
         scratch: memoryview | None = None
+        scratch_at = 0                                    # its address
         i = 0
         while i < len(run):
             b, o, n = run[i]
@@ -411,16 +412,18 @@ def _fill_host_streams(reader: StreamReader, store: Store, m: Manifest, host: di
                         break
                     end, j = s2 + n2, j + 1
                 if scratch is None:
-                    scratch = memoryview(bytearray(STREAM_READ))
+                    buf = bytearray(STREAM_READ)
+                    scratch = memoryview(buf)
+                    scratch_at = ctypes.addressof(ctypes.c_char.from_buffer(buf))
                 reader.readinto(start, scratch[:end - start])
                 for b2, _, n2 in run[i:j]:
                     at = int(t.starts[b2]) - start
-                    piece = scratch[at:at + n2]
-                    flats[b2][:n2] = piece
-                    done.append((b2, 0, n2, crc32c.crc32c(piece) if verify else 0))
+                    # straight to the target's address: no array object per small tensor
+                    ctypes.memmove(host[b2].tensor.data_ptr(), scratch_at + at, n2)
+                    done.append((b2, 0, n2, crc32c.crc32c(scratch[at:at + n2]) if verify else 0))
                 i = j
                 continue
-            crc, dst = 0, flats[b]
+            crc, dst = 0, host_bytes(host[b].tensor)
             for q in range(o, o + n, STREAM_READ):
                 k = min(STREAM_READ, o + n - q)
                 view = memoryview(dst[q:q + k])

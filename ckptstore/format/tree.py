@@ -519,15 +519,17 @@ def decode(nodes: list, blob_value: Callable[[int], Any], allow_pickle: bool = F
 
 
 def _decode_all(nodes: list, table: _Table, version: int, order, placed: dict) -> None:
-    for i in order:
-        if i in placed:
-            table.values[i] = placed[i]
-            continue
-        node = nodes[i]
-        if type(node) is not list or not node or type(node[0]) is not str:
-            raise _bad(f"node {i} is not a tagged list")
-        tag = node[0]
-        with record_checks(f"node {i} ({tag:.20})"):
+    at: list = [0, ""]      # the node being decoded, named only if it fails (one check for all nodes)
+    with record_checks(lambda: f"node {at[0]} ({at[1]:.20})"):
+        for i in order:
+            if i in placed:
+                table.values[i] = placed[i]
+                continue
+            node = nodes[i]
+            if type(node) is not list or not node or type(node[0]) is not str:
+                raise _bad(f"node {i} is not a tagged list")
+            tag = at[1] = node[0]
+            at[0] = i
             table.values[i] = _decode_node(i, tag, node, table, version)
 
 
