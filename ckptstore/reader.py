@@ -13,12 +13,15 @@ of the data files is checked, and no second copy of the state is ever held.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
+import functools
 import logging
 import os
+import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import crc32c
 import numpy as np
@@ -240,10 +243,6 @@ def _cut(seg: _Segment, storage: torch.UntypedStorage, flat: np.ndarray, base: i
             values[i] = bytes(memoryview(flat)[off:off + n])
 
 
-def _flat(storage: torch.UntypedStorage) -> np.ndarray:
-    return host_bytes(storage)
-
-
 def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, verify: bool, values: list,
           where: str, uri: str, padding: bool = True) -> None:
     """Check one filled segment and cut its blobs out of it (slices: no copy).
@@ -251,7 +250,7 @@ def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, 
     ``padding=False`` for a segment of selected blobs, whose gaps hold blobs
     that were not selected: only the blobs themselves are checked.
     """
-    flat = _flat(storage)
+    flat = host_bytes(storage)
     if verify:
         _check(seg, flat, base, m, where, uri, padding)
     _cut(seg, storage, flat, base, m, values)
@@ -538,7 +537,7 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
     state while the disk is still read, and must call it before handing anything out.
     """
     segs = segments(m) if segs is None else segs
-    flat = _flat(big)
+    flat = host_bytes(big)
     if not verify:
         for s in segs:
             _cut(s, big, flat, 0, m, values)
@@ -565,21 +564,16 @@ def _take_mapped(big: torch.UntypedStorage, m: Manifest, verify: bool, values: l
             if filler is not None:
                 filler.join()
 
-    if defer is None:
-        try:
-            for s in segs:
-                _cut(s, big, flat, 0, m, values)
-        finally:
-            finish()
-        return
-    defer.append(finish)
     try:
         for s in segs:
             _cut(s, big, flat, 0, m, values)
     except BaseException:
-        defer.remove(finish)
         finish()
         raise
+    if defer is None:
+        finish()
+    else:
+        defer.append(finish)
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+
@@ -714,58 +708,110 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
                        partial=plan.partial, placed=given, ranks=ranks)
 
 
+#: The stream's read windows together hold at most 1/BUFFER_SHARE of the bytes streamed
+#: (but windows are at least MIN_WINDOW, and at most the store's ``read_bytes``).
+BUFFER_SHARE = 32
+MIN_WINDOW = 1 << 20
+#: How far ahead of the window being read the store is asked to read (``Store.prefetch``:
+#: posix_fadvise WILLNEED on a local disk, so the disk streams while windows are copied),
+#: in steps of ADVISE_STEP.
+READ_AHEAD = 512 << 20
+ADVISE_STEP = 64 << 20
+#: Blobs closer than this in the data stream are read ahead as one range (the gap is padding).
+ADVISE_GAP = 64 << 10
+
+
 def stream_blob(store: Store, m: Manifest, b: int, sink, verify: bool = True) -> int:
-    """Hand blob ``b``'s bytes to ``sink(memoryview)`` in order; see ``stream_blobs``."""
-    return stream_blobs(store, m, [b], sink, verify=verify)
+    """Hand blob ``b``'s bytes to ``sink(memoryview)`` in order (each done with when it returns);
+    see ``stream_blobs``."""
+    def put(data: memoryview, release) -> None:
+        sink(data)
+        release()
+    return stream_blobs(store, m, [b], put, verify=verify)
 
 
-def stream_blobs(store: Store, m: Manifest, blobs: list[int], sink, verify: bool = True) -> int:
-    """Hand the bytes of each blob in ``blobs`` to ``sink(memoryview)``, one blob after another,
-    ``Store.read_bytes`` at a time; returns the bytes handed over.
+def stream_blobs(store: Store, m: Manifest, blobs: list[int], put, verify: bool = True, held: int = 0,
+                 stop=lambda: False) -> int:
+    """Hand the bytes of each blob in ``blobs`` to ``put(memoryview, release)``, in order, a
+    read window at a time; returns the bytes handed over.
 
-    One reader serves them all, so ``Store.concurrency`` reads stay in flight
-    across blob boundaries, into a ring of reused buffers: memory stays at a
-    few read windows whatever the sizes, and ``sink`` must be done with each
-    memoryview when it returns. Each blob's CRC-32C is checked once its last
-    byte has passed, so a sink must treat what it got as provisional until
-    this returns (write to a staging file).
+    One reader keeps ``Store.concurrency`` reads in flight across blob boundaries, into a
+    ring of windows: memory stays at the ring whatever the sizes (at most 1/BUFFER_SHARE of
+    the bytes streamed, windows of MIN_WINDOW to ``Store.read_bytes``). ``put``'s consumer
+    calls ``release()`` once done with a window, which is then read into again; it may hold
+    up to ``held`` windows at once (a write-behind thread). The store is asked to read ahead
+    up to READ_AHEAD. Each blob's CRC-32C is checked once its last window has been read,
+    before that window is handed over, so a consumer must treat what it got as provisional
+    until this returns (write to a staging file). ``stop()`` true ends the stream early.
     """
     t = m.blobs
     store = data_store(store, m)
     for b in blobs:
-        if type(b) is not int or not 0 <= b < len(t):
+        if type(b) is not int or not 0 <= b < len(t) or int(t.starts[b]) < 0 or int(t.sizes[b]) < 0:
             raise CorruptCheckpointError(
                 f"{store.uri}: malformed checkpoint structure: blob {b!r:.40} does not exist", store.uri)
-    step, depth = store.read_bytes, max(1, store.concurrency)
+    if verify:
+        for b in blobs:     # an empty blob passes no bytes: its CRC is that of nothing
+            if not int(t.sizes[b]) and int(t.crcs[b]) != 0:
+                raise _crc_mismatch(b, 0, int(t.starts[b]), store.uri, store.uri)
     total = sum(int(t.sizes[b]) for b in blobs)
-    ring = [memoryview(bytearray(min(step, total))) for _ in range(depth + 1)] if total else []
+    if not total:
+        return 0
+    depth = max(1, store.concurrency)
+    slots = depth + 1 + held
+    window = max(1, min(store.read_bytes, max(MIN_WINDOW, total // BUFFER_SHARE // slots), total))
+    ring = [memoryview(bytearray(window)) for _ in range(slots)]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(slots):
+        free.put(i)
 
-    def ranges():
-        i = 0
+    def ranges(reader: StreamReader) -> Iterator[Range]:
+        hints = _read_ahead(t, blobs)
+        hint = next(hints, None)
+        at = 0
         for b in blobs:
             start, n = int(t.starts[b]), int(t.sizes[b])
-            for o in range(0, n, step):
-                k = min(step, n - o)
-                # fetch pulls at most ``depth`` ranges ahead of the one it last yielded,
-                # so buffer i is free again by the time range i + depth + 1 is made
-                yield Range(start + o, k, ring[i % len(ring)][:k], (b, o + k == n))
-                i += 1
+            for o in range(0, n, window):
+                while hint is not None and hint[0] < at + READ_AHEAD:
+                    reader.advise(hint[1], hint[2])
+                    hint = next(hints, None)
+                k = min(window, n - o)
+                slot = free.get()          # waits until the consumer has released one
+                yield Range(start + o, k, ring[slot][:k], (b, o + k == n, slot))
+                at += k
 
     crc = 0
-    with StreamReader(store, m.files) as reader:
-        for r, data in reader.fetch(ranges(), concurrency=depth):
+    with StreamReader(store, m.files) as reader, contextlib.closing(reader.fetch(ranges(reader), depth)) as got:
+        for r, data in got:
+            b, last, slot = r.tag
             if verify:
                 crc = crc32c.crc32c(data, crc)
-            sink(data)
-            b, last = r.tag
-            if last:
-                if verify and crc != int(t.crcs[b]):
+                if last and crc != int(t.crcs[b]):
                     raise _crc_mismatch(b, int(t.sizes[b]), int(t.starts[b]), store.uri, store.uri)
+            if last:
                 crc = 0
-    for b in blobs:      # an empty blob passes no bytes: its CRC is that of nothing
-        if verify and not int(t.sizes[b]) and int(t.crcs[b]) != 0:
-            raise _crc_mismatch(b, 0, int(t.starts[b]), store.uri, store.uri)
+            put(data, functools.partial(free.put, slot))
+            if stop():
+                break
     return total
+
+
+def _read_ahead(t, blobs: list[int]) -> Iterator[tuple[int, int, int]]:
+    """(bytes streamed before it, stream offset, length) of each piece to read ahead: the
+    blobs' ranges, neighbours merged, cut in ADVISE_STEP pieces."""
+    extents: list[list[int]] = []
+    at = 0
+    for b in blobs:
+        start, n = int(t.starts[b]), int(t.sizes[b])
+        last = extents[-1] if extents else None
+        if last is not None and last[1] + last[2] <= start <= last[1] + last[2] + ADVISE_GAP:
+            last[2] = start + n - last[1]
+        elif n:
+            extents.append([at, start, n])
+        at += n
+    for at, start, n in extents:
+        for o in range(0, n, ADVISE_STEP):
+            yield at + o, start + o, min(ADVISE_STEP, n - o)
 
 
 def load_committed(store: Store, *, map_location=None, verify: bool = True, allow_pickle: bool = False,

@@ -19,15 +19,12 @@ loads it, and the view walks the loaded value.
 from __future__ import annotations
 
 import collections
-import contextlib
-import functools
 import math
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-import crc32c
 import torch
 
 from .commit import choose
@@ -38,8 +35,7 @@ from .format.manifest import STORAGE, Manifest
 from .format.paths import CONTAINER_TAGS, Tree, malformed_is_corrupt, normalize, show
 from .info import CheckpointInfo
 from .plan import select_value
-from .ranges import Range, StreamReader
-from .reader import data_store, load_manifest
+from .reader import load_manifest, stream_blobs
 from .stores.base import Store
 
 
@@ -232,7 +228,7 @@ class Checkpoint:
         """Hand the bytes of the tensors at ``paths`` (relative to this view) to ``write``, in order.
 
         ``write`` runs on one helper thread while later bytes are read and checked
-        (see ``_TensorStream``); it must be done with each memoryview when it returns.
+        (see ``reader.stream_blobs``); it must be done with each memoryview when it returns.
         Runs of tensors that are exactly their storage (contiguous, offset 0, the
         storage's size) go straight from storage, read windows in flight across tensor
         boundaries; any other tensor (a view of a larger storage) is loaded alone and its
@@ -247,7 +243,8 @@ class Checkpoint:
             def flush() -> None:
                 if run:
                     with self._store.errors("read"):
-                        _TensorStream(self._store, self._m, run, self._verify).into(out)
+                        stream_blobs(self._store, self._m, run, out.put, self._verify,
+                                     held=WRITE_BEHIND, stop=lambda: out.failed)
                     run.clear()
             for path in paths:
                 b = self._whole_storage(tuple(path)) if self._m is not None else None
@@ -353,19 +350,6 @@ def _walk_loaded(root: Any, wanted: frozenset | None) -> Iterator[tuple[tuple, s
 #: Read windows handed to the writer and not yet written, at most: enough to keep the
 #: output busy while the next window is read and checked.
 WRITE_BEHIND = 2
-#: The stream's read windows together hold at most 1/BUFFER_SHARE of the bytes streamed
-#: (but windows are at least MIN_WINDOW, and at most the store's ``read_bytes``).
-BUFFER_SHARE = 32
-MIN_WINDOW = 1 << 20
-#: How far ahead of the window being read the store is asked to read (``Store.prefetch``:
-#: posix_fadvise WILLNEED on a local disk, so the disk streams while windows are copied),
-#: in steps of ADVISE_STEP.
-READ_AHEAD = 512 << 20
-ADVISE_STEP = 64 << 20
-#: Blobs closer than this in the data stream are read ahead as one range (the gap is padding).
-ADVISE_GAP = 64 << 10
-
-
 class _WriteBehind:
     """Calls ``write`` on each buffer ``put``, in order, from one helper thread.
 
@@ -420,96 +404,3 @@ class _WriteBehind:
         if exc_type is None and self._error is not None:
             e, self._error = self._error, None
             raise e
-
-
-class _TensorStream:
-    """The bytes of ``blobs`` of ``m``, in order, read ahead, checked and handed to a ``_WriteBehind``.
-
-    One StreamReader keeps ``Store.concurrency`` reads in flight across blob
-    boundaries, into a ring of read windows. Each window, once read, extends its
-    blob's CRC-32C (the blob's last window completes the check before it is handed
-    on) and goes to the writer; it is read into again only once written. So reading,
-    checking and writing overlap, and memory is the ring whatever the sizes.
-    """
-
-    def __init__(self, store: Store, m: Manifest, blobs: list[int], verify: bool):
-        self.store, self.m, self.blobs, self.verify = data_store(store, m), m, blobs, verify
-        t = m.blobs
-        for b in blobs:
-            if type(b) is not int or not 0 <= b < len(t) or int(t.starts[b]) < 0 or int(t.sizes[b]) < 0:
-                raise CorruptCheckpointError(
-                    f"{self.store.uri}: malformed checkpoint structure: blob {b!r:.40} does not exist",
-                    self.store.uri)
-        self.total = sum(int(t.sizes[b]) for b in blobs)
-        self.depth = max(1, self.store.concurrency)
-        self.slots = self.depth + 1 + WRITE_BEHIND
-        share = self.total // BUFFER_SHARE // self.slots
-        self.window = max(1, min(self.store.read_bytes, max(MIN_WINDOW, share), self.total))
-
-    def into(self, out: _WriteBehind) -> None:
-        t, uri = self.m.blobs, self.store.uri
-        if self.verify:
-            for b in self.blobs:     # an empty blob passes no bytes: its CRC is that of nothing
-                if not int(t.sizes[b]) and int(t.crcs[b]) != 0:
-                    raise _corrupt_blob(b, 0, int(t.starts[b]), uri)
-        if not self.total:
-            return
-        ring = [memoryview(bytearray(self.window)) for _ in range(self.slots)]
-        free: queue.SimpleQueue = queue.SimpleQueue()
-        for i in range(self.slots):
-            free.put(i)
-        crc = 0
-        with StreamReader(self.store, self.m.files) as reader, \
-                contextlib.closing(reader.fetch(self._ranges(reader, ring, free), self.depth)) as got:
-            for r, data in got:
-                b, last, slot = r.tag
-                if self.verify:
-                    crc = crc32c.crc32c(data, crc)
-                    if last and crc != int(t.crcs[b]):
-                        raise _corrupt_blob(b, int(t.sizes[b]), int(t.starts[b]), uri)
-                if last:
-                    crc = 0
-                out.put(data, functools.partial(free.put, slot))
-                if out.failed:
-                    return
-
-    def _ranges(self, reader: StreamReader, ring: list, free: queue.SimpleQueue) -> Iterator[Range]:
-        """Each window to read, into a ring buffer the writer is done with (waiting for one if
-        need be); the store is asked to read ahead up to READ_AHEAD beyond it."""
-        t, step = self.m.blobs, self.window
-        hints = self._read_ahead()
-        hint = next(hints, None)
-        at = 0
-        for b in self.blobs:
-            start, n = int(t.starts[b]), int(t.sizes[b])
-            for o in range(0, n, step):
-                while hint is not None and hint[0] < at + READ_AHEAD:
-                    reader.advise(hint[1], hint[2])
-                    hint = next(hints, None)
-                k = min(step, n - o)
-                slot = free.get()
-                yield Range(start + o, k, ring[slot][:k], (b, o + k == n, slot))
-                at += k
-
-    def _read_ahead(self) -> Iterator[tuple[int, int, int]]:
-        """(bytes streamed before it, stream offset, length) of each piece to read ahead: the
-        blobs' ranges, neighbours merged, cut in ADVISE_STEP pieces."""
-        t = self.m.blobs
-        extents: list[list[int]] = []
-        at = 0
-        for b in self.blobs:
-            start, n = int(t.starts[b]), int(t.sizes[b])
-            last = extents[-1] if extents else None
-            if last is not None and last[1] + last[2] <= start <= last[1] + last[2] + ADVISE_GAP:
-                last[2] = start + n - last[1]
-            elif n:
-                extents.append([at, start, n])
-            at += n
-        for at, start, n in extents:
-            for o in range(0, n, ADVISE_STEP):
-                yield at + o, start + o, min(ADVISE_STEP, n - o)
-
-
-def _corrupt_blob(b: int, n: int, start: int, uri: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{uri}: CRC-32C mismatch in blob {b} ({n} bytes at stream byte {start}); the checkpoint is corrupt", uri)
