@@ -151,10 +151,10 @@ class _LocalWriter(Writer):
         with self.store.errors("write", self.name):
             try:
                 self._join()
-                if self.reads_back and os.fstat(self.fd).st_size != self._pos:
+                size = os.fstat(self.fd).st_size if self.reads_back else self._pos
+                if size != self._pos:
                     # another process wrote to it: what is there is not what was written
-                    raise OSError(errno.EIO, f"holds {os.fstat(self.fd).st_size} bytes, {self._pos} written",
-                                  self.path)
+                    raise OSError(errno.EIO, f"holds {size} bytes, {self._pos} written", self.path)
                 os.fsync(self.fd)
             finally:
                 os.close(self.fd)
