@@ -122,8 +122,7 @@ def cmd_ls(args) -> int:
         m = found.manifest
         meta = m.meta if m else {}
         metrics = meta.get("metrics") or {}
-        size = "-" if m is None else _size(m.nbytes) if m.version[0] < 3 else \
-            f"{_size(m.logical)} (wrote {_size(m.nbytes)})"   # an incremental step shares the rest
+        size = "-" if m is None else _size_cell(m)
         step = meta.get("step", step_in_name(name or root.location.path.rstrip("/").rsplit("/", 1)[-1]))
         rows.append((name or ".", "-" if step is None else str(step), size, _when(m.created) if m else "-", strategy,
                      " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
@@ -145,6 +144,17 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _size_cell(m) -> str:
+    """A step's size for ``ls``: stored, and logical when compression makes them differ; an
+    incremental step's logical size and what its save wrote (it shares the rest)."""
+    shared = m.files[0].dir is not None
+    if not m.blobs.codec:
+        return f"{_size(m.logical)} (wrote {_size(m.nbytes)})" if shared else _size(m.nbytes)
+    if shared:
+        return f"{_size(m.stored)} stored, {_size(m.logical)} logical (wrote {_size(m.nbytes)})"
+    return f"{_size(m.nbytes)} stored, {_size(m.logical)} logical"
+
+
 def cmd_info(args) -> int:
     from .api import info
     if args.tensors:
@@ -161,11 +171,15 @@ def cmd_info(args) -> int:
     print(f"format:     {d['format']}")
     print(f"generation: {d['generation']}")
     print(f"committed:  {_when(d['created'])}")
-    if d["format"].startswith("3."):
+    if any(f.get("dir") for f in d["files"]):
         print(f"size:       {_size(d['logical'])} ({d['logical']} bytes) in {len(d['files'])} shared data file(s); "
               f"this step wrote {_size(d['nbytes'])} ({d['nbytes']} bytes), the rest it shares with earlier steps")
     else:
         print(f"size:       {_size(d['nbytes'])} ({d['nbytes']} bytes) in {len(d['files'])} data file(s)")
+    if d["compressed"]:
+        print(f"stored:     {_size(d['stored'])} ({d['stored']} bytes) of {_size(d['logical'])} ({d['logical']} "
+              f"bytes) logical: {d['compressed']} blob(s) compressed ({d['codec']}), "
+              f"{d['stored'] / max(d['logical'], 1):.2f} of the logical size")
     print(f"tensors:    {d['tensors']}")
     print(f"pickled:    {'yes (load needs allow_pickle=True)' if d['pickled'] else 'no'}")
     if d["writer"]:

@@ -43,8 +43,8 @@ def copy_checkpoint(src: Store, dst: Store, *, overwrite: bool = True, progress:
 
 
 def _copy_incremental(src: Store, dst: Store, m: Manifest, *, overwrite: bool, progress: bool) -> Manifest:
-    """An incremental step becomes a self-contained version 2 checkpoint: its state is
-    read (every blob checked) and saved whole at ``dst``, with the same meta."""
+    """An incremental step becomes a self-contained version 2 checkpoint (5 when compressed):
+    its state is read (every blob checked) and saved whole at ``dst``, with the same meta."""
     devices: dict = {}
 
     def keep_on_host(storage, location: str):
@@ -54,7 +54,7 @@ def _copy_incremental(src: Store, dst: Store, m: Manifest, *, overwrite: bool, p
         return storage
     state = load_manifest(src, m, allow_pickle=m.pickled, map_location=keep_on_host)
     write_checkpoint(dst, state, overwrite=overwrite, allow_pickle=m.pickled, progress=progress, meta=m.meta,
-                     devices=devices)
+                     devices=devices, compression="zstd" if m.blobs.codec else None)
     copied, _ = open_commit(dst)
     return copied
 

@@ -70,11 +70,19 @@ def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False) -> Pl
     return Plan(blobs, starts, sizes)
 
 
-def blob_table(blobs: list[Blob], crcs: list[int]) -> BlobTable:
-    """The record's table of blobs written by one plan (in stream order)."""
+def blob_table(blobs: list[Blob], crcs: list[int], hashes: list[bytes] | None = None) -> BlobTable:
+    """The record's table of blobs written by one plan (in stream order).
+
+    With ``hashes`` (each blob's xxh3-128 of its own bytes) the table carries them, and the
+    frames of the blobs stored compressed.
+    """
     devices, index = device_column([b.device for b in blobs])
-    return BlobTable.sequential([b.nbytes for b in blobs], crcs, "".join(KIND_CODES[b.kind] for b in blobs),
-                                devices, index)
+    t = BlobTable.sequential([b.nbytes for b in blobs], crcs, "".join(KIND_CODES[b.kind] for b in blobs),
+                             devices, index)
+    if hashes is not None:
+        t.hashes = b"".join(hashes)
+        t.codec = {i: b.frames for i, b in enumerate(blobs) if b.frames is not None} or None
+    return t
 
 
 def blob_chunks(blob: Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
@@ -86,6 +94,12 @@ def blob_chunks(blob: Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
     turn comes, so one such copy at a time exists while files are written.
     """
     if blob.nbytes == 0:
+        return
+    if isinstance(blob.source, np.ndarray) and blob.kind != NDARRAY:
+        # Bytes already in host memory as they are to be stored (a compressed blob, a copied one).
+        flat = blob.source.reshape(-1).view(np.uint8)
+        for o in range(0, blob.nbytes, chunk):
+            yield memoryview(flat[o:o + chunk])
         return
     if blob.kind == STORAGE:
         storage = blob.source
@@ -167,7 +181,7 @@ def _stream(p: Plan, blob_crcs: list[int]) -> Iterator[tuple[int, memoryview, bo
             batch = None
         elif pad:
             yield -1, memoryview(_ZEROS)[:pad], False
-        volatile = blob.kind == STORAGE and blob.source.device.type != "cpu"
+        volatile = blob.kind == STORAGE and blob.frames is None and blob.source.device.type != "cpu"
         for piece in blob_chunks(blob):
             yield index, piece, volatile
         pos = start + n

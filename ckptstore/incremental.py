@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import xxhash
 
-from .datafiles import blob_chunks, plan, write_files
+from .compress import blob_digest, compress_blobs
+from .datafiles import plan, write_files
 from .errors import CheckpointError, FormatTooNewError
 from .format import tree
+from .format.frames import Frames
 from .format.manifest import (
-    ALIGN, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
+    ALIGN, COMPRESSED_MAJOR, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
     device_column, new_generation,
 )
 from .info import CheckpointInfo
@@ -37,20 +38,20 @@ from .writer import Generation, info_of, writer_fields
 
 def blob_hash(blob) -> bytes:
     """xxh3-128 of a blob's bytes, big-endian (XXH3_128bits, seed 0)."""
-    h = xxhash.xxh3_128()
-    for piece in blob_chunks(blob):
-        h.update(piece)
-    return h.digest()
+    return blob_digest(blob)
 
 
 @dataclass(frozen=True)
 class Known:
     """Where bytes already are: ``files`` (consecutive in the stream of the record that wrote
-    them), starting ``offset`` bytes into the first, with this CRC-32C."""
+    them), starting ``offset`` bytes into the first, with this CRC-32C; ``nbytes`` stored
+    there, as ``frames`` when compressed."""
 
     files: tuple[FileEntry, ...]
     offset: int
     crc32c: int
+    nbytes: int = 0
+    frames: Frames | None = None
 
 
 class SharedIndex:
@@ -60,8 +61,12 @@ class SharedIndex:
         self.known: dict[tuple[int, bytes], Known] = {}
 
     def add(self, m: Manifest) -> None:
-        """Learn the blobs of a committed version 3 record."""
-        if m.version[0] < INCREMENTAL_MAJOR or m.blobs.hashes is None:
+        """Learn the blobs of a committed record whose data is in the run's shared directory.
+
+        Bytes are known by their own size and hash: a blob stored compressed is reused by
+        a save of the same bytes, compressed or not, and the other way round.
+        """
+        if m.version[0] < INCREMENTAL_MAJOR or m.blobs.hashes is None or m.files[0].dir != SHARED_DIR:
             return
         starts = np.asarray(m.file_starts(), dtype=np.int64)
         t = m.blobs
@@ -73,7 +78,9 @@ class SharedIndex:
             first = int(np.searchsorted(starts, start, side="right")) - 1
             last = int(np.searchsorted(starts, start + size, side="left")) - 1
             files = tuple(m.files[first:last + 1])
-            self.known.setdefault((size, t.hash_of(i)), Known(files, start - int(starts[first]), int(t.crcs[i])))
+            frames = t.frames_of(i)
+            self.known.setdefault((t.logical_size(i), t.hash_of(i)),
+                                  Known(files, start - int(starts[first]), int(t.crcs[i]), size, frames))
 
     def forget(self, names: set[str]) -> None:
         """Files removed from the shared directory: their bytes can no longer be reused."""
@@ -86,7 +93,7 @@ class SharedIndex:
 def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: SharedIndex, *,
                       verify: bool = True, meta: dict | None = None, devices: dict | None = None,
                       writer: dict | None = None, written: list[str] | None = None, allow_pickle: bool = False,
-                      encoded: tuple | None = None) -> Manifest:
+                      encoded: tuple | None = None, compression: str | None = None) -> Manifest:
     """Write the blobs of ``state`` that ``index`` does not hold into ``shared``, and return the
     version 3 manifest of generation ``gen`` (not yet committed).
 
@@ -120,6 +127,8 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         if bad:
             reuse = {i: k for i, k in reuse.items() if not any(f.name in bad for f in k.files)}
     new = [i for i in range(len(blobs)) if i not in reuse]
+    if compression is not None:
+        blobs, _ = compress_blobs(blobs, nodes, compression, shared.compression_pays, hashes, skip=reuse)
 
     # The stream: the reused files, grouped by the generation that wrote them and in
     # their own order (so a blob spanning several of them still finds them consecutive),
@@ -151,20 +160,26 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         for j, i in enumerate(new):
             crcs[i] = new_crcs[j]
             starts[i] = own_start + p.starts[j]
+    sizes = [b.nbytes for b in blobs]
+    codec = {i: b.frames for i, b in enumerate(blobs) if b.frames is not None}
     for i, k in reuse.items():
         crcs[i] = k.crc32c
         starts[i] = base[k.files[0].name] + k.offset
+        sizes[i] = k.nbytes
+        if k.frames is not None:
+            codec[i] = k.frames
     table_devices, device_index = device_column([b.device for b in blobs])
-    table = BlobTable(starts, [b.nbytes for b in blobs], crcs, "".join(KIND_CODES[b.kind] for b in blobs),
-                      table_devices, device_index, b"".join(hashes))
+    table = BlobTable(starts, sizes, crcs, "".join(KIND_CODES[b.kind] for b in blobs),
+                      table_devices, device_index, b"".join(hashes), codec or None)
     m = Manifest(generation=gen.id, files=files, blobs=table, nodes=nodes, meta=meta or {},
-                 writer=writer or {}, version=(INCREMENTAL_MAJOR, 0), created=time.time())
+                 writer=writer or {}, version=(COMPRESSED_MAJOR if codec else INCREMENTAL_MAJOR, 0),
+                 created=time.time())
     return m
 
 
 def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool, verify: bool = True,
                 meta: dict | None = None, devices: dict | None = None, allow_pickle: bool = False,
-                encoded: tuple | None = None) -> tuple[Manifest, CheckpointInfo]:
+                encoded: tuple | None = None, compression: str | None = None) -> tuple[Manifest, CheckpointInfo]:
     """Save ``state`` as the incremental step at ``store`` (its data in ``../.shared``) and commit
     it; ``index`` learns its blobs. A failure removes what this save wrote in the shared directory."""
     t0 = time.perf_counter()
@@ -174,7 +189,7 @@ def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool
         try:
             m = write_incremental(store, shared, gen, state, index, verify=verify, meta=meta, devices=devices,
                                   writer=writer_fields(), written=written, allow_pickle=allow_pickle,
-                                  encoded=encoded)
+                                  encoded=encoded, compression=compression)
             gen.commit(m)
         except BaseException:
             with contextlib.suppress(Exception):

@@ -17,6 +17,8 @@ class CheckpointInfo:
     created: float = 0.0  #: commit time, seconds since the epoch
     files: int = 0      #: data files written
     meta: dict = field(default_factory=dict)
+    #: bytes the step holds uncompressed (every blob's own size, reused ones included)
+    logical_nbytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, v
     n = dst.numel() * dst.element_size()
     direct = (b is not None and info.offset == 0
               and tuple(info.stride) == tuple(tree.contiguous_strides(list(saved)))
-              and int(m.blobs.sizes[b]) == n and dst.is_contiguous() and n > 0)
+              and int(m.blobs.sizes[b]) == n and m.blobs.frames_of(b) is None and dst.is_contiguous() and n > 0)
     return Target(path, node, dst, b, direct)
 
 
@@ -264,7 +264,7 @@ def file_blobs(m: Manifest, path: tuple) -> dict | None:
                 and isinstance(raw[1].get("shape"), list) and len(raw[1]["shape"]) == 1
             b = node_blob(raw, m.version[0]) if ok else None
             if b is not None and (not 0 <= b < len(m.blobs) or m.blobs.kind(b) != NDARRAY
-                                  or int(m.blobs.sizes[b]) != raw[1]["shape"][0]):
+                                  or m.blobs.logical_size(b) != raw[1]["shape"][0]):
                 raise CorruptCheckpointError(f"malformed checkpoint structure: {show(path + (key,))} does "
                                              "not match its blob")
             out[key] = b

@@ -27,6 +27,7 @@ import crc32c
 import numpy as np
 import torch
 
+from .compress import FrameHasher, FrameStream, expand_values
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError, record_checks
 from .format import shards, tree
 from .format.manifest import (
@@ -258,7 +259,7 @@ def _take(seg: _Segment, storage: torch.UntypedStorage, base: int, m: Manifest, 
 
 def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | None = None,
                defer: list | None = None) -> list[Any]:
-    """The blobs of the manifest, read and checked (index-aligned with the blob table).
+    """The blobs of the manifest, read, checked and decompressed (index-aligned with the blob table).
 
     ``defer``: a list; where the checks can go on after this returns (a mapped local
     file), a callable is appended to it that waits for them and raises what they found.
@@ -267,6 +268,14 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     request, nothing else read) and the direct targets straight into their
     tensors' memory. Blobs not read stay None.
     """
+    values = _read_stored(store, m, verify, plan, defer)
+    if m.blobs.codec:
+        expand_values(m.blobs, values, store.uri, store.uri, verify)
+    return values
+
+
+def _read_stored(store: Store, m: Manifest, verify: bool, plan: ReadPlan | None, defer: list | None) -> list[Any]:
+    """``read_blobs`` before decompression: each blob's stored bytes."""
     values: list[Any] = [None] * len(m.blobs)
     store = data_store(store, m)
     where = f"{store.uri}/{m.files[0].name}" if len(m.files) == 1 else store.uri
@@ -757,6 +766,7 @@ def stream_blobs(store: Store, m: Manifest, blobs: list[int], put, verify: bool 
     total = sum(int(t.sizes[b]) for b in blobs)
     if not total:
         return 0
+    logical = sum(t.logical_size(b) for b in blobs)
     depth = max(1, store.concurrency)
     slots = depth + 1 + held
     window = max(1, min(store.read_bytes, max(MIN_WINDOW, total // BUFFER_SHARE // slots), total))
@@ -781,6 +791,7 @@ def stream_blobs(store: Store, m: Manifest, blobs: list[int], put, verify: bool 
                 at += k
 
     crc = 0
+    inflate: FrameStream | None = None     # the compressed blob being streamed
     with StreamReader(store, m.files) as reader, contextlib.closing(reader.fetch(ranges(reader), depth)) as got:
         for r, data in got:
             b, last, slot = r.tag
@@ -790,10 +801,26 @@ def stream_blobs(store: Store, m: Manifest, blobs: list[int], put, verify: bool 
                     raise _crc_mismatch(b, int(t.sizes[b]), int(t.starts[b]), store.uri, store.uri)
             if last:
                 crc = 0
-            put(data, functools.partial(free.put, slot))
+            frames = t.frames_of(b)
+            if frames is None:
+                put(data, functools.partial(free.put, slot))
+            else:
+                # Its own bytes, a frame at a time: the window is free again once fed.
+                if inflate is None:
+                    inflate = FrameStream(frames, t.frame, f"{store.uri}: blob {b}", store.uri)
+                done = inflate.feed(data)
+                free.put(slot)
+                for frame in done:
+                    put(memoryview(frame), _nothing)
+                if last:
+                    inflate = None
             if stop():
                 break
-    return total
+    return logical
+
+
+def _nothing() -> None:
+    pass
 
 
 def _read_ahead(t, blobs: list[int]) -> Iterator[tuple[int, int, int]]:
@@ -907,7 +934,7 @@ def _stand_ins(m: Manifest) -> list[Any]:
     from .format.manifest import PICKLE
 
     t = m.blobs
-    sizes = t.sizes.tolist()
+    sizes = t.logical_sizes.tolist()
     arrays = [n for i, n in enumerate(sizes) if n and t.kind(i) == NDARRAY]
     zeros = np.zeros(0, np.uint8)
     if arrays:
@@ -980,7 +1007,9 @@ def data_problems(store: Store, m: Manifest) -> list[str]:
         if crc != crcs[i]:
             blob_problem(f"blob {i} ({sizes[i]} bytes at stream byte {starts[i]}): CRC-32C {crc:08x}, "
                          f"the commit record says {crcs[i]:08x}")
-        if h is not None and h.digest() != t.hash_of(i):
+        elif getattr(h, "error", None):
+            blob_problem(f"blob {i} ({sizes[i]} bytes at stream byte {starts[i]}): {h.error}")
+        elif h is not None and h.digest() != t.hash_of(i):
             blob_problem(f"blob {i} ({sizes[i]} bytes at stream byte {starts[i]}): xxh3-128 {h.hexdigest()}, "
                          f"the commit record says {t.hash_of(i).hex()}")
 
@@ -1008,7 +1037,9 @@ def data_problems(store: Store, m: Manifest) -> list[str]:
                         pos = gap_end
                         if s >= b:
                             break
-                        cur = [order[j], 0, xxhash.xxh3_128() if hashed else None]
+                        frames = t.frames_of(order[j])
+                        cur = [order[j], 0, None if not hashed else xxhash.xxh3_128() if frames is None
+                               else FrameHasher(frames, t.frame, f"blob {order[j]}")]
                         j += 1
                     i = cur[0]
                     hi = min(starts[i] + sizes[i], b)

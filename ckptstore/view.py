@@ -102,7 +102,7 @@ class Checkpoint:
             self._info = CheckpointInfo(uri=self._store.uri, nbytes=m.nbytes, seconds=0.0,
                                         strategy=choose(self._store, self._store.location.commit).name,
                                         generation=m.generation, created=m.created, files=len(m.files),
-                                        meta=dict(m.meta))
+                                        meta=dict(m.meta), logical_nbytes=m.logical)
         return self._info
 
     def __repr__(self) -> str:
@@ -278,7 +278,7 @@ class Checkpoint:
             if type(b) is not int or not 0 <= b < len(table) or table.kind(b) != STORAGE or t.offset != 0 \
                     or tuple(t.stride) != tuple(tree.contiguous_strides(shape)):
                 return None
-            if int(table.sizes[b]) != math.prod(shape) * dtype_from_name(t.dtype).itemsize:
+            if table.logical_size(b) != math.prod(shape) * dtype_from_name(t.dtype).itemsize:
                 return None
         return b
 

@@ -38,12 +38,13 @@ import torch
 
 from ._version import __version__
 from .commit import choose
+from .compress import check_compression, compress_blobs
 from .datafiles import blob_table, plan, write_files
 from .errors import CheckpointError, CheckpointExistsError, ClaimHeldError, FormatTooNewError, InsufficientSpaceError
 from .format import tree
 from .format.manifest import (
-    CLAIM_NAME, COMMIT_SUFFIX, TMP_SUFFIX, FileName, Manifest, commit_generations, commit_name, data_name,
-    new_generation,
+    CLAIM_NAME, COMMIT_SUFFIX, COMPRESSED_MAJOR, FORMAT_MAJOR, FORMAT_MINOR, TMP_SUFFIX, FileName, Manifest,
+    commit_generations, commit_name, data_name, new_generation,
 )
 from .info import CheckpointInfo
 from .reader import find_commit
@@ -276,22 +277,30 @@ class Generation:
 
 def write_checkpoint(store: Store, state: Any, *, overwrite: bool = True, verify: bool = True,
                      allow_pickle: bool = False, progress: bool = False, meta: dict | None = None,
-                     devices: dict | None = None, encoded: tuple | None = None) -> CheckpointInfo:
-    """The whole save: encode (refusing before any I/O), write, check, commit, retire.
+                     devices: dict | None = None, encoded: tuple | None = None,
+                     compression: str | None = None) -> CheckpointInfo:
+    """The whole save: encode (refusing before any I/O), compress, write, check, commit, retire.
 
     ``encoded``: ``tree.encode``'s (nodes, blobs) of the state, made earlier (an async save
     encodes its copy in the caller's thread, so a refused value raises there).
     """
     t0 = time.perf_counter()
+    check_compression(compression)
     nodes, blobs = encoded if encoded is not None else tree.encode(state, allow_pickle=allow_pickle,
                                                                    devices=devices)
+    hashes = None
+    if compression is not None:
+        blobs, hashes = compress_blobs(blobs, nodes, compression, store.compression_pays)
+        if not any(b.frames is not None for b in blobs):
+            hashes = None       # nothing paid: an ordinary version 2 checkpoint
     p = plan(blobs, store.part_bytes)
     with Generation.begin(store, overwrite=overwrite, nbytes=p.total) as gen, \
             progress_bar(progress, p.total, f"saving {store.uri}") as bar:
         names = [gen.data_name(k) for k in range(len(p.sizes))]
         files, crcs = write_files(store, names, p, verify=verify, bar=bar, written=gen.written)
-        manifest = Manifest(generation=gen.id, files=files, blobs=blob_table(blobs, crcs), nodes=nodes,
-                            meta=meta or {}, writer=writer_fields())
+        manifest = Manifest(generation=gen.id, files=files, blobs=blob_table(blobs, crcs, hashes), nodes=nodes,
+                            meta=meta or {}, writer=writer_fields(),
+                            version=(COMPRESSED_MAJOR, 0) if hashes is not None else (FORMAT_MAJOR, FORMAT_MINOR))
         gen.commit(manifest)
     return info_of(store, manifest, gen.strategy.name, time.perf_counter() - t0)
 
@@ -312,4 +321,5 @@ def progress_bar(enabled: bool, total: int, desc: str):
 
 def info_of(store: Store, m: Manifest, strategy: str, seconds: float) -> CheckpointInfo:
     return CheckpointInfo(uri=store.uri, nbytes=m.nbytes, seconds=seconds, strategy=strategy,
-                          generation=m.generation, created=m.created, files=len(m.files), meta=dict(m.meta))
+                          generation=m.generation, created=m.created, files=len(m.files), meta=dict(m.meta),
+                          logical_nbytes=m.logical)

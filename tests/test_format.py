@@ -333,7 +333,7 @@ def test_cp_of_a_version_1_checkpoint_stays_version_1_and_loads(tmp_path):
     assert ckptstore.load(tmp_path / "copy")["step"] == 7
 
 
-def _add_newer_generation(d: Path, major: int = 5) -> str:
+def _add_newer_generation(d: Path, major: int = 6) -> str:
     from ckptstore.format.manifest import commit_name, new_generation
     gens = [n.split(".")[0] for n in os.listdir(d) if n.endswith(".commit")]
     gen = new_generation(gens)
@@ -477,11 +477,11 @@ def test_a_version_3_record_that_lies_is_corrupt(lie):
 # ---------------------------------------------------------------- what the document states precisely
 
 def test_the_document_names_the_current_version_this_ckptstore_reads():
-    from ckptstore.format.manifest import DISTRIBUTED_MAJOR, READABLE_MAJORS
+    from ckptstore.format.manifest import COMPRESSED_MAJOR, READABLE_MAJORS
     text = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     assert text.splitlines()[0] == f"# The ckptstore on-storage format (version {max(READABLE_MAJORS)}.0)"
     assert f"The format's current\nversion is **{max(READABLE_MAJORS)}.0**" in text
-    assert max(READABLE_MAJORS) == DISTRIBUTED_MAJOR
+    assert max(READABLE_MAJORS) == COMPRESSED_MAJOR
 
 
 def test_an_empty_blob_shares_its_start_offset_with_the_next_blob(tmp_path):

@@ -351,6 +351,55 @@ def test_an_incremental_record_that_lies_is_a_correct_load_or_a_checkpoint_error
     assert not outside, f"opened outside the step and its run's shared files: {outside}"
 
 
+# Two frames of small normal floats: a compressed blob (docs/format.md, "Version 5.0").
+_COMPRESSIBLE = (torch.randn(300000, generator=torch.Generator().manual_seed(5)) * 0.02)
+
+
+@SETTINGS
+@given(state=states, data=st.data(), frames=st.booleans(), pos=st.floats(0, 1),
+       how=st.sampled_from(["flip", "zero", "bomb"]))
+def test_a_compressed_checkpoint_that_lies_is_a_correct_load_or_a_checkpoint_error(tmp_path_factory, state, data,
+                                                                                   frames, pos, how):
+    """Version 5 records: a lie in the record (codec column included), or a compressed frame
+    altered (a byte flipped or zeroed, or replaced by a frame claiming 2**40 bytes) with every
+    CRC-32C that covers it recomputed. Decompression bombs are refused, never allocated
+    (the RSS bound), and a load that succeeds returns what was saved."""
+    from ckptstore.format.manifest import FileEntry, Manifest
+    d = tmp_path_factory.mktemp("lie5") / "c"
+    saved = {"s": state, "w": _COMPRESSIBLE}
+    ckptstore.save(saved, d, compression="zstd")
+    raw = _record(d).read_bytes()
+    if not frames:
+        lied = _lie(raw, data)
+        if lied is None:
+            return
+        _record(d).write_bytes(lied)
+        _every_reader(d)
+        return
+    m = Manifest.from_bytes(raw, str(d))
+    (i,) = list(m.blobs.codec)
+    (data_file,) = [p for p in d.iterdir() if p.suffix == ".bin"]
+    stream = bytearray(data_file.read_bytes())
+    start, size = int(m.blobs.starts[i]), int(m.blobs.sizes[i])
+    at = start + min(int(pos * size), size - 1)
+    if how == "flip":
+        stream[at] ^= 0x01
+    elif how == "zero":
+        stream[at] = 0
+    else:
+        n = m.blobs.codec[i].sizes[0]
+        header = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", 1 << 40)
+        block = n - len(header) - 3
+        stream[start:start + n] = header + struct.pack("<I", 1 | (block << 3))[:3] + b"\0" * block
+    data_file.write_bytes(bytes(stream))
+    m.blobs.crcs[i] = crc32c.crc32c(bytes(stream[start:start + size]))
+    files = [FileEntry(f.name, f.nbytes, crc32c.crc32c(bytes(stream)), f.dir) for f in m.files]
+    _record(d).write_bytes(m.replace(files=files).to_bytes())
+    loaded = _every_reader(d)
+    if loaded is not None:
+        assert_state_equal(loaded, saved)
+
+
 @SETTINGS
 @given(state=states, where=st.sampled_from(["record", "data"]), pos=st.floats(0, 1),
        how=st.sampled_from(["flip", "truncate", "append", "zero"]))

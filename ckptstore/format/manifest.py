@@ -34,13 +34,15 @@ import crc32c
 import numpy as np
 
 from ..errors import CorruptCheckpointError, FormatTooNewError
+from .frames import CODEC, FRAME, MAX_FRAME, MIN_FRAME, Frames, check_frames
 
 MAGIC = b"CKPTSTORE"
 FORMAT_MAJOR = 2          # what this ckptstore writes
 FORMAT_MINOR = 0
 INCREMENTAL_MAJOR = 3     # what an incremental step is written as (data in the run's shared directory)
 DISTRIBUTED_MAJOR = 4     # what a step saved by several ranks of a torch.distributed job is written as
-READABLE_MAJORS = (1, 2, 3, 4)  # what it reads
+COMPRESSED_MAJOR = 5      # what a step with compressed blobs is written as (any of the above layouts)
+READABLE_MAJORS = (1, 2, 3, 4, 5)  # what it reads
 SHARED_DIR = ".shared"    # an incremental run's data files: <run>/.shared/<gen>-<n>.bin
 COMMIT_SUFFIX = ".commit"
 TMP_SUFFIX = ".tmp"
@@ -172,10 +174,10 @@ class BlobTable:
     an index per blob into ``devices``. ``blob[i]`` gives one ``BlobEntry``.
     """
 
-    __slots__ = ("starts", "sizes", "crcs", "kinds", "devices", "device", "hashes")
+    __slots__ = ("starts", "sizes", "crcs", "kinds", "devices", "device", "hashes", "codec", "frame")
 
     def __init__(self, starts, sizes, crcs, kinds: str, devices: list[str], device=None,
-                 hashes: bytes | None = None):
+                 hashes: bytes | None = None, codec: dict[int, Frames] | None = None, frame: int = FRAME):
         self.starts = np.asarray(starts, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.crcs = np.asarray(crcs, dtype=np.uint32)
@@ -184,6 +186,37 @@ class BlobTable:
         self.device = None if device is None else np.asarray(device, dtype=np.int64)
         #: 16 bytes of xxh3-128 (big-endian) per blob, or None (versions 1 and 2)
         self.hashes = hashes
+        #: {blob: Frames} of the blobs stored compressed (version 5); ``sizes`` are their stored sizes
+        self.codec = codec or None
+        self.frame = frame
+
+    def frames_of(self, i: int) -> Frames | None:
+        """How blob ``i`` is compressed, or None when its stored bytes are its bytes."""
+        return None if self.codec is None else self.codec.get(i)
+
+    def logical_size(self, i: int) -> int:
+        f = self.frames_of(i)
+        return int(self.sizes[i]) if f is None else f.logical
+
+    @property
+    def logical_sizes(self) -> np.ndarray:
+        """Each blob's size once decompressed (its stored size when it is not compressed)."""
+        if not self.codec:
+            return self.sizes
+        out = self.sizes.copy()
+        for i, f in self.codec.items():
+            out[i] = f.logical
+        return out
+
+    def subset(self, indices) -> "BlobTable":
+        """The blobs ``indices``, in that order, with every column (starts as they were)."""
+        idx = np.asarray(list(indices), dtype=np.int64)
+        at = idx.tolist()
+        hashes = None if self.hashes is None else b"".join(self.hashes[16 * i:16 * i + 16] for i in at)
+        device = None if self.device is None else self.device[idx]
+        codec = {j: self.codec[i] for j, i in enumerate(at) if i in self.codec} if self.codec else None
+        return BlobTable(self.starts[idx], self.sizes[idx], self.crcs[idx], "".join(self.kinds[i] for i in at),
+                         self.devices, device, hashes, codec, self.frame)
 
     def hash_of(self, i: int) -> bytes | None:
         return None if self.hashes is None else self.hashes[16 * i:16 * i + 16]
@@ -308,7 +341,12 @@ class Manifest:
 
     @property
     def logical(self) -> int:
-        """Bytes of all blobs: the checkpoint's size as if it held every byte itself."""
+        """Bytes of all blobs uncompressed: the checkpoint's size as if it held every byte itself, raw."""
+        return int(self.blobs.logical_sizes.sum()) if len(self.blobs) else 0
+
+    @property
+    def stored(self) -> int:
+        """Bytes of all blobs as stored (compressed where they are)."""
         return int(self.blobs.sizes.sum()) if len(self.blobs) else 0
 
     def file_starts(self) -> list[int]:
@@ -339,6 +377,10 @@ class Manifest:
             doc["blobs"] = _blobs_v2(self.blobs) if self.version[0] == 2 else _blobs_v3(self.blobs)
             if self.version[0] >= 3:
                 doc["logical"] = self.logical
+            if self.blobs.codec:
+                if self.version[0] < COMPRESSED_MAJOR:
+                    raise ValueError(f"compressed blobs need format version {COMPRESSED_MAJOR}")
+                doc["blobs"]["codec"] = _codec_doc(self.blobs)
             doc["tensors"], doc["pickled"] = tensors, pickled
             nodes = self._raw_nodes if self._nodes is None else dump(self._nodes).encode("ascii")
             body = dump(doc).encode("ascii") + b"\n" + nodes
@@ -440,6 +482,45 @@ def _blobs_v3(t: BlobTable) -> dict:
     return doc
 
 
+def _codec_doc(t: BlobTable) -> dict:
+    assert t.codec is not None
+    return {"name": CODEC, "frame": t.frame,
+            "blobs": [[i, f.logical, f.group, list(f.sizes)] for i, f in sorted(t.codec.items())]}
+
+
+def _codec_from(raw: dict, t: BlobTable) -> None:
+    """Version 5: which blobs are compressed, and how (sets ``t.codec``)."""
+    doc = raw.get("codec")
+    if not doc:
+        return
+    if type(doc) is not dict:
+        raise CorruptCheckpointError("blobs.codec must be an object")
+    name = doc.get("name")
+    if name != CODEC:
+        raise FormatTooNewError(f"blobs are compressed with {name!r:.40}, a codec this ckptstore does not know; "
+                                "upgrade ckptstore to load them")
+    frame = _int(doc["frame"], "the frame size", MIN_FRAME, MAX_FRAME)
+    entries = doc["blobs"]
+    if type(entries) is not list:
+        raise CorruptCheckpointError("blobs.codec.blobs must be a list")
+    codec: dict[int, Frames] = {}
+    last = -1
+    for e in entries:
+        if type(e) is not list or len(e) < 4 or type(e[3]) is not list:
+            raise CorruptCheckpointError("a compressed blob's entry is malformed")
+        i = _int(e[0], "a compressed blob's index", 0, len(t) - 1)
+        if i <= last:
+            raise CorruptCheckpointError("compressed blobs are not in increasing order")
+        last = i
+        if t.kinds[i] not in "sn":
+            raise CorruptCheckpointError(f"blob {i} of kind {t.kind(i)} cannot be compressed")
+        f = Frames(_int(e[1], "a compressed blob's size", 1), _int(e[2], "an element size", 1),
+                   tuple(_int(s, "a frame's size") for s in e[3]))
+        check_frames(f, int(t.sizes[i]), frame, f"compressed blob {i}")
+        codec[i] = f
+    t.codec, t.frame = codec or None, frame
+
+
 def _blobs_v2(t: BlobTable) -> dict:
     if not t.is_sequential():
         raise ValueError("version 2 blobs must be laid out sequentially")
@@ -494,7 +575,7 @@ def _parse(doc: Any, major: int, raw_nodes: bytes | None, where: str) -> Manifes
         if type(pickled) is not bool:
             raise CorruptCheckpointError("pickled must be true or false")
     raw_files = doc["files"]
-    if major < 3 or (major == DISTRIBUTED_MAJOR and type(raw_files) is list and raw_files
+    if major < 3 or (major >= DISTRIBUTED_MAJOR and type(raw_files) is list and raw_files
                      and type(raw_files[0]) is dict and "dir" not in raw_files[0]):
         files = _files(raw_files, gen)      # the checkpoint's own directory, this generation's files
     else:
@@ -506,6 +587,8 @@ def _parse(doc: Any, major: int, raw_nodes: bytes | None, where: str) -> Manifes
         blobs = _blobs_from_v2(doc["blobs"])
     else:
         blobs = _blobs_from_v3(doc["blobs"])
+        if major >= COMPRESSED_MAJOR:
+            _codec_from(doc["blobs"], blobs)
     _check_layout(blobs, stream, strict=major == 2)
     return Manifest(generation=gen, files=files, blobs=blobs, nodes=nodes, created=float(created), meta=meta,
                     version=version, writer=writer, raw_nodes=raw_nodes, counts=counts, where=where)

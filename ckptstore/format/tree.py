@@ -48,9 +48,11 @@ class Blob:
     """A run of bytes to store, and where it comes from."""
 
     kind: str
-    nbytes: int
+    nbytes: int          # bytes in the stream (a compressed blob's stored size)
     source: Any          # UntypedStorage | np.ndarray | bytes (| a tensor, for a shard)
     device: str = "cpu"  # where a storage lives (cuda storages are staged through host memory)
+    #: set when the blob is stored compressed: ``source`` is then a uint8 array of its stored bytes
+    frames: Any = None
 
 
 # ---------------------------------------------------------------- node builders
@@ -367,6 +369,9 @@ def describe(m: Manifest) -> dict[str, Any]:
         "created": m.created,
         "nbytes": m.nbytes,
         "logical": m.logical,
+        "stored": m.stored,
+        "compressed": len(m.blobs.codec or {}),
+        "codec": "zstd, byte-grouped" if m.blobs.codec else None,
         "files": [{"name": f.name, "nbytes": f.nbytes, "crc32c": f"{f.crc32c:08x}", **({"dir": f.dir} if f.dir else {})}
                   for f in m.files],
         "tensors": m.tensors,

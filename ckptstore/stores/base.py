@@ -96,6 +96,10 @@ class Store(ABC):
     #: that upload in the background, in any order, the new one may not have
     #: reached the remote when the machine dies, and the old one must still be there
     keep_previous = False
+    #: whether ``compression="auto"`` compresses here: bytes cost upload time and quota
+    #: (object stores, mounts of remote drives), rather than reaching a local disk faster
+    #: than the compressor makes them
+    compression_pays = True
 
     def __init__(self, location: Location):
         self.location = location

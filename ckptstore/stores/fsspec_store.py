@@ -95,6 +95,10 @@ class FsspecStore(Store):
     def __init__(self, location, fs=None):
         super().__init__(location)
         self.fs = fs
+        protocol = getattr(fs, "protocol", "")
+        # memory:// and file:// through fsspec: nothing to upload
+        self.compression_pays = not set([protocol] if isinstance(protocol, str) else protocol) & {
+            "memory", "file", "local"}
 
     def _child_kwargs(self) -> dict:
         return {"fs": self.fs}

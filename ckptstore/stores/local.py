@@ -217,6 +217,7 @@ class LocalStore(Store):
         self.remote_mount = is_remote_mount(location.path)
         self.atomic_rename = not self.remote_mount
         self.keep_previous = self.remote_mount
+        self.compression_pays = self.remote_mount
         if self.remote_mount and location.part_size is None:
             self.part_bytes = self.MOUNT_PART
 
