@@ -67,18 +67,21 @@ def blob_digest(blob: Blob) -> bytes:
 
 
 def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays: bool,
-                   digests: list[bytes] | None = None, skip: Iterable[int] = ()) -> tuple[list[Blob], list[bytes]]:
+                   digests: list[bytes] | None = None, skip: Iterable[int] = (),
+                   groups: list[int] | None = None) -> tuple[list[Blob], list[bytes]]:
     """(the blobs to store, each blob's xxh3-128 of its own bytes).
 
     ``compression``: None (every blob raw), "zstd" (every storage or array
     blob of ``MIN_BLOB`` bytes or more compressed) or "auto" (those, where
     ``pays`` (the store is slower than the compressor) and the blob's first
     frame shrinks to ``AUTO_RATIO`` or less). ``digests``: the blobs' hashes
-    when already known. Blobs in ``skip`` are left as they are.
+    when already known. Blobs in ``skip`` are left as they are. ``groups``: each blob's
+    element size, when ``nodes`` does not describe ``blobs`` (a rank's share of its part).
     """
     check_compression(compression)
     want = compression == "zstd" or (compression == "auto" and pays)
-    groups = element_sizes(nodes, blobs) if want else []
+    if groups is None:
+        groups = element_sizes(nodes, blobs) if want else []
     out, hashes = list(blobs), []
     skipped = set(skip)
     with cf.ThreadPoolExecutor(_workers()) if want else _NoPool() as pool:
@@ -166,9 +169,12 @@ def decompress_into(jobs: Iterable[tuple[Any, Frames, np.ndarray, str]], frame: 
         list(own.map(run, tasks))
 
 
-def expand_values(t: BlobTable, values: list, where: str, uri: str | None, verify: bool = True) -> None:
+def expand_values(t: BlobTable, values: list, where: str, uri: str | None, verify: bool = True,
+                  into: dict[int, np.ndarray] | None = None) -> None:
     """Replace the stored bytes ``values`` holds for each compressed blob (read, not None) by its
     own bytes: an ``UntypedStorage`` for a storage blob, a uint8 array for an array blob.
+    A blob in ``into`` is decompressed into that memory (an ``into=`` tensor's bytes) instead,
+    and its value becomes None: the tensor is the value.
 
     With ``verify`` each compressed blob's stored CRC-32C is checked first, so a damaged frame is
     reported as the blob's checksum mismatch before it reaches the decompressor.
@@ -184,7 +190,9 @@ def expand_values(t: BlobTable, values: list, where: str, uri: str | None, verif
             raise CorruptCheckpointError(f"{where}: CRC-32C mismatch in compressed blob {i} "
                                          f"({int(t.sizes[i])} bytes at stream byte {int(t.starts[i])}); "
                                          "the checkpoint is corrupt", uri)
-        if t.kind(i) == STORAGE:
+        if into and i in into:
+            new, out = None, into[i]
+        elif t.kind(i) == STORAGE:
             new: Any = torch.UntypedStorage(frames.logical)
             out = host_bytes(torch.empty(0, dtype=torch.uint8).set_(new))
         else:

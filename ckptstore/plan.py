@@ -69,6 +69,7 @@ class Target:
     tensor: torch.Tensor          # the caller's tensor
     blob: int | None
     direct: bool = False          # read straight into the tensor's memory
+    inflate: bool = False         # a compressed blob, decompressed straight into the tensor's memory
 
 
 @dataclass
@@ -108,6 +109,11 @@ class ReadPlan:
     @property
     def direct(self) -> dict[int, Target]:
         return {t.blob: t for t in self.targets if t.direct}
+
+    @property
+    def inflate(self) -> dict[int, Target]:
+        """Compressed blobs decompressed straight into their target's memory."""
+        return {t.blob: t for t in self.targets if t.inflate}
 
     @classmethod
     def make(cls, m: Manifest, select: Any = None, into: Any = None, into_prefix: tuple = (),
@@ -170,6 +176,8 @@ class ReadPlan:
         for t in plan.targets:
             if t.direct:
                 by_blob.setdefault(t.blob, []).append(t)
+            if t.inflate and users.get(t.blob, 0) != 1:
+                t.inflate = False     # read once, then copied into each user
         for b, ts in by_blob.items():
             first = ts[0].tensor
             if users.get(b, 0) != len(ts) or any(
@@ -204,10 +212,12 @@ def _target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, v
         raise CorruptCheckpointError(f"malformed checkpoint structure: tensor node {node} refers to blob "
                                      f"{b}, which is not a storage")
     n = dst.numel() * dst.element_size()
-    direct = (b is not None and info.offset == 0
-              and tuple(info.stride) == tuple(tree.contiguous_strides(list(saved)))
-              and int(m.blobs.sizes[b]) == n and m.blobs.frames_of(b) is None and dst.is_contiguous() and n > 0)
-    return Target(path, node, dst, b, direct)
+    whole = (b is not None and info.offset == 0
+             and tuple(info.stride) == tuple(tree.contiguous_strides(list(saved)))
+             and m.blobs.logical_size(b) == n and dst.is_contiguous() and n > 0)
+    compressed = b is not None and m.blobs.frames_of(b) is not None
+    return Target(path, node, dst, b, whole and not compressed,
+                  whole and compressed and dst.device.type == "cpu")
 
 
 def _shard_target(m: Manifest, nav: Tree, path: tuple, node: int, dst: torch.Tensor, version: int) -> ShardTarget:

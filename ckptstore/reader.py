@@ -270,7 +270,8 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     """
     values = _read_stored(store, m, verify, plan, defer)
     if m.blobs.codec:
-        expand_values(m.blobs, values, store.uri, store.uri, verify)
+        into = {b: host_bytes(_bytes_of(t.tensor)) for b, t in plan.inflate.items()} if plan is not None else None
+        expand_values(m.blobs, values, store.uri, store.uri, verify, into=into)
     return values
 
 
@@ -706,7 +707,7 @@ def build_state(m: Manifest, values: list[Any], map_location=None, allow_pickle:
                 shards.box(p.local, p.local_at, p.at, p.shape).copy_(src)
         given[st.node] = st.tensor
     for tg in plan.targets:
-        if not tg.direct:
+        if not tg.direct and not tg.inflate:
             # A view or a shared storage: build the saved tensor where the target is, copy it in.
             saved = tree.decode(m.nodes, blob_values(tg.tensor.device), version=version, needed={tg.node},
                                 root=tg.node)

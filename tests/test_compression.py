@@ -334,3 +334,18 @@ def test_ls_and_info_show_stored_and_logical_sizes(tmp_path, capsys):
     assert cli(["info", "--json", str(tmp_path / "run" / "step-1")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["stored"] == info.nbytes and d["logical"] == 4 << 20 and d["compressed"] == 1
+
+
+def test_into_tied_weights_and_views_from_compressed_blobs(tmp_path):
+    emb = trained_like(1 << 18).reshape(512, 512)
+    state = {"model": {"embed": emb, "head": emb, "half": emb[:, :256]}}        # one storage, three users
+    ckptstore.save(state, tmp_path / "c", compression="zstd")
+    assert len(_manifest(tmp_path / "c").blobs.codec) == 1
+    shared = torch.zeros(512, 512)
+    dst = {"model": {"embed": shared, "head": shared, "half": torch.zeros(512, 256)}}
+    ckptstore.load(tmp_path / "c", into=dst)
+    _bits_equal(shared, emb)
+    _bits_equal(dst["model"]["half"], emb[:, :256].contiguous())
+    alone = torch.zeros(512, 512)
+    ckptstore.load(tmp_path / "c", select=("model", "head"), into={"model": {"head": alone}})
+    _bits_equal(alone, emb)

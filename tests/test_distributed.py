@@ -419,3 +419,8 @@ def test_async_saves_between_training_collectives_keep_the_two_newest(retention_
     assert kept_on_storage(where) == [4, 5], files_in(where)
     for step in (4, 5):
         assert ckptstore.verify(f"{where}/step-{step}", deep=True).ok
+    if kind == "dtensors":      # saved with compression="zstd": every rank's shard of "wide" compressed
+        d = ckptstore.api.info(f"{where}/step-5")
+        assert d["format"] == "5.0" and d["compressed"] == 4 and d["stored"] < d["logical"], d
+        wide = ckptstore.load(f"{where}/step-5", select=("model", "wide"))["model"]["wide"]
+        assert same_bits(wide, torch.arange(1024 * 256, dtype=torch.float32).reshape(1024, 256) / 1000 + 5)

@@ -43,13 +43,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from ..compress import compress_blobs, element_sizes
 from ..datafiles import plan as layout, write_files
 from ..errors import CallerMistake, CheckpointError, UnsupportedObjectError
 from ..format import tree
 from ..format.manifest import (
-    ALIGN, DISTRIBUTED_MAJOR, KIND_CODES, KINDS, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
-    device_column,
+    ALIGN, COMPRESSED_MAJOR, DISTRIBUTED_MAJOR, KIND_CODES, KINDS, SHARED_DIR, BlobTable, FileEntry, FileName,
+    Manifest, data_name, device_column,
 )
+from ..format.frames import Frames
 from ..format.walk import DICT, LIST, ODICT, TUPLE
 from ..incremental import INTENT_SUFFIX, Known, SharedIndex, blob_hash, unusable, write_intent
 from ..info import CheckpointInfo
@@ -325,13 +327,19 @@ class Written:
     files: list[FileEntry]
     starts: list[int]
     crcs: list[int]
+    sizes: list[int] = field(default_factory=list)     # each blob's stored size
+    frames: list = field(default_factory=list)         # [logical, group, frame sizes] of a compressed blob, or None
 
 
 def write_part(store: Store, gen: str, rank: int, blobs: list, *, verify: bool, written: list[str],
-               shared: bool) -> Written:
-    """The write phase: ``blobs`` (this rank's share) into ``<gen>-<rank x 10**6 + j>.bin``."""
+               shared: bool, compression: str | None = None, groups: list[int] | None = None) -> Written:
+    """The write phase: ``blobs`` (this rank's share) into ``<gen>-<rank x 10**6 + j>.bin``,
+    compressed as ``compression`` says (``groups``: each blob's element size)."""
     if not blobs:
         return Written([], [], [])
+    if compression is not None:
+        blobs, _ = compress_blobs(blobs, [], compression, store.compression_pays, [b""] * len(blobs),
+                                  groups=groups)
     part = store.part_bytes // ALIGN * ALIGN if shared and store.part_bytes else store.part_bytes
     p = layout(blobs, part, pad_end=True)
     if len(p.sizes) >= SLOT_FILES:
@@ -341,7 +349,9 @@ def write_part(store: Store, gen: str, rank: int, blobs: list, *, verify: bool, 
     names = [data_name(gen, rank * SLOT_FILES + j) for j in range(len(p.sizes))]
     store.makedirs()
     files, crcs = write_files(store, names, p, verify=verify, written=written)
-    return Written(list(files), list(p.starts), list(crcs))
+    return Written(list(files), list(p.starts), list(crcs), [b.nbytes for b in blobs],
+                   [None if b.frames is None else [b.frames.logical, b.frames.group, list(b.frames.sizes)]
+                    for b in blobs])
 
 
 def verify_part(store: Store, part: Written) -> None:
@@ -357,7 +367,7 @@ def verify_part(store: Store, part: Written) -> None:
 def vote_commit(op: Op, part: Written) -> None:
     """The commit phase: this rank's part is durable; it says so, with what the record needs."""
     op.post("vote", {"files": [[f.name, f.nbytes, f.crc32c] for f in part.files],
-                     "starts": part.starts, "crcs": part.crcs})
+                     "starts": part.starts, "crcs": part.crcs, "sizes": part.sizes, "frames": part.frames})
 
 
 # ---------------------------------------------------------------- the whole save
@@ -375,6 +385,7 @@ class SaveJob:
     verify: bool = True
     index: SharedIndex | None = None      # rank 0, incremental: what the run holds
     margin: float = 5.0
+    compression: str | None = None
 
 
 def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | None]:
@@ -397,8 +408,10 @@ def save_step(op: Op, job: SaveJob) -> tuple[Manifest | None, CheckpointInfo | N
         gen_id = assignment["gen"]
         target = job.shared if assignment["shared"] and job.shared is not None else job.store
         blobs = [job.part.blobs[b] for b in assignment["writes"][str(rank)]]
+        groups = element_sizes(job.part.nodes, job.part.blobs) if job.compression else None
         part = write_part(target, gen_id, rank, blobs, verify=job.verify, written=mine,
-                          shared=bool(assignment["shared"]))
+                          shared=bool(assignment["shared"]), compression=job.compression,
+                          groups=None if groups is None else [groups[b] for b in assignment["writes"][str(rank)]])
         verify_part(target, part)
         vote_commit(op, part)
         if rank == 0:
@@ -550,29 +563,37 @@ def _commit(op: Op, job: SaveJob, gen: Generation, assignment: dict, votes: dict
         target.put(empty, b"")
         files.append(FileEntry(empty, 0, 0, shared))
     # where each rank's k-th written blob went
-    where: dict[tuple[int, int], tuple[int, int]] = {}
+    where: dict[tuple[int, int], tuple[int, int, int, Any]] = {}
     for r in range(world):
         v = votes[r]
         for k, local in enumerate(assignment["writes"][str(r)]):
-            where[(r, local)] = (rank_base[r] + v["starts"][k], v["crcs"][k])
-    starts, crcs = [], []
-    for b in blobs:
+            where[(r, local)] = (rank_base[r] + v["starts"][k], v["crcs"][k], v["sizes"][k], v["frames"][k])
+    starts, crcs, sizes = [], [], []
+    codec: dict[int, Frames] = {}
+    for i, b in enumerate(blobs):
         if b.known is not None:
             starts.append(base[b.known.files[0].name] + b.known.offset)
             crcs.append(b.known.crc32c)
+            sizes.append(b.known.nbytes)
+            if b.known.frames is not None:
+                codec[i] = b.known.frames
         else:
             assert b.writer is not None
-            s, c = where[(b.writer, b.holders[b.writer])]
+            s, c, n, f = where[(b.writer, b.holders[b.writer])]
             starts.append(s)
             crcs.append(c)
+            sizes.append(n)
+            if f is not None:
+                codec[i] = Frames(int(f[0]), int(f[1]), tuple(int(x) for x in f[2]))
     problems = shallow_problems([f for f in files if f.name not in old], target.list() or {})
     if problems:
         raise CheckpointError(f"{target.uri}: not committing step {job.step}: " + "; ".join(problems), target.uri)
     devices, device_index = device_column([b.device for b in blobs])
-    table = BlobTable(starts, [b.nbytes for b in blobs], crcs, "".join(b.kind for b in blobs), devices,
-                      device_index, b"".join(bytes.fromhex(b.hash) for b in blobs))
+    table = BlobTable(starts, sizes, crcs, "".join(b.kind for b in blobs), devices,
+                      device_index, b"".join(bytes.fromhex(b.hash) for b in blobs), codec or None)
     m = Manifest(generation=gen.id, files=files, blobs=table, nodes=nodes, meta=job.meta,
-                 writer=writer_fields(ranks=world), version=(DISTRIBUTED_MAJOR, 0), created=time.time())
+                 writer=writer_fields(ranks=world), version=(COMPRESSED_MAJOR if codec else DISTRIBUTED_MAJOR, 0),
+                 created=time.time())
     Manifest.from_bytes(m.to_bytes(), job.store.uri)      # what readers will check, checked before publishing
     if time.monotonic() > op.deadline:
         raise CheckpointError(f"{job.store.uri}: every rank wrote its part of step {job.step}, but only after "

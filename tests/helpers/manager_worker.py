@@ -254,9 +254,13 @@ def small_state(step: int, sharded: bool = True) -> dict[str, Any]:
     """A DTensor (or, not ``sharded``, the same values replicated as DDP holds them), a replica and a
     per-rank value."""
     w = torch.arange(64 * 33, dtype=torch.float32).reshape(64, 33) + step
-    return {"model": {"w": distribute_tensor(w, mesh(WORLD), [Shard(0)]) if sharded else w,
-                      "b": torch.full((1000,), float(step))},
-            "mine": torch.full((256,), float(RANK * 100 + step)), "step": step}
+    model = {"w": distribute_tensor(w, mesh(WORLD), [Shard(0)]) if sharded else w,
+             "b": torch.full((1000,), float(step))}
+    if sharded:
+        # 1 MiB over the ranks' shards, each large enough to be stored compressed (compression="zstd")
+        wide = torch.arange(1024 * 256, dtype=torch.float32).reshape(1024, 256) / 1000 + step
+        model["wide"] = distribute_tensor(wide, mesh(WORLD), [Shard(0)])
+    return {"model": model, "mine": torch.full((256,), float(RANK * 100 + step)), "step": step}
 
 
 def replace(name: str, fn) -> Any:
@@ -378,7 +382,8 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def async_saves(directory: str, ones: torch.Tensor, kind: str) -> None:
     sharded = kind == "dtensors"
     problems = []
-    with manager(directory, keep_last=2, async_save=True) as mgr:
+    # the DTensor run compresses: each rank compresses the shards it writes, rank 0's record says how
+    with manager(directory, keep_last=2, async_save=True, compression="zstd" if sharded else None) as mgr:
         state = small_state(1, sharded)
         for step in range(1, 6):
             for _ in range(3):   # training's collectives while the previous save may be in flight
@@ -390,6 +395,8 @@ def async_saves(directory: str, ones: torch.Tensor, kind: str) -> None:
             # The training goes on in place at once: nothing of this may reach step `step`.
             nxt = small_state(step + 1, sharded)
             local(state["model"]["w"]).copy_(local(nxt["model"]["w"]))
+            if sharded:
+                local(state["model"]["wide"]).copy_(local(nxt["model"]["wide"]))
             state["model"]["b"].copy_(nxt["model"]["b"])
             state["mine"].copy_(nxt["mine"])
             state["step"] = step + 1
@@ -402,7 +409,8 @@ def async_saves(directory: str, ones: torch.Tensor, kind: str) -> None:
         got = mgr.restore(step=5, into={"model": into["model"]})
         want = small_state(5, sharded)
         if not same_bits(local(into["model"]["w"]), local(want["model"]["w"])) or \
-                not same_bits(into["model"]["b"], want["model"]["b"]):
+                not same_bits(into["model"]["b"], want["model"]["b"]) or \
+                (sharded and not same_bits(local(into["model"]["wide"]), local(want["model"]["wide"]))):
             problems.append("step 5's model is not what it was when save(5) was called")
         if not same_bits(got.get("mine"), want["mine"]) or got.get("step") != 5:
             problems.append("step 5's per-rank value or step is not what it was when save(5) was called")
