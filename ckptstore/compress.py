@@ -2,29 +2,30 @@
 
 ``compress_blobs`` turns the blobs a save would store raw into blobs stored
 as byte-grouped zstd frames (``format.frames``), where that is asked for and
-pays; ``expand_values`` turns the stored bytes a read fetched back into the
-blobs' own bytes. Frames are compressed and decompressed on all cores: zstd
-and numpy's copies release the GIL.
+pays; ``read_compressed`` reads such blobs and decompresses them into the
+memory their values go to; ``FrameStream`` and ``FrameHasher`` do it for a
+stream of stored bytes (export, deep verify). Frames are compressed and
+decompressed on all cores: zstd and numpy's copies release the GIL.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import os
-from typing import Any, Iterable
+import threading
+from typing import Any, Iterable, Iterator
 
 import crc32c
 import numpy as np
-import torch
 import xxhash
 
 from .datafiles import blob_chunks
-from .errors import CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 from .format.dtypes import dtype_from_name
 from .format.frames import FRAME, Frames, compress_frame, decompress_frame
 from .format.manifest import NDARRAY, STORAGE, BlobTable
 from .format.tree import Blob
-from .hostmem import host_bytes
 
 COMPRESSIONS = (None, "zstd", "auto")
 MIN_BLOB = 64 << 10     # smaller blobs are stored raw: a frame's overhead and a record entry would eat the gain
@@ -77,6 +78,10 @@ def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays
     frame shrinks to ``AUTO_RATIO`` or less). ``digests``: the blobs' hashes
     when already known. Blobs in ``skip`` are left as they are. ``groups``: each blob's
     element size, when ``nodes`` does not describe ``blobs`` (a rank's share of its part).
+
+    Memory stays bounded: compressed bytes are kept for the writer up to ``HOLD`` bytes
+    in all; a blob past that is compressed once here to learn its frames' sizes (the
+    record's layout needs them before the data is written) and again as it is written.
     """
     check_compression(compression)
     want = compression == "zstd" or (compression == "auto" and pays)
@@ -84,18 +89,29 @@ def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays
         groups = element_sizes(nodes, blobs) if want else []
     out, hashes = list(blobs), []
     skipped = set(skip)
+    held = 0
     with cf.ThreadPoolExecutor(_workers()) if want else _NoPool() as pool:
         for i, b in enumerate(blobs):
             if i in skipped:
                 hashes.append(b"" if digests is None else digests[i])
             elif want and b.kind in (STORAGE, NDARRAY) and b.nbytes >= MIN_BLOB:
-                stored, digest = _compress(b, groups[i], compression == "auto", pool)
+                keep = held + _bound(b.nbytes) <= HOLD
+                stored, digest = _compress(b, groups[i], compression == "auto", pool, keep)
                 if stored is not None:
                     out[i] = stored
+                    held += stored.nbytes if keep else 0
                 hashes.append(digest if digests is None else digests[i])
             else:
                 hashes.append(blob_digest(b) if digests is None else digests[i])
     return out, hashes
+
+
+HOLD = 64 << 20         # compressed bytes a save keeps for its writer; blobs past it are compressed again
+
+
+def _bound(n: int) -> int:
+    """An upper bound of the stored size of ``n`` bytes in frames (incompressible bytes grow a little)."""
+    return n + (n // FRAME + 1) * 64
 
 
 class _NoPool:
@@ -106,101 +122,81 @@ class _NoPool:
         return None
 
 
-def _compress(b: Blob, group: int, auto: bool, pool) -> tuple[Blob | None, bytes]:
-    """(the blob stored compressed, or None when ``auto`` finds it does not pay; its xxh3-128)."""
+def _pieces(b: Blob) -> Iterator[np.ndarray]:
+    """The blob's bytes a frame at a time, each piece its own memory where the source's is reused."""
     copy = b.device != "cpu"    # device memory comes through one staging buffer, reused
-    pieces = [np.array(p) if copy else np.frombuffer(p, dtype=np.uint8) for p in blob_chunks(b, FRAME)]
+    for p in blob_chunks(b, FRAME):
+        yield np.array(p) if copy else np.frombuffer(p, dtype=np.uint8)
+
+
+def _frames(pieces: Iterator[np.ndarray], group: int, pool, first: tuple | None = None
+            ) -> Iterator[tuple[np.ndarray, bytes]]:
+    """(piece, its frame) in order, compressed on ``pool`` a few frames ahead (bounded memory)."""
+    if first is not None:
+        yield first
+    window = 2 * _workers()
+    pending: collections.deque = collections.deque()
+    for piece in pieces:
+        pending.append((piece, pool.submit(compress_frame, piece, group)))
+        if len(pending) >= window:
+            p, f = pending.popleft()
+            yield p, f.result()
+    while pending:
+        p, f = pending.popleft()
+        yield p, f.result()
+
+
+def _compress(b: Blob, group: int, auto: bool, pool, keep: bool) -> tuple[Blob | None, bytes]:
+    """(the blob stored compressed, or None when ``auto`` finds it does not pay; its xxh3-128).
+
+    ``keep``: the compressed bytes are kept for the writer; else only their sizes, and the
+    writer compresses the blob again (``Recompress``).
+    """
     h = xxhash.xxh3_128()
-    futures = [pool.submit(compress_frame, pieces[0], group)]
-    if auto:
-        first = futures[0].result()
-        if len(first) > AUTO_RATIO * len(pieces[0]):
-            for p in pieces:
-                h.update(p)
-            return None, h.digest()
-    futures += [pool.submit(compress_frame, p, group) for p in pieces[1:]]
-    for p in pieces:
-        h.update(p)
-    frames = [f.result() for f in futures]
-    sizes = [len(f) for f in frames]
+    pieces = _pieces(b)
+    head = next(pieces)
+    frame = compress_frame(head, group)
+    if auto and len(frame) > AUTO_RATIO * len(head):
+        h.update(head)
+        for p in pieces:
+            h.update(p)
+        return None, h.digest()
+    sizes: list[int] = []
+    kept: list[bytes] = []
+    for piece, frame in _frames(pieces, group, pool, (head, frame)):
+        h.update(piece)
+        sizes.append(len(frame))
+        if keep:
+            kept.append(frame)
+    frames = Frames(b.nbytes, group, tuple(sizes))
+    if not keep:
+        return Blob(b.kind, sum(sizes), Recompress(b, frames), b.device, frames), h.digest()
     stored = np.empty(sum(sizes), dtype=np.uint8)
     o = 0
-    for f in frames:
+    for f in kept:
         stored[o:o + len(f)] = np.frombuffer(f, dtype=np.uint8)
         o += len(f)
-    return Blob(b.kind, len(stored), stored, b.device, Frames(b.nbytes, group, tuple(sizes))), h.digest()
+    return Blob(b.kind, len(stored), stored, b.device, frames), h.digest()
+
+
+class Recompress:
+    """The stored bytes of a blob compressed as ``frames`` says, made again as they are written
+    (``datafiles.blob_chunks`` asks ``stored_chunks``). The sizes must come out the same: a
+    tensor that changed while it was being saved is refused, never stored inconsistently."""
+
+    def __init__(self, blob: Blob, frames: Frames):
+        self.blob, self.frames = blob, frames
+
+    def stored_chunks(self) -> Iterator[memoryview]:
+        with cf.ThreadPoolExecutor(_workers()) as pool:
+            for k, (_, frame) in enumerate(_frames(_pieces(self.blob), self.frames.group, pool)):
+                if k >= len(self.frames.sizes) or len(frame) != self.frames.sizes[k]:
+                    raise CheckpointError("a tensor changed while it was being saved (its compressed size "
+                                          "differs between two passes); save it again when nothing writes to it")
+                yield memoryview(frame)
 
 
 # ---------------------------------------------------------------- reading
-
-def _flat(value: Any) -> np.ndarray:
-    if isinstance(value, torch.UntypedStorage):
-        return host_bytes(torch.empty(0, dtype=torch.uint8).set_(value))
-    if isinstance(value, np.ndarray):
-        return value.reshape(-1).view(np.uint8)
-    return np.frombuffer(value, dtype=np.uint8)
-
-
-def decompress_into(jobs: Iterable[tuple[Any, Frames, np.ndarray, str]], frame: int, uri: str | None,
-                    pool=None) -> None:
-    """Decompress each (stored bytes, frames, out, where) into ``out`` (its logical size), all
-    frames of all jobs on all cores."""
-    tasks = []
-    for stored, frames, out, where in jobs:
-        src = _flat(stored)
-        if len(out) != frames.logical:
-            raise CorruptCheckpointError(f"{where}: {len(out)} bytes to fill where the record says "
-                                         f"{frames.logical}", uri)
-        for so, sn, lo, ln in frames.spans(frame):
-            tasks.append((src[so:so + sn], frames.group, out[lo:lo + ln], where))
-    if not tasks:
-        return
-
-    def run(t) -> None:
-        decompress_frame(t[0], t[1], t[2], t[3], uri)
-
-    if len(tasks) == 1:
-        run(tasks[0])
-        return
-    if pool is not None:
-        list(pool.map(run, tasks))
-        return
-    with cf.ThreadPoolExecutor(_workers()) as own:
-        list(own.map(run, tasks))
-
-
-def expand_values(t: BlobTable, values: list, where: str, uri: str | None, verify: bool = True,
-                  into: dict[int, np.ndarray] | None = None) -> None:
-    """Replace the stored bytes ``values`` holds for each compressed blob (read, not None) by its
-    own bytes: an ``UntypedStorage`` for a storage blob, a uint8 array for an array blob.
-    A blob in ``into`` is decompressed into that memory (an ``into=`` tensor's bytes) instead,
-    and its value becomes None: the tensor is the value.
-
-    With ``verify`` each compressed blob's stored CRC-32C is checked first, so a damaged frame is
-    reported as the blob's checksum mismatch before it reaches the decompressor.
-    """
-    if not t.codec:
-        return
-    jobs = []
-    for i, frames in t.codec.items():
-        v = values[i]
-        if v is None:
-            continue
-        if verify and crc32c.crc32c(_flat(v)) != int(t.crcs[i]):
-            raise CorruptCheckpointError(f"{where}: CRC-32C mismatch in compressed blob {i} "
-                                         f"({int(t.sizes[i])} bytes at stream byte {int(t.starts[i])}); "
-                                         "the checkpoint is corrupt", uri)
-        if into and i in into:
-            new, out = None, into[i]
-        elif t.kind(i) == STORAGE:
-            new: Any = torch.UntypedStorage(frames.logical)
-            out = host_bytes(torch.empty(0, dtype=torch.uint8).set_(new))
-        else:
-            new = out = np.empty(frames.logical, dtype=np.uint8)
-        jobs.append((v, frames, out, f"{where}: blob {i}"))
-        values[i] = new
-    decompress_into(jobs, t.frame, uri)
-
 
 class FrameStream:
     """A compressed blob's stored bytes fed in pieces of any size, its own bytes out a frame
@@ -249,3 +245,66 @@ class FrameHasher:
 
     def hexdigest(self) -> str:
         return self.h.hexdigest()
+
+
+def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.ndarray], verify: bool,
+                    where: str, uri: str | None, read_bytes: int) -> None:
+    """Read the compressed ``blobs`` through ``reader`` (a ``ranges.StreamReader``) and decompress
+    each into ``outs[blob]`` (its uncompressed size), frames on all cores while later ones are read.
+
+    Memory stays bounded whatever the sizes: reads of whole frames up to ``read_bytes`` each, a
+    few in flight, each dropped once its frames are decompressed; no copy of a blob's stored
+    bytes is ever whole in memory. Each blob's stored CRC-32C is checked once its last read is
+    in (with ``verify``), and every frame is checked for its declared size and content checksum.
+    """
+    from .ranges import Range
+
+    def ranges():
+        for b in blobs:
+            frames = t.codec[b]
+            spans = frames.spans(t.frame)
+            base = int(t.starts[b])
+            k = 0
+            while k < len(spans):
+                j, size = k, 0
+                while j < len(spans) and (j == k or size + spans[j][1] <= read_bytes):
+                    size += spans[j][1]
+                    j += 1
+                yield Range(base + spans[k][0], size, None, (b, spans[k:j], j == len(spans)))
+                k = j
+
+    workers = _workers()
+    gate = threading.BoundedSemaphore(workers + 1)      # reads whose frames are still being decompressed
+    failures: list[BaseException] = []
+
+    def inflate(data: memoryview, spans: list, out: np.ndarray, group: int, what: str) -> None:
+        try:
+            base = spans[0][0]
+            for so, sn, lo, ln in spans:
+                decompress_frame(data[so - base:so - base + sn], group, out[lo:lo + ln], what, uri)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
+            failures.append(e)
+        finally:
+            gate.release()
+
+    crc = 0
+    with cf.ThreadPoolExecutor(workers) as pool:
+        try:
+            for r, data in reader.fetch(ranges()):
+                b, spans, last = r.tag
+                if failures:
+                    break
+                if verify:
+                    crc = crc32c.crc32c(data, 0 if spans[0][2] == 0 else crc)     # a blob's first read starts it
+                    if last:
+                        if crc != int(t.crcs[b]):
+                            raise CorruptCheckpointError(
+                                f"{where}: CRC-32C mismatch in compressed blob {b} ({int(t.sizes[b])} bytes at "
+                                f"stream byte {int(t.starts[b])}); the checkpoint is corrupt", uri)
+                        crc = 0
+                gate.acquire()
+                pool.submit(inflate, data, spans, outs[b], t.codec[b].group, f"{where}: blob {b}")
+        finally:
+            pool.shutdown(wait=True)
+    if failures:
+        raise failures[0]

@@ -95,6 +95,11 @@ def blob_chunks(blob: Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
     """
     if blob.nbytes == 0:
         return
+    remake = getattr(blob.source, "stored_chunks", None)
+    if blob.frames is not None and remake is not None:
+        # Compressed again as it is written (the save's compressed bytes past what it keeps).
+        yield from remake()
+        return
     if isinstance(blob.source, np.ndarray) and blob.kind != NDARRAY:
         # Bytes already in host memory as they are to be stored (a compressed blob, a copied one).
         flat = blob.source.reshape(-1).view(np.uint8)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import ctypes
 import functools
 import logging
@@ -27,7 +28,7 @@ import crc32c
 import numpy as np
 import torch
 
-from .compress import FrameHasher, FrameStream, expand_values
+from .compress import FrameHasher, FrameStream, read_compressed
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, FormatTooNewError, record_checks
 from .format import shards, tree
 from .format.manifest import (
@@ -268,10 +269,31 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     request, nothing else read) and the direct targets straight into their
     tensors' memory. Blobs not read stay None.
     """
-    values = _read_stored(store, m, verify, plan, defer)
-    if m.blobs.codec:
-        into = {b: host_bytes(_bytes_of(t.tensor)) for b, t in plan.inflate.items()} if plan is not None else None
-        expand_values(m.blobs, values, store.uri, store.uri, verify, into=into)
+    t = m.blobs
+    if not t.codec:
+        return _read_stored(store, m, verify, plan, defer)
+    # Compressed blobs are read apart, a few frames at a time, and decompressed straight into
+    # their value's memory (or an into= tensor's); the others as ever.
+    wanted = set(range(len(t))) if plan is None or plan.blobs is None else set(plan.blobs)
+    packed = sorted(wanted & set(t.codec), key=lambda b: int(t.starts[b]))
+    rest = dataclasses.replace(plan or ReadPlan(), blobs=wanted - set(packed))
+    values = _read_stored(store, m, verify, rest, defer)
+    if not packed:
+        return values
+    inflate = plan.inflate if plan is not None else {}
+    outs: dict[int, np.ndarray] = {}
+    for b in packed:
+        if b in inflate:
+            outs[b] = host_bytes(_bytes_of(inflate[b].tensor))   # the tensor is the value
+        elif t.kind(b) == STORAGE:
+            values[b] = torch.UntypedStorage(t.logical_size(b))
+            outs[b] = host_bytes(torch.empty(0, dtype=torch.uint8).set_(values[b]))
+        else:
+            values[b] = outs[b] = np.empty(t.logical_size(b), dtype=np.uint8)
+    ds = data_store(store, m)
+    with StreamReader(ds, m.files) as reader:
+        read_compressed(reader, t, packed, outs, verify, ds.uri, ds.uri,
+                        COMPRESSED_READ if ds.stream_reads else ds.read_bytes)
     return values
 
 
@@ -327,6 +349,9 @@ def _read_stored(store: Store, m: Manifest, verify: bool, plan: ReadPlan | None,
 
 
 STAGE = 64 << 20  # pinned host bytes through which a direct read reaches a GPU tensor
+#: stored bytes per read of compressed frames from a disk (about a frame: a few in flight, memory
+#: stays small); object stores read ``read_bytes`` at a time, as for any range
+COMPRESSED_READ = 1 << 20
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:

@@ -90,3 +90,69 @@ print(json.dumps({{"extra": extra}}))
     state_bytes = mb * 2**20
     assert result["extra"] <= 0.05 * state_bytes, (
         f"load(into=) peaked at {result['extra'] / 2**20:.1f} MiB above {mb} MiB of resident tensors")
+
+
+# ---------------------------------------------------------------- compressed (compression="zstd")
+
+TRAINED = """
+def trained_state(mb):
+    # small normal numbers, as trained weights are: they compress to ~0.85, so the compressed
+    # bytes are nearly as large as the state and a second copy of them would show
+    g = torch.Generator().manual_seed(0)
+    per = mb * 2**20 // {tensors}
+    return {{"model": {{f"w{{i}}": torch.randn(per // 4, generator=g) * 0.02 for i in range({tensors})}}}}
+""".format(tensors=TENSORS)
+
+
+def test_a_compressed_save_does_not_hold_its_compressed_bytes_whole(tmp_path):
+    uri = str(tmp_path / "packed")
+    result = measure(TRAINED + f"""
+state = trained_state({STATE_MB})
+before = peak()
+info = ckptstore.save(state, {uri!r}, compression="zstd")
+assert info.nbytes < 0.95 * info.logical_nbytes, (info.nbytes, info.logical_nbytes)
+print(json.dumps({{"extra": peak() - before}}))
+""")
+    state_bytes = STATE_MB * 2**20
+    assert result["extra"] < state_bytes / 2, \
+        f"a compressed save peaked at {result['extra'] / 2**20:.0f} MiB above the state's {STATE_MB} MiB"
+
+
+def test_a_compressed_load_holds_the_state_and_little_more(tmp_path):
+    uri = str(tmp_path / "packed")
+    measure(TRAINED + f"ckptstore.save(trained_state({STATE_MB}), {uri!r}, compression='zstd'); print('{{}}')")
+    result = measure(TRAINED + f"""
+before = peak()
+state = ckptstore.load({uri!r})
+want = trained_state({STATE_MB})
+extra = peak() - before - {STATE_MB} * 2**20       # the reference state made to compare with
+assert all(torch.equal(state["model"][k], want["model"][k]) for k in want["model"])
+print(json.dumps({{"extra": extra}}))
+""")
+    state_bytes = STATE_MB * 2**20
+    assert result["extra"] < 1.25 * state_bytes, (
+        f"a compressed load peaked at {result['extra'] / 2**20:.0f} MiB for a {STATE_MB} MiB state")
+
+
+def test_a_compressed_load_into_existing_tensors_holds_almost_nothing_more(tmp_path):
+    uri = str(tmp_path / "packed-into")
+    mb = 512
+    measure(TRAINED + f"ckptstore.save(trained_state({mb}), {uri!r}, compression='zstd'); print('{{}}')")
+    result = measure(TRAINED + f"""
+import re
+from pathlib import Path
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+model = {{k: torch.zeros_like(v).add_(1) for k, v in trained_state({mb})["model"].items()}}   # resident
+ptrs = {{k: t.data_ptr() for k, t in model.items()}}
+import gc; gc.collect()
+Path("/proc/self/clear_refs").write_text("5")
+before = hwm()
+got = ckptstore.load({uri!r}, into={{"model": model}})
+extra = hwm() - before
+assert all(got["model"][k] is model[k] and model[k].data_ptr() == ptrs[k] for k in model)
+print(json.dumps({{"extra": extra}}))
+""")
+    state_bytes = mb * 2**20
+    assert result["extra"] <= 0.05 * state_bytes, (
+        f"load(into=) of a compressed state peaked at {result['extra'] / 2**20:.1f} MiB above {mb} MiB of tensors")

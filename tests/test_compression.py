@@ -349,3 +349,32 @@ def test_into_tied_weights_and_views_from_compressed_blobs(tmp_path):
     alone = torch.zeros(512, 512)
     ckptstore.load(tmp_path / "c", select=("model", "head"), into={"model": {"head": alone}})
     _bits_equal(alone, emb)
+
+
+def test_blobs_past_what_a_save_keeps_are_compressed_again_as_written(tmp_path, monkeypatch, moto_server):
+    """A save keeps at most HOLD compressed bytes in memory; the rest are compressed a second
+    time while written (sizes from the first pass), on a disk and through S3's parallel parts."""
+    from ckptstore import compress
+    monkeypatch.setattr(compress, "HOLD", 1 << 20)
+    state = {f"w{i}": trained_like(3 << 18) for i in range(4)}
+    s3 = (f"s3://{BUCKET}/again-{uuid.uuid4().hex}/c?endpoint_url={moto_server.endpoint}"
+          f"&key={moto_server.key}&secret={moto_server.secret}&part_size=1MiB")
+    for uri in (str(tmp_path / "c"), s3):
+        info = ckptstore.save(state, uri, compression="zstd")
+        assert info.nbytes < 0.9 * info.logical_nbytes
+        assert_state_equal(ckptstore.load(uri), state)
+        assert ckptstore.verify(uri, deep=True).ok
+
+
+def test_a_tensor_that_changes_between_the_two_passes_is_refused(tmp_path):
+    from ckptstore import compress
+    from ckptstore.errors import CheckpointError
+    from ckptstore.format import tree
+    w = trained_like(1 << 20)
+    _, blobs = tree.encode({"w": w})
+    (b,) = blobs
+    stored, _ = compress._compress(b, 4, False, compress.cf.ThreadPoolExecutor(2), keep=False)
+    assert isinstance(stored.source, compress.Recompress)
+    w.copy_(torch.randn(1 << 20, generator=GEN))          # noise: compresses to another size
+    with pytest.raises(CheckpointError, match="changed while it was being saved"):
+        list(stored.source.stored_chunks())
