@@ -382,20 +382,31 @@ def cmd_bench(args) -> int:
 
 def cmd_prune(args) -> int:
     from .manager import CheckpointManager
+    from .thin import spelled
     policy = dict(keep_last=args.keep_last, keep_best=args.keep_best, keep_every=args.keep_every,
                   max_age=args.max_age)
-    if all(v is None for v in policy.values()):
-        return _usage_error("prune needs a policy: --keep-last, --keep-best, --keep-every and/or --max-age")
+    if all(v is None for v in policy.values()) and args.thin_after is None and not args.thin_select:
+        return _usage_error("prune needs a policy: --keep-last, --keep-best, --keep-every and/or --max-age, "
+                            "or --thin-after N with --thin-select PATH")
     if args.keep_best is not None and not args.best_metric:
         return _usage_error("--keep-best needs --best-metric")
+    if (args.thin_after is None) != (not args.thin_select):
+        return _usage_error("--thin-after N and --thin-select PATH go together: steps older than the N newest "
+                            "keep only PATH (e.g. --thin-after 2 --thin-select model)")
     try:
+        thin = [spelled(t) for t in args.thin_select] if args.thin_select else None
         mgr = CheckpointManager(args.dir, best_metric=args.best_metric, best_mode=args.best_mode,
-                                storage_options=_options(args.option), _probe=not args.dry_run, **policy)
+                                storage_options=_options(args.option), _probe=not args.dry_run,
+                                thin_after=args.thin_after, thin_select=thin, **policy)
     except ValueError as e:
         return _usage_error(str(e))
-    steps = mgr.prune(dry_run=args.dry_run)
+    steps, thinned = mgr._prune_and_thin(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(steps)} step(s){': ' + ', '.join(map(str, steps)) if steps else ''}")
+    if thin is not None:
+        verb = "would thin" if args.dry_run else "thinned"
+        print(f"{verb} {len(thinned)} step(s){': ' + ', '.join(map(str, thinned)) if thinned else ''} "
+              f"to {', '.join('/'.join(p) for p in thin)}")
     print(f"kept: {', '.join(str(s) for s in mgr.steps() if not args.dry_run or s not in steps) or 'none'}")
     return 0
 
@@ -447,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="show a progress bar (default: when stderr is a terminal)")
     sp = add("prune", cmd_prune, "remove the steps of a CheckpointManager directory that a retention "
-                                 "policy does not keep (never the newest, the best, or anything uncommitted)")
+                                 "policy does not keep (never the newest, the best, or anything uncommitted), "
+                                 "and thin old steps to part of their state (--thin-after, --thin-select)")
     sp.add_argument("dir", metavar="DIR")
     sp.add_argument("--keep-last", type=int, metavar="N", help="keep the N most recently committed steps")
     sp.add_argument("--keep-best", type=int, metavar="N", help="keep the N best steps by --best-metric")
@@ -455,7 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--best-mode", choices=("min", "max"), default="min", help="lower or higher is better")
     sp.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
     sp.add_argument("--max-age", type=float, metavar="SECONDS", help="keep steps committed less than this ago")
-    sp.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    sp.add_argument("--thin-after", type=int, metavar="N",
+                    help="thin the kept steps older than the N newest to hold only --thin-select")
+    sp.add_argument("--thin-select", action="append", metavar="PATH",
+                    help="what a thinned step keeps, as keys joined by '/', e.g. model (repeatable)")
+    sp.add_argument("--dry-run", action="store_true", help="only print what would be removed or thinned")
     sp = add("bench", cmd_bench, "time save and load of a synthetic state at URI against writing and "
                                  "reading the same bytes raw there (the repository's `make bench` compares "
                                  "every backend)")

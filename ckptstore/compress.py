@@ -157,14 +157,14 @@ def _compress(b: Blob, group: int, auto: bool, pool, keep: bool) -> tuple[Blob |
     head = next(pieces)
     frame = compress_frame(head, group)
     if auto and len(frame) > AUTO_RATIO * len(head):
-        h.update(head)
+        h.update(head.data)
         for p in pieces:
-            h.update(p)
+            h.update(p.data)
         return None, h.digest()
     sizes: list[int] = []
     kept: list[bytes] = []
     for piece, frame in _frames(pieces, group, pool, (head, frame)):
-        h.update(piece)
+        h.update(piece.data)
         sizes.append(len(frame))
         if keep:
             kept.append(frame)
@@ -236,7 +236,7 @@ class FrameHasher:
             return
         try:
             for data in self.stream.feed(piece):
-                self.h.update(data)
+                self.h.update(data.data)
         except CorruptCheckpointError as e:
             self.error = str(e)
 
@@ -259,9 +259,11 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
     """
     from .ranges import Range
 
+    codec = t.codec or {}
+
     def ranges():
         for b in blobs:
-            frames = t.codec[b]
+            frames = codec[b]
             spans = frames.spans(t.frame)
             base = int(t.starts[b])
             k = 0
@@ -303,7 +305,7 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
                                 f"stream byte {int(t.starts[b])}); the checkpoint is corrupt", uri)
                         crc = 0
                 gate.acquire()
-                pool.submit(inflate, data, spans, outs[b], t.codec[b].group, f"{where}: blob {b}")
+                pool.submit(inflate, data, spans, outs[b], codec[b].group, f"{where}: blob {b}")
         finally:
             pool.shutdown(wait=True)
     if failures:

@@ -16,7 +16,7 @@ import concurrent.futures as cf
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import crc32c
 import numpy as np
@@ -49,7 +49,7 @@ class Plan:
         return sum(self.sizes)
 
 
-def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False) -> Plan:
+def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False, breaks: Iterable[int] = ()) -> Plan:
     """Lay blobs out at aligned offsets in one stream, then cut it into files.
 
     With ``part_bytes`` the stream is cut into files of exactly that size (the
@@ -57,16 +57,20 @@ def plan(blobs: list[Blob], part_bytes: int | None, pad_end: bool = False) -> Pl
     continue from one file into the next. Without, the stream is one file.
     ``pad_end`` pads the stream with zeros to a multiple of the alignment, so
     that another stream can follow it (one per rank in a distributed save).
+    ``breaks``: blobs that begin a new file (so that the bytes before and after
+    them never share one); each such file is cut by ``part_bytes`` on its own.
     """
     starts = aligned_starts([b.nbytes for b in blobs]).tolist()
     end = starts[-1] + blobs[-1].nbytes if blobs else 0
     total = -(-end // ALIGN) * ALIGN if pad_end else end
-    if part_bytes and total > part_bytes:
-        sizes = [part_bytes] * (total // part_bytes)
-        if total % part_bytes:
-            sizes.append(total % part_bytes)
-    else:
-        sizes = [total]
+    edges = [0] + sorted({starts[k] for k in breaks if 0 < starts[k] < total}) + [total]
+    sizes: list[int] = []
+    for a, b in zip(edges, edges[1:]):
+        n = b - a
+        if part_bytes and n > part_bytes:
+            sizes += [part_bytes] * (n // part_bytes) + ([n % part_bytes] if n % part_bytes else [])
+        else:
+            sizes.append(n)
     return Plan(blobs, starts, sizes)
 
 

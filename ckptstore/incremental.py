@@ -26,11 +26,13 @@ from .datafiles import plan, write_files
 from .errors import CheckpointError, FormatTooNewError
 from .format import tree
 from .format.frames import Frames
+from .format.paths import Tree
 from .format.manifest import (
-    ALIGN, COMPRESSED_MAJOR, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
+    ALIGN, COMPRESSED_MAJOR, FORMAT_MAJOR, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
     device_column, new_generation,
 )
 from .info import CheckpointInfo
+from .plan import node_blob
 from .reader import find_commit
 from .stores.base import Store
 from .writer import Generation, info_of, writer_fields
@@ -93,9 +95,14 @@ class SharedIndex:
 def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: SharedIndex, *,
                       verify: bool = True, meta: dict | None = None, devices: dict | None = None,
                       writer: dict | None = None, written: list[str] | None = None, allow_pickle: bool = False,
-                      encoded: tuple | None = None, compression: str | None = None) -> Manifest:
+                      encoded: tuple | None = None, compression: str | None = None,
+                      apart: list[tuple] | None = None) -> Manifest:
     """Write the blobs of ``state`` that ``index`` does not hold into ``shared``, and return the
     version 3 manifest of generation ``gen`` (not yet committed).
+
+    ``apart``: paths (the manager's ``thin_select``) whose bytes never share a data file
+    with the rest, so that thinning a step to them leaves the others' files unlisted, for
+    the sweep to free.
 
     ``gen`` is the step's ``writer.Generation``. Every file written in
     ``shared`` (the intent first, then data files as they are started) is
@@ -152,7 +159,9 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         # Every shared file's size a multiple of 64 (its stream padded at the end, parts cut at
         # multiples of 64): a later record that lists it before other files keeps their blobs aligned.
         part = shared.part_bytes // ALIGN * ALIGN if shared.part_bytes else None
-        p = plan([blobs[i] for i in new], part, pad_end=True)
+        inside = _blobs_under(nodes, apart, len(blobs)) if apart else set()
+        breaks = [k for k in range(1, len(new)) if (new[k] in inside) != (new[k - 1] in inside)]
+        p = plan([blobs[i] for i in new], part, pad_end=True, breaks=breaks)
         names = [data_name(gen.id, k) for k in range(len(p.sizes))]
         shared.makedirs()
         entries, new_crcs = write_files(shared, names, p, verify=verify, written=written)
@@ -177,9 +186,26 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
     return m
 
 
+def _blobs_under(nodes: list, paths: list[tuple], count: int) -> set[int]:
+    """The blobs the values at ``paths`` use (paths a state lacks count for nothing)."""
+    nav = Tree(nodes, FORMAT_MAJOR)
+    out: set[int] = set()
+    for path in paths:
+        try:
+            top = nav.lookup(path)[-1]
+        except (KeyError, CheckpointError):
+            continue
+        for n in nav.subtree(top):
+            b = node_blob(nodes[n], FORMAT_MAJOR)
+            if b is not None and 0 <= b < count:
+                out.add(b)
+    return out
+
+
 def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool, verify: bool = True,
                 meta: dict | None = None, devices: dict | None = None, allow_pickle: bool = False,
-                encoded: tuple | None = None, compression: str | None = None) -> tuple[Manifest, CheckpointInfo]:
+                encoded: tuple | None = None, compression: str | None = None,
+                apart: list[tuple] | None = None) -> tuple[Manifest, CheckpointInfo]:
     """Save ``state`` as the incremental step at ``store`` (its data in ``../.shared``) and commit
     it; ``index`` learns its blobs. A failure removes what this save wrote in the shared directory."""
     t0 = time.perf_counter()
@@ -189,7 +215,7 @@ def commit_step(store: Store, state: Any, index: SharedIndex, *, overwrite: bool
         try:
             m = write_incremental(store, shared, gen, state, index, verify=verify, meta=meta, devices=devices,
                                   writer=writer_fields(), written=written, allow_pickle=allow_pickle,
-                                  encoded=encoded, compression=compression)
+                                  encoded=encoded, compression=compression, apart=apart)
             gen.commit(m)
         except BaseException:
             with contextlib.suppress(Exception):

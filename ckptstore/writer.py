@@ -144,7 +144,11 @@ class Generation:
         self._claimed = False
 
     @classmethod
-    def begin(cls, store: Store, *, overwrite: bool = True, nbytes: int | None = None) -> "Generation":
+    def begin(cls, store: Store, *, overwrite: bool = True, nbytes: int | None = None,
+              after: str | None = None) -> "Generation":
+        """A new generation of ``store``, its id past every one there. ``after``: the id sorts
+        right after that generation (and the others), not at the clock: a rewrite of a
+        committed generation (thinning) keeps its place in the order of commits."""
         strategy = choose(store, store.location.commit)
         if store.is_file():
             raise CheckpointExistsError(
@@ -154,8 +158,9 @@ class Generation:
         if not overwrite and listing and has_commit(store, listing):
             raise CheckpointExistsError(f"{store.uri}: a checkpoint is already committed here (overwrite=False)",
                                         store.uri)
-        g = cls(store, new_generation([f.gen for f in map(FileName.parse, listing) if f is not None]), listing,
-                overwrite=overwrite, strategy=strategy)
+        gens = [f.gen for f in map(FileName.parse, listing) if f is not None]
+        gen_id = new_generation(gens) if after is None else new_generation(gens + [after], now=0)
+        g = cls(store, gen_id, listing, overwrite=overwrite, strategy=strategy)
         if nbytes is not None:
             g.check_space(nbytes)
         store.makedirs()

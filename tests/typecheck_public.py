@@ -7,9 +7,7 @@ type need only be usable as it. A change of a public name, keyword or result
 type that would break a user's type-checked code fails `make typecheck`.
 
 Not a test module (pytest collects ``test_*.py`` only) and nothing here runs:
-the functions are only type-checked. API.md also names keywords the code does
-not take yet (``save(compression=)``; the manager's ``compression``,
-``thin_after``, ``thin_select``, ``collective_timeout``): add each here when it lands.
+the functions are only type-checked.
 """
 from __future__ import annotations
 
@@ -45,10 +43,13 @@ from ckptstore import (
 def one_shot_calls(model: torch.nn.Module, uri: str, path: pathlib.Path) -> None:
     state: dict[str, Any] = {"model": model.state_dict(), "step": 3, "order": OrderedDict(a=torch.ones(2))}
     info = ckptstore.save(state, uri, storage_options={"endpoint_url": "http://127.0.0.1:9000"}, overwrite=True,
-                          verify=True, allow_pickle=False, progress=False)
+                          verify=True, allow_pickle=False, progress=False, compression="zstd")
     assert_type(info, CheckpointInfo)
     assert_type(info.uri, str)
     assert_type(info.nbytes, int)
+    assert_type(info.logical_nbytes, int)
+    ckptstore.save(state, uri, compression="auto")
+    ckptstore.save(state, uri, compression=None)
     assert_type(info.seconds, float)
     assert_type(info.strategy, str)
     ckptstore.save(state, path)                      # a pathlib.Path is a URI too
@@ -109,7 +110,9 @@ def training_run(model: torch.nn.Module, opt: torch.optim.Optimizer, directory: 
         directory, keep_last=3, keep_best=1, best_metric="val_loss", best_mode="min", keep_every=1000,
         max_age=7 * 24 * 3600.0, async_save=True, storage_options={"token": "anon"}, incremental=True,
         save_interval_steps=500, save_interval_seconds=1800.0, preemption_signals=[signal.SIGTERM],
-        grace_seconds=30.0, allow_pickle=False)
+        grace_seconds=30.0, allow_pickle=False, compression="auto", thin_after=3, thin_select="model",
+        collective_timeout=600.0)
+    CheckpointManager(directory, thin_after=2, thin_select=["model", "ema/weights"], compression=None)
     with mgr:
         assert_type(mgr, CheckpointManager)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": capture_rng_state()}

@@ -58,8 +58,9 @@ _GEN = r"[0-9a-f]{16}-[0-9a-f]{8}"
 _NAME = re.compile(rf"^(?P<gen>{_GEN})(?:(?P<commit>\.commit)(?P<tmp>\.tmp)?|-(?P<k>\d{{5,}})\.bin)$")
 
 
-def new_generation(existing: list[str] = ()) -> str:
-    now = time.time_ns()
+def new_generation(existing: list[str] = (), now: int | None = None) -> str:
+    """A generation id past every one in ``existing``, at the clock (or at ``now``, in ns)."""
+    now = time.time_ns() if now is None else now
     newest = max((int(g[:16], 16) for g in existing), default=0)
     return f"{max(now, newest + 1):016x}-{os.urandom(4).hex()}"
 

@@ -6,6 +6,6 @@ the async save's copy, handle and exit hook in ``background``.
 """
 
 from .core import CheckpointManager, step_dir, step_of
-from .retention import StepRecord, best_steps, to_keep
+from .retention import StepRecord, best_steps, to_keep, to_thin
 
-__all__ = ["CheckpointManager", "StepRecord", "best_steps", "step_dir", "step_of", "to_keep"]
+__all__ = ["CheckpointManager", "StepRecord", "best_steps", "step_dir", "step_of", "to_keep", "to_thin"]

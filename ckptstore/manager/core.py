@@ -14,15 +14,17 @@ commit records first, so a half-removed step is never taken as committed.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import heapq
 import logging
 import math
 import re
 import threading
 import time
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Iterator, Mapping
 
 import torch
 
+from ..compress import check_compression
 from ..errors import (
     CheckpointError, CheckpointExistsError, ClaimHeldError, CorruptCheckpointError, MissingMetricError,
     StorageError, is_corruption,
@@ -34,15 +36,30 @@ from ..incremental import SharedIndex, commit_step, listed_by, sweep
 from ..reader import find_commit, load_manifest, open_commit
 from ..stores import open_store
 from ..stores.base import Store
+from ..thin import holds, original_commit, thin_paths, thin_step, thinned_paths
 from ..writer import remove_files, write_checkpoint
 from .background import SaveHandle, live, snapshot, yield_to_training
 from .ranks import Ranks, restore_on_ranks, save_on_ranks, world
-from .retention import StepRecord, to_keep
+from .retention import StepRecord, recency, to_keep, to_thin
 from .schedule import Preemption, check_step, signal_numbers
 
 log = logging.getLogger("ckptstore")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ThinnedStep(Exception):
+    """A step restore() found thinned when it read its record (another process thinned it)."""
+
+    def __init__(self, paths: tuple[str, ...]):
+        super().__init__(", ".join(paths))
+        self.paths = paths
+
+
+def thinned_message(directory: str, thinned: list[str]) -> str:
+    return (f"{directory}: nothing was restored: every committed step was thinned and holds only part of the "
+            f"state ({', '.join(thinned)}); restore(select=...) within what they hold takes the newest, and "
+            "restore(step=N) returns what step N holds")
 
 
 def step_dir(step: int) -> str:
@@ -64,6 +81,7 @@ class CheckpointManager:
                  save_interval_steps: int | None = None,
                  save_interval_seconds: float | None = None, preemption_signals: Any = None,
                  grace_seconds: float | None = None, allow_pickle: bool = False,
+                 compression: str | None = None, thin_after: int | None = None, thin_select: Any = None,
                  upload_settle_seconds: float | None = 300.0, collective_timeout: float = 600.0,
                  _probe: bool = True, _collective: bool = True):
         v: Any
@@ -82,6 +100,19 @@ class CheckpointManager:
         if type(allow_pickle) is not bool:
             raise ValueError(f"allow_pickle must be True or False, got {allow_pickle!r}")
         self.allow_pickle = allow_pickle
+        check_compression(compression)
+        self.compression = compression
+        # thinning: steps no longer among the thin_after newest keep only thin_select (thin.py)
+        if (thin_after is None) != (thin_select is None):
+            raise ValueError("thin_after and thin_select go together: thin_after=N thins the steps older than the "
+                             "N newest to hold only thin_select (e.g. thin_after=2, thin_select='model')")
+        if thin_after is not None and (isinstance(thin_after, bool) or not isinstance(thin_after, int)
+                                       or thin_after < 1):
+            raise ValueError(f"thin_after must be a positive whole number or None, got {thin_after!r}")
+        self.thin_after = thin_after
+        self.thin_select: list[tuple] | None = None if thin_select is None else thin_paths(thin_select)
+        self._thin_lock = threading.Lock()                # one thinning at a time, none while restoring
+        self._thin_skip: set[tuple[int, str]] = set()     # (step, generation) thinning left as it is, said once
         self.incremental = incremental
         self._index: SharedIndex | None = None   # the run's bytes, built at the first incremental save
         self._manifests: dict[int, Manifest] = {}   # step -> its commit record, as read or written here
@@ -121,7 +152,9 @@ class CheckpointManager:
                               "best_metric": best_metric, "best_mode": best_mode, "keep_every": keep_every,
                               "max_age": max_age, "async_save": async_save, "incremental": incremental,
                               "save_interval_steps": save_interval_steps,
-                              "save_interval_seconds": save_interval_seconds, "allow_pickle": allow_pickle},
+                              "save_interval_seconds": save_interval_seconds, "allow_pickle": allow_pickle,
+                              "compression": compression, "thin_after": thin_after,
+                              "thin_select": [list(p) for p in self.thin_select or ()] or None},
                              self._probe_shared)
         elif _probe:
             self._probe()
@@ -210,16 +243,21 @@ class CheckpointManager:
 
     # -- discovery
 
-    def _scan(self, read: bool = False) -> list[StepRecord]:
+    def _scan(self, read: bool = False, listings: dict | None = None) -> list[StepRecord]:
         """Every step directory, from one listing of the run.
 
         Without ``read``, a step counts as committed when it holds a commit
         record, and its commit time is the record's mtime: no request per
-        step. With ``read``, each step's newest intact commit record is read
-        (once per manager: records never change) to prove the commit and get
-        its metrics.
+        step (a record read before is used as read; else ``exact`` is False:
+        a thinned step's record gives an earlier time, see ``_newest_first``).
+        With ``read``, each step's newest intact commit record is read (once
+        per manager: a record never changes; thinning commits a new one) to
+        prove the commit and get its metrics. ``listings`` receives the
+        listing of each step directory.
         """
         tree = self._store.tree()
+        if listings is not None:
+            listings.update(tree)
         out = []
         for d, listing in tree.items():
             m = _STEP_DIR.match(d)
@@ -231,8 +269,12 @@ class CheckpointManager:
                 out.append(StepRecord(step, False, None))
                 continue
             if not read:
+                known = self._records.get((step, commit_name(gens[0])))
+                if known is not None:
+                    out.append(known)
+                    continue
                 entry = listing[commit_name(gens[0])]
-                out.append(StepRecord(step, True, entry.mtime, None, generation_time(gens[0])))
+                out.append(StepRecord(step, True, entry.mtime, None, generation_time(gens[0]), exact=False))
                 continue
             key = (step, commit_name(gens[0]))
             rec = self._records.get(key)
@@ -255,7 +297,53 @@ class CheckpointManager:
             return StepRecord(step, False, None)
         entry = listing.get(commit_name(m.generation))
         when = entry.mtime if entry is not None and entry.mtime is not None else m.created
-        return StepRecord(step, True, when, dict(m.meta.get("metrics") or {}), generation_time(m.generation))
+        order = generation_time(m.generation)
+        thinned = thinned_paths(m.meta)
+        if thinned is not None:
+            # thinning is not a commit: the step keeps the place of the commit that held everything
+            first = original_commit(m.meta)
+            if first is not None:
+                when, order = first[0], generation_time(first[1])
+        return StepRecord(step, True, when, dict(m.meta.get("metrics") or {}), order, thinned=thinned,
+                          generation=m.generation)
+
+    def _newest_first(self, records: list[StepRecord], listings: dict) -> Iterator[StepRecord]:
+        """The committed ``records``, most recently committed first, reading a record only when
+        its place is in question.
+
+        A record of the listing alone (not ``exact``) has its record's mtime as its time. A
+        thinned step's record is newer than the commit that held everything, whose time it
+        gives (thin.py); its generation id sorts where that commit's did. So a step's place is
+        in question only where the two clocks disagree: its record's mtime is later than that
+        of a step whose generation began later (saves of a run commit one after another, so
+        without thinning they agree and nothing is read). The listing's time bounds the true
+        one from above: a step in question is read when its bound comes first, and yielded
+        once its true time is known and no other step's bound is later; one whose record
+        cannot be read goes at its listing's place (loading it says what is wrong).
+        """
+        committed = [r for r in records if r.committed]
+        doubt: set[int] = set()
+        earliest = math.inf     # the earliest commit time of the steps whose generations began later
+        for r in sorted(committed, key=lambda r: (r.order, r.step), reverse=True):
+            if not r.exact and (r.time or 0.0) > earliest:
+                doubt.add(r.step)
+                earliest = -math.inf    # its true time is not known: every step before it is in question
+            earliest = min(earliest, r.time or 0.0)
+        heap = [(tuple(-x for x in recency(r)), n, r) for n, r in enumerate(committed)]
+        heapq.heapify(heap)
+        while heap:
+            _, n, r = heapq.heappop(heap)
+            if r.exact or r.step not in doubt:
+                yield r
+                continue
+            listing = listings.get(step_dir(r.step)) or {}
+            gens = commit_generations(listing)
+            rec = self._read_record(r.step, listing) if gens else StepRecord(r.step, False, None)
+            if not rec.committed:
+                yield r
+                continue
+            self._records[(r.step, commit_name(gens[0]))] = rec
+            heapq.heappush(heap, (tuple(-x for x in recency(rec)), n, rec))
 
     def steps(self) -> list[int]:
         """Committed steps, ascending (one listing of the run; rank 0's, on every rank)."""
@@ -273,10 +361,9 @@ class CheckpointManager:
         return self._local_latest()
 
     def _local_latest(self) -> int | None:
-        committed = [r for r in self._scan() if r.committed]
-        if not committed:
-            return None
-        return max(committed, key=lambda r: (r.time or 0.0, r.order, r.step)).step
+        listings: dict = {}
+        newest = next(self._newest_first(self._scan(listings=listings), listings), None)
+        return None if newest is None else newest.step
 
     # -- saving
 
@@ -429,7 +516,8 @@ class CheckpointManager:
                     info = self._write_incremental(store, state, force, meta, devices, encoded)
                 else:
                     info = write_checkpoint(store, state, overwrite=force, meta=meta, devices=devices,
-                                            allow_pickle=self.allow_pickle, encoded=encoded)
+                                            allow_pickle=self.allow_pickle, encoded=encoded,
+                                            compression=self.compression)
         except ClaimHeldError as e:
             raise ClaimHeldError(f"{self.directory}: step {step}: {e}", self.directory) from e
         except CheckpointExistsError as e:
@@ -476,7 +564,8 @@ class CheckpointManager:
     def _write_incremental(self, store: Store, state: Any, force: bool, meta: dict,
                            devices: dict | None, encoded: tuple | None = None) -> CheckpointInfo:
         m, info = commit_step(store, state, self._shared_index(), overwrite=force, meta=meta, devices=devices,
-                              allow_pickle=self.allow_pickle, encoded=encoded)
+                              allow_pickle=self.allow_pickle, encoded=encoded, compression=self.compression,
+                              apart=self.thin_select)
         self._committed_incremental(step_of(store), m)
         return info
 
@@ -528,35 +617,79 @@ class CheckpointManager:
         ``ckptstore.load``; a step that fails its checksums part-way through filling ``into``
         is passed over for the one before it, which fills the same tensors again. Saves of
         steps after the restored one are accepted from then on.
+
+        A thinned step (``thin_after``) is taken only when it holds everything asked for
+        (``select`` inside what it kept); one passed over for that is named in a warning. When
+        every step is thinned and none holds it, it raises ``CheckpointError`` saying so (not
+        None: steps exist, and a run must not start again from scratch over them).
+        ``restore(step=N)`` returns what step N holds, thinned or not.
         """
         if self._ranks is not None:
             return restore_on_ranks(self, step, map_location, select, into)
         if step is not None:
             check_step(step)
-            state = self._load(step, map_location, select, into)
+            with self._thin_lock:
+                state = self._load(step, map_location, select, into)
             self._restored(step)
             return state
-        records = [r for r in self._scan() if r.committed]
-        records.sort(key=lambda r: (r.time or 0.0, r.order, r.step), reverse=True)
         problems: list[str] = []
-        for r in records:
-            try:
-                state = self._load(r.step, map_location, select, into)
-            except Exception as e:
-                if not is_corruption(e):
-                    raise
-                log.warning("%s: step %d does not verify, falling back to an older step: %s",
-                            self.directory, r.step, e)
-                problems.append(f"step {r.step}: {e}")
-                self._corrupt.add(r.step)
-                continue
-            self._restored(r.step)
-            return state
+        thinned: list[str] = []
+        with self._thin_lock:      # no thinning here meanwhile: a step read is the step chosen
+            listings: dict = {}
+            for r in self._newest_first(self._scan(listings=listings), listings):
+                if r.thinned is not None and not holds(r.thinned, select):
+                    thinned.append(self._skip_thinned(r.step, r.thinned))
+                    continue
+                try:
+                    state = self._load(r.step, map_location, select, into, whole=True)
+                except ThinnedStep as e:     # thinned by another process since the listing
+                    thinned.append(self._skip_thinned(r.step, e.paths))
+                    continue
+                except Exception as e:
+                    if not is_corruption(e):
+                        raise
+                    log.warning("%s: step %d does not verify, falling back to an older step: %s",
+                                self.directory, r.step, e)
+                    problems.append(f"step {r.step}: {e}")
+                    self._corrupt.add(r.step)
+                    continue
+                self._restored(r.step)
+                return state
+        also = f"\n  (and {len(thinned)} thinned step(s) that hold only part of the state: " \
+               f"{', '.join(thinned)})" if thinned else ""
         if problems:
             raise CorruptCheckpointError(
                 f"{self.directory}: none of the {len(problems)} committed step(s) verifies; nothing was "
-                "restored:\n  " + "\n  ".join(problems), self.directory)
+                "restored:\n  " + "\n  ".join(problems) + also, self.directory)
+        if thinned:
+            raise CheckpointError(thinned_message(self.directory, thinned), self.directory)
         return None
+
+    def _skip_thinned(self, step: int, paths: tuple[str, ...]) -> str:
+        what = f"step {step} (thinned to {', '.join(paths)})"
+        log.warning("%s: step %d was thinned to %s; skipped (it does not hold everything restore() was asked "
+                    "for; restore(step=%d) returns what it holds)", self.directory, step, ", ".join(paths), step)
+        return what
+
+    def _restore_candidates(self, select: Any) -> list[int]:
+        """The steps ``restore()`` tries, newest first: those that hold what ``select`` asks for
+        (the thinned ones passed over before the first of them are named in a warning). Every
+        step's record is read (once per manager), to know which are thinned."""
+        listings: dict = {}
+        out: list[int] = []
+        for r in self._newest_first(self._scan(listings=listings), listings):
+            if not r.exact:
+                listing = listings.get(step_dir(r.step)) or {}
+                read = self._read_record(r.step, listing)
+                if read.committed:
+                    self._records[(r.step, commit_name(commit_generations(listing)[0]))] = read
+                    r = read
+            if r.thinned is not None and not holds(r.thinned, select):
+                if not out:
+                    self._skip_thinned(r.step, r.thinned)
+                continue
+            out.append(r.step)
+        return out
 
     def _restored(self, step: int) -> None:
         """Training resumes after ``step``: saves from there on are not a restart from scratch,
@@ -565,11 +698,17 @@ class CheckpointManager:
         if self._saved is not None:
             self._saved -= self._corrupt
 
-    def _load(self, step: int, map_location, select: Any = None, into: Any = None) -> Any:
+    def _load(self, step: int, map_location, select: Any = None, into: Any = None, whole: bool = False) -> Any:
+        """The state of ``step``; ``whole``: ThinnedStep, before any data is read, when the step is
+        thinned and does not hold all of ``select``."""
         store = self._store.child(step_dir(step))
         ranks = (self._ranks.rank, self._ranks.world) if self._ranks is not None else None
         with store.errors("restore"):
             m, _ = open_commit(store)
+        kept = thinned_paths(m.meta)
+        if whole and kept is not None and not holds(kept, select):
+            raise ThinnedStep(kept)
+        with store.errors("restore"):
             return load_manifest(store, m, map_location=map_location, select=select, into=into,
                                  allow_pickle=self.allow_pickle, ranks=ranks)
 
@@ -581,19 +720,27 @@ class CheckpointManager:
         ``dry_run=True`` only says which steps it would remove. With ``best_metric``, a run
         whose steps hold metrics but never that one raises MissingMetricError naming the
         metrics they hold (a typo would otherwise rank no step best, and keep none for it).
+        With ``thin_after``, the kept steps older than the ``thin_after`` newest are then
+        thinned to ``thin_select`` (not with ``dry_run``).
         """
         if self._ranks is not None:
             return self._ranks.share("pruning", lambda: self._prune(dry_run=dry_run))
         return self._prune(dry_run=dry_run)
 
     def _prune(self, *, dry_run: bool = False, check_metric: bool = True) -> list[int]:
+        return self._prune_and_thin(dry_run=dry_run, check_metric=check_metric)[0]
+
+    def _prune_and_thin(self, *, dry_run: bool = False, check_metric: bool = True) -> tuple[list[int], list[int]]:
+        """Retention, then thinning: (steps removed, steps thinned), or with ``dry_run`` the
+        steps each would touch now."""
         plan = self._plan_prune(check_metric)
         if dry_run:
-            return plan
+            return plan, [step for step, _ in self._plan_thin(removed=set(plan))]
         removed = []
         for step in plan:
             self._remove_step(step)
             removed.append(step)
+        thinned = self._thin_old()
         if (removed or self._sweep_due) and (self.incremental or self._shared().list() is not None):
             # the bytes only the removed steps (or replaced generations) listed; also from a manager
             # that only prunes an incremental run (`ckptstore prune`)
@@ -601,7 +748,65 @@ class CheckpointManager:
             self._sweep_shared()
         if removed:
             log.info("%s: retention removed steps %s", self.directory, removed)
-        return removed
+        return removed, thinned
+
+    # -- thinning
+
+    def _plan_thin(self, removed: AbstractSet[int] = frozenset()) -> list[tuple[int, str | None]]:
+        """(step, generation) of each committed step thinning would rewrite now (thin.py)."""
+        if self.thin_after is None:
+            return []
+        records = self._scan(read=True)
+        with self._lock:
+            in_flight = set(self._in_flight)
+        steps = set(to_thin(records, thin_after=self.thin_after, in_flight=in_flight, removed=removed))
+        return [(r.step, r.generation) for r in records if r.step in steps
+                and (r.step, r.generation or "") not in self._thin_skip]
+
+    def _thin_old(self) -> list[int]:
+        """Thin every kept step older than the ``thin_after`` newest to ``thin_select``; returns them.
+
+        Each step is rewritten as a new generation of its directory (thin.py): a kill at any
+        instant leaves it whole or thinned. A step that cannot be thinned (it holds none of
+        ``thin_select``, its bytes fail their checksums) is left as it is, with a warning,
+        once. An incremental step's record then lists fewer shared files: what only the
+        dropped values held is swept, and the run's index of reusable bytes is rebuilt.
+        """
+        if self.thin_after is None or self.thin_select is None:
+            return []
+        done: list[int] = []
+        with self._thin_lock:
+            for step, gen in self._plan_thin():
+                store = self._store.child(step_dir(step))
+                try:
+                    out = thin_step(store, self.thin_select, expect=gen)
+                except CorruptCheckpointError as e:
+                    log.warning("%s: step %d was not thinned (it stays whole): %s", self.directory, step, e)
+                    self._thin_skip.add((step, gen or ""))
+                    continue
+                m = out.manifest
+                if m is None:
+                    if out.skipped != "it changed meanwhile":
+                        log.warning("%s: step %d was not thinned (it stays as it is): %s", self.directory, step,
+                                    out.skipped)
+                        self._thin_skip.add((step, gen or ""))
+                    continue
+                if out.missing:
+                    log.warning("%s: step %d was thinned to %s; it holds no %s", self.directory, step,
+                                ", ".join(m.meta["thinned"]), ", ".join("/".join(map(str, p)) for p in out.missing))
+                done.append(step)
+                self._records = {k: v for k, v in self._records.items() if k[0] != step}
+                if m.files[0].dir == SHARED_DIR:
+                    # its record lists fewer shared files: sweep them, and reuse none of their bytes
+                    self._manifests[step] = m
+                    self._index = None
+                    self._sweep_due = True
+                else:
+                    self._manifests.pop(step, None)
+        if done:
+            log.info("%s: thinned steps %s to %s", self.directory, done,
+                     ", ".join("/".join(map(str, p)) for p in self.thin_select))
+        return done
 
     def _plan_prune(self, check_metric: bool = False) -> list[int]:
         """The committed steps the policy would remove now, ascending."""

@@ -251,7 +251,7 @@ def save_on_ranks(mgr: Any, step: int, state: Any, metrics: Any, force: bool):
                              shared=mgr._shared() if incremental else None, part=part,
                              meta={"step": step, "metrics": metrics or {}}, overwrite=replace,
                              index=mgr._shared_index() if incremental and r.rank == 0 else None,
-                             margin=r.margin)
+                             margin=r.margin, compression=mgr.compression)
     with mgr._lock:
         mgr._in_flight.add(step)
     if blocking:
@@ -300,9 +300,7 @@ def restore_on_ranks(mgr: Any, step: int | None, map_location, select: Any, into
         if step is not None:
             check_step(step)
             return [step]
-        records = [rec for rec in mgr._scan() if rec.committed]
-        records.sort(key=lambda rec: (rec.time or 0.0, rec.order, rec.step), reverse=True)
-        return [rec.step for rec in records]
+        return mgr._restore_candidates(select)     # newest first; thinned steps only when they hold select
 
     found, got = mgr._ranks.restore(candidates, lambda s: mgr._load(s, map_location, select, into),
                                     mgr._corrupt.add, explicit=step is not None)
@@ -311,6 +309,10 @@ def restore_on_ranks(mgr: Any, step: int | None, map_location, select: Any, into
             raise CorruptCheckpointError(
                 f"{mgr.directory}: none of the {len(got)} committed step(s) verifies on every rank; nothing was "
                 "restored:\n  " + "\n  ".join(got), mgr.directory)
+        if step is None and mgr.latest_step() is not None:
+            from .core import thinned_message
+            raise CheckpointError(thinned_message(mgr.directory, [f"step {s}" for s in mgr.steps()]),
+                                  mgr.directory)
         return None
     mgr._restored(found)
     return got

@@ -22,6 +22,17 @@ class StepRecord:
     time: float | None        # commit time (mtime of the record), seconds since the epoch
     metrics: dict | None = None
     order: float = 0.0        # the generation's own clock: breaks ties of coarse mtimes (S3: 1 s)
+    # A thinned step (thin.py) holds only these paths (keys joined by "/"); None: the whole state.
+    # Its time and order are those of the commit that held everything: thinning is not a commit.
+    thinned: tuple[str, ...] | None = None
+    generation: str | None = None   # the generation read, when the record was read
+    exact: bool = True        # False: time and order from the listing alone, which a thinned step's
+                              # record corrects (never upwards: see CheckpointManager._newest_first)
+
+
+def recency(r: StepRecord) -> tuple[float, float, int]:
+    """The order of commit: time, then the generation's clock, then the step."""
+    return (r.time or 0.0, r.order, r.step)
 
 
 def metric_of(r: StepRecord, name: str | None) -> float | None:
@@ -88,3 +99,16 @@ def to_keep(records: list[StepRecord], *, now: float, keep_last: int | None, kee
         if k > 0:
             keep.add(by_time[k - 1].step)
     return keep & every
+
+
+def to_thin(records: list[StepRecord], *, thin_after: int | None, in_flight: Set[int] = frozenset(),
+            removed: Set[int] = frozenset()) -> list[int]:
+    """Steps thinning rewrites now, ascending: every committed step (of a known commit time, not
+    ``removed``) that is not among the ``thin_after`` most recently committed, is not thinned yet,
+    and is not being saved. A thinned step keeps its place in the order (its record says when the
+    whole state was committed), so thinning never makes a step newer."""
+    if thin_after is None:
+        return []
+    committed = [r for r in records if r.committed and r.time is not None and r.step not in removed]
+    by_time = sorted(committed, key=recency, reverse=True)
+    return sorted(r.step for r in by_time[thin_after:] if r.thinned is None and r.step not in in_flight)
