@@ -127,7 +127,7 @@ def cmd_ls(args) -> int:
         rows.append((name or ".", "-" if step is None else str(step), size, _when(m.created) if m else "-", strategy,
                      " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                      or "-",
-                     "ok" if m else "damaged: " + "; ".join(found.problems)[:80]))
+                     _status(m) if m else "damaged: " + "; ".join(found.problems)[:80]))
     if not rows:
         print(f"no checkpoints in {root.uri}")
         return 0
@@ -142,6 +142,14 @@ def cmd_ls(args) -> int:
         print("  ".join((c.rjust(w[i]) if i in (1, 2) else c.ljust(w[i])) if i < len(w) else c
                         for i, c in enumerate(r)).rstrip())
     return 0
+
+
+def _status(m) -> str:
+    """``ok``, or ``ok, thinned to model`` for a step thinning rewrote to hold only some paths."""
+    kept = m.meta.get("thinned")
+    if isinstance(kept, list) and kept:
+        return "ok, thinned to " + ", ".join(str(p) for p in kept)
+    return "ok"
 
 
 def _size_cell(m) -> str:

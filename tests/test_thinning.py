@@ -430,6 +430,17 @@ def test_with_compression_the_kept_blobs_stay_as_stored(tmp_path):
 
 # ---------------------------------------------------------------- command line
 
+def test_ls_names_thinned_steps(tmp_path, capsys):
+    d = tmp_path / "run"
+    with ckptstore.CheckpointManager(str(d), thin_after=1, thin_select="model") as mgr:
+        for s in (1, 2):
+            mgr.save(s, make_state(s))
+    capsys.readouterr()
+    assert cli(["ls", str(d)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["step-1"].endswith("ok, thinned to model") and rows["step-2"].endswith("ok"), rows
+
+
 def test_cli_prune_thins_and_dry_run_says_what_it_would_thin(tmp_path, capsys):
     d = tmp_path / "run"
     with ckptstore.CheckpointManager(str(d)) as mgr:
