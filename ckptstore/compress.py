@@ -37,6 +37,12 @@ def check_compression(compression: Any) -> None:
         raise ValueError(f"compression must be None, 'zstd' or 'auto', not {compression!r}")
 
 
+def compresses(compression: str | None, pays: bool) -> bool:
+    """Whether a save with ``compression`` to a store where compression ``pays`` compresses anything
+    (if not, it is an ordinary save: nothing is hashed or read twice)."""
+    return compression == "zstd" or (compression == "auto" and pays)
+
+
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -84,7 +90,7 @@ def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays
     record's layout needs them before the data is written) and again as it is written.
     """
     check_compression(compression)
-    want = compression == "zstd" or (compression == "auto" and pays)
+    want = compresses(compression, pays)
     if groups is None:
         groups = element_sizes(nodes, blobs) if want else []
     out, hashes = list(blobs), []
@@ -247,65 +253,72 @@ class FrameHasher:
         return self.h.hexdigest()
 
 
+GAP = 64 << 10      # frames of neighbouring blobs closer than this in the stream are read in one request
+
+
 def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.ndarray], verify: bool,
                     where: str, uri: str | None, read_bytes: int) -> None:
     """Read the compressed ``blobs`` through ``reader`` (a ``ranges.StreamReader``) and decompress
     each into ``outs[blob]`` (its uncompressed size), frames on all cores while later ones are read.
 
-    Memory stays bounded whatever the sizes: reads of whole frames up to ``read_bytes`` each, a
-    few in flight, each dropped once its frames are decompressed; no copy of a blob's stored
-    bytes is ever whole in memory. Each blob's stored CRC-32C is checked once its last read is
-    in (with ``verify``), and every frame is checked for its declared size and content checksum.
+    Each read is a run of whole frames, of one blob or of neighbouring ones (less than ``GAP``
+    apart), up to ``read_bytes`` (one frame at least): an object store gets a few large requests,
+    not one per blob. Memory stays bounded whatever the sizes: a few reads in flight, each
+    dropped once its frames are decompressed; a blob's stored bytes are never whole in memory.
+    Each blob's stored CRC-32C is checked once its last frame is in (with ``verify``), and every
+    frame for its declared size and content checksum.
     """
     from .ranges import Range
 
     codec = t.codec or {}
+    order = sorted(blobs, key=lambda b: int(t.starts[b]))
+    # every frame to read, in stream order: (stream offset, stored size, blob, span, last of its blob)
+    frames = [(int(t.starts[b]) + sp[0], sp[1], b, sp, k == len(spans) - 1)
+              for b in order for spans in [codec[b].spans(t.frame)] for k, sp in enumerate(spans)]
 
     def ranges():
-        for b in blobs:
-            frames = codec[b]
-            spans = frames.spans(t.frame)
-            base = int(t.starts[b])
-            k = 0
-            while k < len(spans):
-                j, size = k, 0
-                while j < len(spans) and (j == k or size + spans[j][1] <= read_bytes):
-                    size += spans[j][1]
-                    j += 1
-                yield Range(base + spans[k][0], size, None, (b, spans[k:j], j == len(spans)))
-                k = j
+        k = 0
+        while k < len(frames):
+            start = frames[k][0]
+            j = k + 1
+            while j < len(frames) and frames[j][0] - (frames[j - 1][0] + frames[j - 1][1]) < GAP \
+                    and frames[j][0] + frames[j][1] - start <= read_bytes:
+                j += 1
+            end = frames[j - 1][0] + frames[j - 1][1]
+            yield Range(start, end - start, None, frames[k:j])
+            k = j
 
     workers = _workers()
     gate = threading.BoundedSemaphore(workers + 1)      # reads whose frames are still being decompressed
     failures: list[BaseException] = []
 
-    def inflate(data: memoryview, spans: list, out: np.ndarray, group: int, what: str) -> None:
+    def inflate(data: memoryview, base: int, run: list) -> None:
         try:
-            base = spans[0][0]
-            for so, sn, lo, ln in spans:
-                decompress_frame(data[so - base:so - base + sn], group, out[lo:lo + ln], what, uri)
+            for at, sn, b, (_, _, lo, ln), _ in run:
+                out = outs[b]
+                decompress_frame(data[at - base:at - base + sn], codec[b].group, out[lo:lo + ln],
+                                 f"{where}: blob {b}", uri)
         except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
             failures.append(e)
         finally:
             gate.release()
 
-    crc = 0
+    crcs: dict[int, int] = {}
     with cf.ThreadPoolExecutor(workers) as pool:
         try:
             for r, data in reader.fetch(ranges()):
-                b, spans, last = r.tag
                 if failures:
                     break
                 if verify:
-                    crc = crc32c.crc32c(data, 0 if spans[0][2] == 0 else crc)     # a blob's first read starts it
-                    if last:
-                        if crc != int(t.crcs[b]):
+                    for at, sn, b, _, last in r.tag:
+                        crc = crc32c.crc32c(data[at - r.start:at - r.start + sn], crcs.get(b, 0))
+                        crcs[b] = crc
+                        if last and crc != int(t.crcs[b]):
                             raise CorruptCheckpointError(
                                 f"{where}: CRC-32C mismatch in compressed blob {b} ({int(t.sizes[b])} bytes at "
                                 f"stream byte {int(t.starts[b])}); the checkpoint is corrupt", uri)
-                        crc = 0
                 gate.acquire()
-                pool.submit(inflate, data, spans, outs[b], codec[b].group, f"{where}: blob {b}")
+                pool.submit(inflate, data, r.start, r.tag)
         finally:
             pool.shutdown(wait=True)
     if failures:

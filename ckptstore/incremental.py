@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .compress import blob_digest, compress_blobs
+from .compress import blob_digest, compress_blobs, compresses
 from .datafiles import plan, write_files
 from .errors import CheckpointError, FormatTooNewError
 from .format import tree
@@ -134,7 +134,7 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         if bad:
             reuse = {i: k for i, k in reuse.items() if not any(f.name in bad for f in k.files)}
     new = [i for i in range(len(blobs)) if i not in reuse]
-    if compression is not None:
+    if compresses(compression, shared.compression_pays):
         blobs, _ = compress_blobs(blobs, nodes, compression, shared.compression_pays, hashes, skip=reuse)
 
     # The stream: the reused files, grouped by the generation that wrote them and in

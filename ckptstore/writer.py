@@ -38,7 +38,7 @@ import torch
 
 from ._version import __version__
 from .commit import choose
-from .compress import check_compression, compress_blobs
+from .compress import check_compression, compress_blobs, compresses
 from .datafiles import blob_table, plan, write_files
 from .errors import CheckpointError, CheckpointExistsError, ClaimHeldError, FormatTooNewError, InsufficientSpaceError
 from .format import tree
@@ -294,7 +294,7 @@ def write_checkpoint(store: Store, state: Any, *, overwrite: bool = True, verify
     nodes, blobs = encoded if encoded is not None else tree.encode(state, allow_pickle=allow_pickle,
                                                                    devices=devices)
     hashes = None
-    if compression is not None:
+    if compresses(compression, store.compression_pays):
         blobs, hashes = compress_blobs(blobs, nodes, compression, store.compression_pays)
         if not any(b.frames is not None for b in blobs):
             hashes = None       # nothing paid: an ordinary version 2 checkpoint

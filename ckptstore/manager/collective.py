@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from ..compress import compress_blobs, element_sizes
+from ..compress import compress_blobs, compresses, element_sizes
 from ..datafiles import plan as layout, write_files
 from ..errors import CallerMistake, CheckpointError, UnsupportedObjectError
 from ..format import tree
@@ -337,7 +337,7 @@ def write_part(store: Store, gen: str, rank: int, blobs: list, *, verify: bool, 
     compressed as ``compression`` says (``groups``: each blob's element size)."""
     if not blobs:
         return Written([], [], [])
-    if compression is not None:
+    if compresses(compression, store.compression_pays):
         blobs, _ = compress_blobs(blobs, [], compression, store.compression_pays, [b""] * len(blobs),
                                   groups=groups)
     part = store.part_bytes // ALIGN * ALIGN if shared and store.part_bytes else store.part_bytes
