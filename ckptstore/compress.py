@@ -258,23 +258,32 @@ GAP = 64 << 10      # frames of neighbouring blobs closer than this in the strea
 
 def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.ndarray], verify: bool,
                     where: str, uri: str | None, read_bytes: int) -> None:
-    """Read the compressed ``blobs`` through ``reader`` (a ``ranges.StreamReader``) and decompress
-    each into ``outs[blob]`` (its uncompressed size), frames on all cores while later ones are read.
+    """Read ``blobs`` through ``reader`` (a ``ranges.StreamReader``) into ``outs[blob]`` (each
+    blob's own size): compressed ones decompressed, frames on all cores while later ones are
+    read; raw ones (non-empty, when given) copied, in pieces of at most a frame.
 
-    Each read is a run of whole frames, of one blob or of neighbouring ones (less than ``GAP``
-    apart), up to ``read_bytes`` (one frame at least): an object store gets a few large requests,
-    not one per blob. Memory stays bounded whatever the sizes: a few reads in flight, each
-    dropped once its frames are decompressed; a blob's stored bytes are never whole in memory.
-    Each blob's stored CRC-32C is checked once its last frame is in (with ``verify``), and every
-    frame for its declared size and content checksum.
+    Each read is a run of whole frames and pieces, of one blob or of neighbouring ones (less
+    than ``GAP`` apart), up to ``read_bytes`` (one frame at least): an object store gets a few
+    large requests, not one per blob. Memory stays bounded whatever the sizes: a few reads in
+    flight, each dropped once its frames are decompressed; a blob's stored bytes are never whole
+    in memory. Each blob's stored CRC-32C is checked once its last piece is in (with
+    ``verify``), and every frame for its declared size and content checksum.
     """
     from .ranges import Range
 
     codec = t.codec or {}
     order = sorted(blobs, key=lambda b: int(t.starts[b]))
-    # every frame to read, in stream order: (stream offset, stored size, blob, span, last of its blob)
-    frames = [(int(t.starts[b]) + sp[0], sp[1], b, sp, k == len(spans) - 1)
-              for b in order for spans in [codec[b].spans(t.frame)] for k, sp in enumerate(spans)]
+
+    def spans(b: int) -> list[tuple[int, int, int, int]]:
+        f = codec.get(b)
+        if f is not None:
+            return f.spans(t.frame)
+        n = int(t.sizes[b])       # raw: pieces of a frame's size, stored as they are
+        return [(o, min(FRAME, n - o), o, min(FRAME, n - o)) for o in range(0, n, FRAME)]
+
+    # every piece to read, in stream order: (stream offset, stored size, blob, span, last of its blob)
+    frames = [(int(t.starts[b]) + sp[0], sp[1], b, sp, k == len(each) - 1)
+              for b in order for each in [spans(b)] for k, sp in enumerate(each)]
 
     def ranges():
         k = 0
@@ -296,8 +305,12 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
         try:
             for at, sn, b, (_, _, lo, ln), _ in run:
                 out = outs[b]
-                decompress_frame(data[at - base:at - base + sn], codec[b].group, out[lo:lo + ln],
-                                 f"{where}: blob {b}", uri)
+                f = codec.get(b)
+                if f is None:
+                    out[lo:lo + ln] = np.frombuffer(data, np.uint8, sn, at - base)
+                else:
+                    decompress_frame(data[at - base:at - base + sn], f.group, out[lo:lo + ln],
+                                     f"{where}: blob {b}", uri)
         except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
             failures.append(e)
         finally:
@@ -315,8 +328,9 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
                         crcs[b] = crc
                         if last and crc != int(t.crcs[b]):
                             raise CorruptCheckpointError(
-                                f"{where}: CRC-32C mismatch in compressed blob {b} ({int(t.sizes[b])} bytes at "
-                                f"stream byte {int(t.starts[b])}); the checkpoint is corrupt", uri)
+                                f"{where}: CRC-32C mismatch in {'compressed ' if b in codec else ''}blob {b} "
+                                f"({int(t.sizes[b])} bytes at stream byte {int(t.starts[b])}); "
+                                "the checkpoint is corrupt", uri)
                 gate.acquire()
                 pool.submit(inflate, data, r.start, r.tag)
         finally:

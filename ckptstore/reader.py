@@ -273,16 +273,21 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
     if not t.codec:
         return _read_stored(store, m, verify, plan, defer)
     # Compressed blobs are read apart, a few frames at a time, and decompressed straight into
-    # their value's memory (or an into= tensor's); the others as ever.
+    # their value's memory (or an into= tensor's); the others as ever. Except on an object
+    # store: there the raw storages and arrays between them go in the same runs of reads, so
+    # the blobs of a stretch of the stream come in one request, not one request per blob.
     wanted = set(range(len(t))) if plan is None or plan.blobs is None else set(plan.blobs)
-    packed = sorted(wanted & set(t.codec), key=lambda b: int(t.starts[b]))
-    rest = dataclasses.replace(plan or ReadPlan(), blobs=wanted - set(packed))
+    packed = set(wanted) & set(t.codec)
+    ds = data_store(store, m)
+    if not ds.stream_reads:
+        packed |= {b for b in wanted if int(t.sizes[b]) and t.kind(b) in (STORAGE, NDARRAY)}
+    rest = dataclasses.replace(plan or ReadPlan(), blobs=wanted - packed)
     values = _read_stored(store, m, verify, rest, defer)
     if not packed:
         return values
     inflate = plan.inflate if plan is not None else {}
     outs: dict[int, np.ndarray] = {}
-    for b in packed:
+    for b in sorted(packed):
         if b in inflate:
             outs[b] = host_bytes(_bytes_of(inflate[b].tensor))   # the tensor is the value
         elif t.kind(b) == STORAGE:
@@ -290,9 +295,8 @@ def read_blobs(store: Store, m: Manifest, verify: bool = True, plan: ReadPlan | 
             outs[b] = host_bytes(torch.empty(0, dtype=torch.uint8).set_(values[b]))
         else:
             values[b] = outs[b] = np.empty(t.logical_size(b), dtype=np.uint8)
-    ds = data_store(store, m)
     with StreamReader(ds, m.files) as reader:
-        read_compressed(reader, t, packed, outs, verify, ds.uri, ds.uri,
+        read_compressed(reader, t, sorted(packed), outs, verify, ds.uri, ds.uri,
                         COMPRESSED_READ if ds.stream_reads else ds.read_bytes)
     return values
 

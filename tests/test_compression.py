@@ -378,3 +378,22 @@ def test_a_tensor_that_changes_between_the_two_passes_is_refused(tmp_path):
     w.copy_(torch.randn(1 << 20, generator=GEN))          # noise: compresses to another size
     with pytest.raises(CheckpointError, match="changed while it was being saved"):
         list(stored.source.stored_chunks())
+
+
+def test_a_compressed_load_on_s3_takes_no_more_requests_than_an_uncompressed_one(moto_server):
+    """Large (compressed) and small (raw) tensors interleaved, as a model's weights and biases
+    are: the raw ones between compressed ones go in the same runs of reads."""
+    state = {}
+    for i in range(24):
+        state[f"layer{i}.weight"] = trained_like(1 << 17)       # 512 KiB: compressed
+        state[f"layer{i}.bias"] = trained_like(1000)            # 4 KB: raw
+    with FaultProxy("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1]), seed=0) as proxy:
+        counts = {}
+        for compression in (None, "zstd"):
+            uri = (f"s3://{BUCKET}/requests-{uuid.uuid4().hex}/c?endpoint_url={proxy.endpoint}"
+                   f"&key={moto_server.key}&secret={moto_server.secret}")
+            ckptstore.save(state, uri, compression=compression)
+            before = proxy.stats["requests"]
+            assert_state_equal(ckptstore.load(uri), state)
+            counts[compression] = proxy.stats["requests"] - before
+    assert counts["zstd"] <= counts[None], counts
