@@ -124,6 +124,7 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
         if known is not None and known not in taken:
             reuse[i] = known
             taken.add(known)
+    reuse = worth_keeping(reuse)
     # Announce the files this save may list, then drop any that vanished or a sweep condemned
     # meanwhile (those bytes are written again instead).
     wanted = {f.name for k in reuse.values() for f in k.files}
@@ -184,6 +185,31 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
                  writer=writer or {}, version=(COMPRESSED_MAJOR if codec else INCREMENTAL_MAJOR, 0),
                  created=time.time())
     return m
+
+
+MIN_SHARE = 4   # bytes are reused from a shared file only when they are at least 1/MIN_SHARE of it
+
+
+def worth_keeping(reuse: dict[int, Known]) -> dict[int, Known]:
+    """``reuse`` without the blobs whose files this save would use only a sliver of.
+
+    A shared file is freed only when no kept step lists it: a save that reused a few
+    unchanged bytes (an optimizer's zero moments) from a large file of an old step would
+    keep that whole file alive for as long as the bytes stay unchanged. Such bytes are
+    written again instead (they are few, by definition), and the old file goes with the
+    steps that needed it.
+    """
+    used: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for k in reuse.values():
+        pos, left = k.offset, k.nbytes
+        for f in k.files:
+            take = min(left, f.nbytes - pos)
+            used[f.name] = used.get(f.name, 0) + take
+            size[f.name] = f.nbytes
+            left, pos = left - take, 0
+    sliver = {name for name, n in used.items() if n * MIN_SHARE < size[name]}
+    return {i: k for i, k in reuse.items() if not any(f.name in sliver for f in k.files)}
 
 
 def _blobs_under(nodes: list, paths: list[tuple], count: int) -> set[int]:

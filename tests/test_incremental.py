@@ -332,3 +332,19 @@ def test_ckptstore_prune_of_an_incremental_run_frees_the_bytes_only_removed_step
     after = sorted(p.name for p in (d / ".shared").iterdir())
     assert len(after) == 2 and before == 5, (before, after)   # step 1's file (the base) and step 5's
     assert equal(ckptstore.load(str(d / "step-5")), frozen_state(5, base))
+
+
+def test_a_few_unchanged_bytes_do_not_keep_an_old_steps_large_file_alive(tmp_path):
+    """An optimizer's zero moments (a parameter that gets no gradient) stay equal while
+    everything else changes: reusing them from the first step's file would keep that whole
+    file for as long as the run lasts. They are written again instead, and the file goes."""
+    d = tmp_path / "run"
+    zeros = torch.zeros(20_000)                                  # 80 KB, never changes
+    g = torch.Generator().manual_seed(3)
+    with ckptstore.CheckpointManager(str(d), incremental=True, keep_last=2) as mgr:
+        for step in range(1, 6):
+            mgr.save(step, {"w": torch.randn(1 << 20, generator=g), "m": zeros})
+        shared = d / ".shared"
+        held = sum(p.stat().st_size for p in shared.iterdir() if p.suffix == ".bin")
+        assert held < 2 * (4 << 20) + (1 << 20), held           # the two kept steps, no more
+        assert torch.equal(mgr.restore(step=5)["m"], zeros)

@@ -53,7 +53,7 @@ from ..format.manifest import (
 )
 from ..format.frames import Frames
 from ..format.walk import DICT, LIST, ODICT, TUPLE
-from ..incremental import INTENT_SUFFIX, Known, SharedIndex, blob_hash, unusable, write_intent
+from ..incremental import INTENT_SUFFIX, Known, SharedIndex, blob_hash, unusable, worth_keeping, write_intent
 from ..info import CheckpointInfo
 from ..reader import shallow_problems
 from ..stores.base import Store
@@ -518,6 +518,10 @@ def _coordinate(op: Op, job: SaveJob, plans: dict[int, dict]) -> tuple[Generatio
                 if known is not None and known not in taken:
                     b.known = known
                     taken.add(known)
+        kept = worth_keeping({i: b.known for i, b in enumerate(blobs) if b.known is not None})
+        for i, b in enumerate(blobs):
+            if i not in kept:
+                b.known = None
         wanted = sorted({f.name for b in blobs if b.known is not None for f in b.known.files})
         gen.written.append(gen.id + INTENT_SUFFIX)      # removed with the generation on failure
         job.shared.makedirs()
