@@ -621,3 +621,21 @@ def test_on_two_ranks_one_process_thins_and_every_rank_restores_the_same_step(tm
         assert list(got) == ["model"]
         assert ckptstore.verify(str(d / f"step-{s}"), deep=True).ok
     assert "thinned" not in meta_of(d / "step-3")
+
+
+def test_on_a_mount_the_whole_generation_goes_once_the_thinned_one_has_settled(fuse_store):
+    """A mount keeps a checkpoint's previous generation while the new one may still be
+    uploading; a thinned step's whole state then goes after upload_settle_seconds, so thinning
+    frees its bytes on a Drive too."""
+    run = fuse_store.uri("run")
+    d = Path(run)
+    with ckptstore.CheckpointManager(run, thin_after=1, thin_select="model", upload_settle_seconds=0.5) as mgr:
+        mgr.save(1, make_state(1))
+        mgr.save(2, make_state(2))
+        names = lambda: sorted(n for n in os.listdir(d / "step-1") if n.endswith(".commit"))
+        assert len(names()) == 2                     # whole and thinned: the whole one is the net
+        time.sleep(0.6)
+        mgr.prune()
+        assert len(names()) == 1 and meta_of(d / "step-1")["thinned"] == ["model"]
+        assert same(ckptstore.load(str(d / "step-1")), {"model": make_state(1)["model"]})
+        assert same(mgr.restore(), make_state(2))

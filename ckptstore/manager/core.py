@@ -741,6 +741,7 @@ class CheckpointManager:
             self._remove_step(step)
             removed.append(step)
         thinned = self._thin_old()
+        self._retire_settled()
         if (removed or self._sweep_due) and (self.incremental or self._shared().list() is not None):
             # the bytes only the removed steps (or replaced generations) listed; also from a manager
             # that only prunes an incremental run (`ckptstore prune`)
@@ -749,6 +750,36 @@ class CheckpointManager:
         if removed:
             log.info("%s: retention removed steps %s", self.directory, removed)
         return removed, thinned
+
+    def _retire_settled(self) -> None:
+        """On a mount that uploads in the background, a step's older generation (the whole
+        state a thinning rewrote, or a step replaced with force=True) is kept while its newer
+        one may not have reached the remote (``writer.Generation.retire_older``). Once the
+        newer record has had ``upload_settle_seconds`` to get there, the older one goes, so
+        thinning frees its bytes on a Drive too. Only behind a newest record that is intact,
+        never in a step being saved."""
+        if not self._store.keep_previous or self.upload_settle_seconds is None:
+            return
+        now = time.time()
+        with self._lock:
+            in_flight = set(self._in_flight)
+        for d, listing in self._store.tree().items():
+            m = _STEP_DIR.match(d)
+            if not m or int(m.group(1)) in in_flight:
+                continue
+            gens = commit_generations(listing)
+            if len(gens) < 2 or now - listing[commit_name(gens[0])].mtime < self.upload_settle_seconds:
+                continue
+            store = self._store.child(d)
+            try:
+                found = find_commit(store, listing)
+                if found.manifest is None or found.manifest.generation != gens[0]:
+                    continue
+                remove_files(store, [n for n in listing if (f := FileName.parse(n)) is not None
+                                     and f.gen < gens[0]])
+            except CheckpointError as e:
+                log.warning("%s: could not remove the superseded generations of %s (nothing else is "
+                            "affected): %s", self.directory, d, e)
 
     # -- thinning
 
