@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the CPU build so a dev setup does not pull GBs of CUDA.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv tools test typecheck wheel-check test-oldest bench bench-full fuzz soak clean
+.PHONY: venv tools test typecheck wheel-check test-oldest bench bench-full bench-space fuzz soak clean
 
 venv: $(VENV)/.installed
 
@@ -106,6 +106,13 @@ bench: $(VENV)/.bench-installed tools
 
 bench-full: $(VENV)/.bench-installed tools
 	$(PY) -m benchmarks.bench --full $(ARGS)
+
+# `make bench-space`: what compression and thinning save (benchmarks/space.py): stored / logical
+# bytes of a briefly trained LM's state, save and load speed with compression=None/"auto"/"zstd"
+# on the local disk, on an rclone mount and moto's S3 at 50 MiB/s, and a 10,000-step run's bytes
+# on disk; about 10 minutes on 2 cores (`ARGS=--quick`: about 5). Writes benchmarks/results/space/.
+bench-space: $(VENV)/.bench-installed tools
+	$(PY) -m benchmarks.space $(ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-oldest build dist *.egg-info .pytest_cache

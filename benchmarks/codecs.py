@@ -72,8 +72,11 @@ class _LM(torch.nn.Module):
         return self.head(self.body(h, mask=mask, is_causal=True))
 
 
-def trained_state(seconds: float, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict]:
-    """Train for ``seconds``; return {kind: concatenation of that kind's tensors as bytes} and facts."""
+def train(seconds: float, log: Callable[[str], None]) -> tuple[torch.nn.Module, torch.optim.AdamW, dict]:
+    """Train the model for ``seconds``; return it, its AdamW optimizer and facts (steps, loss, parameters).
+
+    ``benchmarks/space.py`` saves the model and optimizer themselves; ``trained_state`` takes their bytes.
+    """
     torch.manual_seed(0)
     model = _LM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
@@ -93,6 +96,14 @@ def trained_state(seconds: float, log: Callable[[str], None]) -> tuple[dict[str,
         loss = float(lossv)
         if steps % 50 == 0:
             log(f"  step {steps}: loss {loss:.3f} ({time.perf_counter() - start:.0f} s)")
+    facts = {"steps": steps, "final_loss": loss, "initial_loss_bound": math.log(VOCAB),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    return model, opt, facts
+
+
+def trained_state(seconds: float, log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], dict]:
+    """Train for ``seconds``; return {kind: concatenation of that kind's tensors as bytes} and facts."""
+    model, opt, facts = train(seconds, log)
     params = [p for p in model.parameters()]
     st = opt.state_dict()["state"]
 
@@ -104,8 +115,6 @@ def trained_state(seconds: float, log: Callable[[str], None]) -> tuple[dict[str,
         "exp_avg fp32": cat([st[i]["exp_avg"] for i in range(len(params))]),
         "exp_avg_sq fp32": cat([st[i]["exp_avg_sq"] for i in range(len(params))]),
     }
-    facts = {"steps": steps, "final_loss": loss, "initial_loss_bound": math.log(VOCAB),
-             "parameters": sum(p.numel() for p in params)}
     return kinds, facts
 
 
