@@ -255,6 +255,33 @@ def summarize(samples: dict[str, dict[str, list[float]]], stored: dict[str, int]
     return out
 
 
+def run_rounds(state: dict, modes: tuple, figures: tuple[str, ...], rounds: int,
+               one: Callable[[int, Any], tuple[dict[str, float], Any, Any]],
+               done: Callable[[int, Any], None], say: Callable[[int, dict], str]
+               ) -> tuple[dict[str, dict[str, list[float]]], dict[str, int], dict[str, bool]]:
+    """``rounds`` rounds, each running every mode once in an order rotated per round:
+    ``one(round, mode)`` returns ({figure: seconds}, the save's info, the state loaded back),
+    ``done(round, mode)`` cleans up after it, ``say(round, samples)`` is the round's log line.
+    Returns (samples per mode and figure, stored bytes per mode, bit-exact per mode: the
+    first load of each mode compared with ``state``)."""
+    samples: dict[str, dict[str, list[float]]] = {mode_name(m): {f: [] for f in figures} for m in modes}
+    stored: dict[str, int] = {}
+    checked: dict[str, bool] = {}
+    for r in range(rounds):
+        for mode in rotated(modes, r):
+            name = mode_name(mode)
+            seconds, info, back = one(r, mode)
+            for f in figures:
+                samples[name][f].append(seconds[f])
+            stored[name] = info.nbytes
+            if name not in checked:
+                checked[name] = same_bits(state, back) is None
+            del back
+            done(r, mode)
+        log(say(r, samples))
+    return samples, stored, checked
+
+
 def part_local(state: dict, warm_state: dict, rounds: int, scratch: Path) -> dict:
     root = scratch / "local"
     root.mkdir(parents=True)
@@ -263,25 +290,21 @@ def part_local(state: dict, warm_state: dict, rounds: int, scratch: Path) -> dic
         ckptstore.save(warm_state, warm, compression=mode)
         timed_load(warm)
         shutil.rmtree(warm)
-    samples: dict[str, dict[str, list[float]]] = {mode_name(m): {"save": [], "load": []} for m in MODES}
-    stored: dict[str, int] = {}
-    checked: dict[str, bool] = {}
-    for r in range(rounds):
-        for mode in rotated(MODES, r):
-            name = mode_name(mode)
-            where = root / f"r{r}-{name}"
-            t0 = time.perf_counter()
-            info = ckptstore.save(state, str(where), compression=mode)
-            samples[name]["save"].append(time.perf_counter() - t0)
-            seconds, back = timed_load(str(where))
-            samples[name]["load"].append(seconds)
-            stored[name] = info.nbytes
-            if name not in checked:
-                checked[name] = same_bits(state, back) is None
-            del back
-            shutil.rmtree(where)
-            os.sync()
-        log(f"local: round {r + 1}/{rounds}: " + ", ".join(
+    def one(r: int, mode: Any) -> tuple[dict[str, float], Any, Any]:
+        where = str(root / f"r{r}-{mode_name(mode)}")
+        t0 = time.perf_counter()
+        info = ckptstore.save(state, where, compression=mode)
+        saved = time.perf_counter() - t0
+        loaded, back = timed_load(where)
+        return {"save": saved, "load": loaded}, info, back
+
+    def done(r: int, mode: Any) -> None:
+        shutil.rmtree(root / f"r{r}-{mode_name(mode)}")
+        os.sync()
+
+    samples, stored, checked = run_rounds(
+        state, MODES, ("save", "load"), rounds, one, done,
+        lambda r, samples: f"local: round {r + 1}/{rounds}: " + ", ".join(
             f"{n} save {s['save'][-1]:.3f} s load {s['load'][-1]:.3f} s" for n, s in samples.items()))
     out = summarize(samples, stored, state_nbytes(state), ("save", "load"))
     out["bit_exact"] = checked
@@ -317,25 +340,17 @@ def part_fuse(state: dict, warm_state: dict, rounds: int, mib_per_s: float, writ
             where = bench / f"warm-{mode_name(mode)}"
             one(where, warm_state, mode)
             shutil.rmtree(where)
-        samples: dict[str, dict[str, list[float]]] = {
-            mode_name(m): {"save returns": [], "save + upload": [], "cold load": []} for m in REMOTE_MODES}
-        stored: dict[str, int] = {}
-        checked: dict[str, bool] = {}
-        for r in range(rounds):
-            for mode in rotated(REMOTE_MODES, r):
-                name = mode_name(mode)
-                where = bench / f"r{r}-{name}"
-                returned, uploaded, loaded, info, back = one(where, state, mode)
-                samples[name]["save returns"].append(returned)
-                samples[name]["save + upload"].append(uploaded)
-                samples[name]["cold load"].append(loaded)
-                stored[name] = info.nbytes
-                if name not in checked:
-                    checked[name] = same_bits(state, back) is None
-                del back
-                shutil.rmtree(where)
-                mount.wait_uploaded(timeout=120)
-            log(f"fuse (write-back {write_back}): round {r + 1}/{rounds}: " + ", ".join(
+        def timed(r: int, mode: Any) -> tuple[dict[str, float], Any, Any]:
+            returned, uploaded, loaded, info, back = one(bench / f"r{r}-{mode_name(mode)}", state, mode)
+            return {"save returns": returned, "save + upload": uploaded, "cold load": loaded}, info, back
+
+        def done(r: int, mode: Any) -> None:
+            shutil.rmtree(bench / f"r{r}-{mode_name(mode)}")
+            mount.wait_uploaded(timeout=120)
+
+        samples, stored, checked = run_rounds(
+            state, REMOTE_MODES, ("save returns", "save + upload", "cold load"), rounds, timed, done,
+            lambda r, samples: f"fuse (write-back {write_back}): round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} save {s['save returns'][-1]:.2f} s (+upload {s['save + upload'][-1]:.2f} s) "
                 f"load {s['cold load'][-1]:.2f} s" for n, s in samples.items()))
         mount.stop()
@@ -367,24 +382,18 @@ def part_s3(state: dict, warm_state: dict, rounds: int, mib_per_s: float) -> dic
                 ckptstore.save(warm_state, uri(f"warm-{mode_name(mode)}"), compression=mode)
                 timed_load(uri(f"warm-{mode_name(mode)}"))
                 clear_prefix(fs, f"bench/space/warm-{mode_name(mode)}")
-            samples: dict[str, dict[str, list[float]]] = {mode_name(m): {"save": [], "load": []}
-                                                          for m in REMOTE_MODES}
-            stored: dict[str, int] = {}
-            checked: dict[str, bool] = {}
-            for r in range(rounds):
-                for mode in rotated(REMOTE_MODES, r):
-                    name = mode_name(mode)
-                    t0 = time.perf_counter()
-                    info = ckptstore.save(state, uri(f"r{r}-{name}"), compression=mode)
-                    samples[name]["save"].append(time.perf_counter() - t0)
-                    seconds, back = timed_load(uri(f"r{r}-{name}"))
-                    samples[name]["load"].append(seconds)
-                    stored[name] = info.nbytes
-                    if name not in checked:
-                        checked[name] = same_bits(state, back) is None
-                    del back
-                    clear_prefix(fs, f"bench/space/r{r}-{name}")
-                log(f"s3: round {r + 1}/{rounds}: " + ", ".join(
+            def one(r: int, mode: Any) -> tuple[dict[str, float], Any, Any]:
+                where = uri(f"r{r}-{mode_name(mode)}")
+                t0 = time.perf_counter()
+                info = ckptstore.save(state, where, compression=mode)
+                saved = time.perf_counter() - t0
+                loaded, back = timed_load(where)
+                return {"save": saved, "load": loaded}, info, back
+
+            samples, stored, checked = run_rounds(
+                state, REMOTE_MODES, ("save", "load"), rounds, one,
+                lambda r, mode: clear_prefix(fs, f"bench/space/r{r}-{mode_name(mode)}"),
+                lambda r, samples: f"s3: round {r + 1}/{rounds}: " + ", ".join(
                     f"{n} save {s['save'][-1]:.2f} s load {s['load'][-1]:.2f} s" for n, s in samples.items()))
         # A reference: the same straight to moto, no limit, once each: what the server and the
         # client manage here, to read the limited figures against.

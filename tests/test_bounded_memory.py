@@ -33,6 +33,26 @@ def measure(code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def into_peak(uri: str, make_model: str, check: str = "") -> int:
+    """Peak bytes (VmHWM) a fresh process adds loading ``uri`` into the resident tensors of
+    ``model``, which ``make_model`` (code) builds; ``check`` (code) runs on them after."""
+    result = measure(make_model + f"""
+import re
+from pathlib import Path
+def hwm():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+ptrs = {{k: t.data_ptr() for k, t in model.items()}}
+Path("/proc/self/clear_refs").write_text("5")
+before = hwm()
+got = ckptstore.load({uri!r}, into={{"model": model}})
+extra = hwm() - before
+assert all(got["model"][k] is model[k] and model[k].data_ptr() == ptrs[k] for k in model)
+{check}
+print(json.dumps({{"extra": extra}}))
+""")
+    return result["extra"]
+
+
 def test_save_does_not_hold_a_second_copy_of_the_state(tmp_path):
     uri = str(tmp_path / "big")
     result = measure(f"""
@@ -69,24 +89,13 @@ per = {mb} * 2**20 // {TENSORS}
 ckptstore.save({{"model": {{f"w{{i}}": torch.full((per // 4,), float(i)) for i in range({TENSORS})}}}}, {uri!r})
 print('{{}}')
 """)
-    result = measure(f"""
-import re
-from pathlib import Path
-def hwm():
-    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    extra = into_peak(uri, f"""
 per = {mb} * 2**20 // {TENSORS}
 model = {{f"w{{i}}": torch.zeros(per // 4) for i in range({TENSORS})}}     # resident: zeros touched
 for t in model.values():
     t.add_(1)
-ptrs = {{k: t.data_ptr() for k, t in model.items()}}
-Path("/proc/self/clear_refs").write_text("5")
-before = hwm()
-got = ckptstore.load({uri!r}, into={{"model": model}})
-extra = hwm() - before
-assert all(got["model"][k] is model[k] and model[k].data_ptr() == ptrs[k] for k in model)
-assert all(bool((t == i).all()) for i, t in enumerate(model.values()))
-print(json.dumps({{"extra": extra}}))
-""")
+""", check="assert all(bool((t == i).all()) for i, t in enumerate(model.values()))")
+    result = {"extra": extra}
     state_bytes = mb * 2**20
     assert result["extra"] <= 0.05 * state_bytes, (
         f"load(into=) peaked at {result['extra'] / 2**20:.1f} MiB above {mb} MiB of resident tensors")
@@ -138,21 +147,10 @@ def test_a_compressed_load_into_existing_tensors_holds_almost_nothing_more(tmp_p
     uri = str(tmp_path / "packed-into")
     mb = 512
     measure(TRAINED + f"ckptstore.save(trained_state({mb}), {uri!r}, compression='zstd'); print('{{}}')")
-    result = measure(TRAINED + f"""
-import re
-from pathlib import Path
-def hwm():
-    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+    result = {"extra": into_peak(uri, TRAINED + f"""
 model = {{k: torch.zeros_like(v).add_(1) for k, v in trained_state({mb})["model"].items()}}   # resident
-ptrs = {{k: t.data_ptr() for k, t in model.items()}}
 import gc; gc.collect()
-Path("/proc/self/clear_refs").write_text("5")
-before = hwm()
-got = ckptstore.load({uri!r}, into={{"model": model}})
-extra = hwm() - before
-assert all(got["model"][k] is model[k] and model[k].data_ptr() == ptrs[k] for k in model)
-print(json.dumps({{"extra": extra}}))
-""")
+""")}
     state_bytes = mb * 2**20
     assert result["extra"] <= 0.05 * state_bytes, (
         f"load(into=) of a compressed state peaked at {result['extra'] / 2**20:.1f} MiB above {mb} MiB of tensors")
