@@ -768,7 +768,10 @@ class CheckpointManager:
             if not m or int(m.group(1)) in in_flight:
                 continue
             gens = commit_generations(listing)
-            if len(gens) < 2 or now - listing[commit_name(gens[0])].mtime < self.upload_settle_seconds:
+            if len(gens) < 2:
+                continue
+            committed = listing[commit_name(gens[0])].mtime
+            if committed is None or now - committed < self.upload_settle_seconds:
                 continue
             store = self._store.child(d)
             try:
