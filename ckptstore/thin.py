@@ -293,7 +293,7 @@ def thin_step(store: Store, paths: list[tuple], *, expect: str | None = None, ve
                                    "blobs by index")
         t = thin_nodes(m, paths)
         if not t.kept:
-            return Outcome(skipped="it holds none of " + ", ".join(show(p) for p in paths),
+            return Outcome(skipped="it holds none of " + ", ".join(show(p) for p in paths) + _top_keys(m),
                            kept=[], missing=t.missing)
         entry = listing.get(commit_name(m.generation))
         when = entry.mtime if entry is not None and entry.mtime is not None else m.created
@@ -305,6 +305,16 @@ def thin_step(store: Store, paths: list[tuple], *, expect: str | None = None, ve
         else:
             new = _thin_own(store, m, t, meta, verify)
         return Outcome(new, kept=t.kept, missing=t.missing)
+
+
+def _top_keys(m: Manifest) -> str:
+    """`` (it holds: a, b)``, the state's top-level keys, for a thin_select that names none of them."""
+    try:
+        nav = Tree(m.nodes, m.version[0], ALL_RANKS)
+        keys = [k for k, _, _ in nav.items(0)] if nav.tag(0) in (DICT, ODICT) else []
+    except (CheckpointError, KeyError, TypeError, ValueError, IndexError):
+        return ""
+    return f" (it holds: {', '.join(map(str, keys[:10]))}{', ...' if len(keys) > 10 else ''})" if keys else ""
 
 
 def _check(new: Manifest, where: str) -> Manifest:
