@@ -51,6 +51,7 @@ from .format.paths import CONTAINER_TAGS, Selection, Tree, normalize, show
 from .format.tree import ALL_RANKS, Blob
 from .format.walk import DICT, LIST, ODICT, TUPLE
 from .ranges import READ_BACK, Range, StreamReader
+from .plan import node_blob
 from .reader import find_commit, structure_problems
 from .stores.base import Store
 from .writer import Generation
@@ -171,18 +172,6 @@ class Thinned:
     missing: list[tuple]   # the paths asked for that the record does not hold
 
 
-def _blob_refs(node: list) -> list[int]:
-    """The blobs a node refers to (none for containers)."""
-    tag = node[0]
-    if tag == "tensor":
-        return [node[1]] if type(node[1]) is int else []
-    if tag == "ndarray":
-        return [node[1]["blob"]]
-    if tag in ("bytes", "pickle"):
-        return [node[1]]
-    return []
-
-
 def thin_nodes(m: Manifest, paths: list[tuple]) -> Thinned:
     """The node table of ``m`` holding only ``paths`` (those of them it has).
 
@@ -212,7 +201,7 @@ def thin_nodes(m: Manifest, paths: list[tuple]) -> Thinned:
     sel = Selection(tree, kept)
     order = sorted(sel.needed)
     new = {old: i for i, old in enumerate(order)}
-    refs = sorted({b for i in order for b in _blob_refs(tree.node(i))})
+    refs = sorted({b for i in order if (b := node_blob(tree.node(i), m.version[0])) is not None})
     blob = {old: j for j, old in enumerate(refs)}
     fillers: list[list] = []
 
