@@ -204,14 +204,14 @@ class Checkpoint:
                     t = tree.tensor_info(node, version)
                     dtype = dtype_from_name(t.dtype)
                     shape = torch.Size(_whole_numbers(t.shape, path))
-                    yield path, kind, TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
+                    yield path, kind, TensorInfo(dtype, shape, math.prod(shape) * dtype.itemsize)
                 continue
             if kind == tree.SHARDED:
                 # saved as shards by several ranks: to a reader, the global tensor they form
                 if wanted is None or "tensor" in wanted:
                     dtype, shape_list, _, _ = tree.sharded_info(i, node)
                     shape = torch.Size(shape_list)
-                    yield _unlink(link), "tensor", TensorInfo(dtype, shape, shape.numel() * dtype.itemsize)
+                    yield _unlink(link), "tensor", TensorInfo(dtype, shape, math.prod(shape) * dtype.itemsize)
                 continue
             if wanted is None or kind in wanted:
                 yield _unlink(link), kind, None
