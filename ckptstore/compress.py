@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import os
 import threading
 from typing import Any, Iterable, Iterator
@@ -26,6 +27,7 @@ from .format.dtypes import dtype_from_name
 from .format.frames import FRAME, Frames, compress_frame, decompress_frame
 from .format.manifest import NDARRAY, STORAGE, BlobTable
 from .format.tree import Blob
+from .ranges import COALESCE, Range
 
 COMPRESSIONS = (None, "zstd", "auto")
 MIN_BLOB = 64 << 10     # smaller blobs are stored raw: a frame's overhead and a record entry would eat the gain
@@ -96,7 +98,7 @@ def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays
     out, hashes = list(blobs), []
     skipped = set(skip)
     held = 0
-    with cf.ThreadPoolExecutor(_workers()) if want else _NoPool() as pool:
+    with cf.ThreadPoolExecutor(_workers()) if want else contextlib.nullcontext() as pool:
         for i, b in enumerate(blobs):
             if i in skipped:
                 hashes.append(b"" if digests is None else digests[i])
@@ -118,14 +120,6 @@ HOLD = 64 << 20         # compressed bytes a save keeps for its writer; blobs pa
 def _bound(n: int) -> int:
     """An upper bound of the stored size of ``n`` bytes in frames (incompressible bytes grow a little)."""
     return n + (n // FRAME + 1) * 64
-
-
-class _NoPool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _pieces(b: Blob) -> Iterator[np.ndarray]:
@@ -253,9 +247,6 @@ class FrameHasher:
         return self.h.hexdigest()
 
 
-GAP = 64 << 10      # frames of neighbouring blobs closer than this in the stream are read in one request
-
-
 def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.ndarray], verify: bool,
                     where: str, uri: str | None, read_bytes: int) -> None:
     """Read ``blobs`` through ``reader`` (a ``ranges.StreamReader``) into ``outs[blob]`` (each
@@ -263,14 +254,12 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
     read; raw ones (non-empty, when given) copied, in pieces of at most a frame.
 
     Each read is a run of whole frames and pieces, of one blob or of neighbouring ones (less
-    than ``GAP`` apart), up to ``read_bytes`` (one frame at least): an object store gets a few
+    than ``COALESCE`` apart), up to ``read_bytes`` (one frame at least): an object store gets a few
     large requests, not one per blob. Memory stays bounded whatever the sizes: a few reads in
     flight, each dropped once its frames are decompressed; a blob's stored bytes are never whole
     in memory. Each blob's stored CRC-32C is checked once its last piece is in (with
     ``verify``), and every frame for its declared size and content checksum.
     """
-    from .ranges import Range
-
     codec = t.codec or {}
     order = sorted(blobs, key=lambda b: int(t.starts[b]))
 
@@ -290,7 +279,7 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
         while k < len(frames):
             start = frames[k][0]
             j = k + 1
-            while j < len(frames) and frames[j][0] - (frames[j - 1][0] + frames[j - 1][1]) < GAP \
+            while j < len(frames) and frames[j][0] - (frames[j - 1][0] + frames[j - 1][1]) < COALESCE \
                     and frames[j][0] + frames[j][1] - start <= read_bytes:
                 j += 1
             end = frames[j - 1][0] + frames[j - 1][1]
@@ -317,23 +306,20 @@ def read_compressed(reader, t: BlobTable, blobs: list[int], outs: dict[int, np.n
             gate.release()
 
     crcs: dict[int, int] = {}
-    with cf.ThreadPoolExecutor(workers) as pool:
-        try:
-            for r, data in reader.fetch(ranges()):
-                if failures:
-                    break
-                if verify:
-                    for at, sn, b, _, last in r.tag:
-                        crc = crc32c.crc32c(data[at - r.start:at - r.start + sn], crcs.get(b, 0))
-                        crcs[b] = crc
-                        if last and crc != int(t.crcs[b]):
-                            raise CorruptCheckpointError(
-                                f"{where}: CRC-32C mismatch in {'compressed ' if b in codec else ''}blob {b} "
-                                f"({int(t.sizes[b])} bytes at stream byte {int(t.starts[b])}); "
-                                "the checkpoint is corrupt", uri)
-                gate.acquire()
-                pool.submit(inflate, data, r.start, r.tag)
-        finally:
-            pool.shutdown(wait=True)
+    with cf.ThreadPoolExecutor(workers) as pool:        # leaving it waits for every inflate
+        for r, data in reader.fetch(ranges()):
+            if failures:
+                break
+            if verify:
+                for at, sn, b, _, last in r.tag:
+                    crc = crc32c.crc32c(data[at - r.start:at - r.start + sn], crcs.get(b, 0))
+                    crcs[b] = crc
+                    if last and crc != int(t.crcs[b]):
+                        raise CorruptCheckpointError(
+                            f"{where}: CRC-32C mismatch in {'compressed ' if b in codec else ''}blob {b} "
+                            f"({int(t.sizes[b])} bytes at stream byte {int(t.starts[b])}); "
+                            "the checkpoint is corrupt", uri)
+            gate.acquire()
+            pool.submit(inflate, data, r.start, r.tag)
     if failures:
         raise failures[0]

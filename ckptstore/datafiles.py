@@ -100,8 +100,9 @@ def blob_chunks(blob: Blob, chunk: int = CHUNK) -> Iterator[memoryview]:
     if blob.nbytes == 0:
         return
     remake = getattr(blob.source, "stored_chunks", None)
-    if blob.frames is not None and remake is not None:
-        # Compressed again as it is written (the save's compressed bytes past what it keeps).
+    if remake is not None:
+        # Bytes made as they are written: compressed again (past what a save keeps), or copied
+        # from another checkpoint (thinning).
         yield from remake()
         return
     if isinstance(blob.source, np.ndarray) and blob.kind != NDARRAY:
@@ -190,7 +191,7 @@ def _stream(p: Plan, blob_crcs: list[int]) -> Iterator[tuple[int, memoryview, bo
             batch = None
         elif pad:
             yield -1, memoryview(_ZEROS)[:pad], False
-        volatile = blob.kind == STORAGE and blob.frames is None and blob.source.device.type != "cpu"
+        volatile = isinstance(blob.source, (torch.UntypedStorage, torch.Tensor)) and blob.source.device.type != "cpu"
         for piece in blob_chunks(blob):
             yield index, piece, volatile
         pos = start + n

@@ -16,7 +16,7 @@ import collections
 import concurrent.futures as cf
 import itertools
 import threading
-from typing import Any, Generator, Iterable, Iterator, NamedTuple
+from typing import Any, Generator, Iterable, NamedTuple
 
 import crc32c
 
@@ -24,6 +24,7 @@ from .errors import CorruptCheckpointError
 from .format.manifest import FileEntry
 from .stores.base import Reader, Store
 
+COALESCE = 64 << 10  # ranges closer than this are read in one request, the gap with them
 READ_BACK = 8 << 20  # bytes per read when checking a whole file: the page cache does the rest
 
 

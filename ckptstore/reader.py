@@ -37,7 +37,7 @@ from .format.manifest import (
 from .info import VerifyReport
 from .plan import ReadPlan
 from .hostmem import host_bytes
-from .ranges import Range, StreamReader, crc32c_combine
+from .ranges import COALESCE, Range, StreamReader, crc32c_combine
 from .stores.base import Store
 
 log = logging.getLogger("ckptstore")
@@ -170,9 +170,6 @@ def segments(m: Manifest, size: int = SEGMENT) -> list[_Segment]:
     elif stream_end:
         out.append(_Segment(0, stream_end, []))
     return out
-
-
-COALESCE = 64 << 10  # selected blobs closer than this are read in one request, the gap with them
 
 
 def selected_segments(m: Manifest, blobs, size: int = SEGMENT) -> list[_Segment]:

@@ -39,18 +39,20 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import crc32c
 import numpy as np
 
-from .datafiles import check_stored, plan
+from .datafiles import plan, write_files
 from .errors import ArgumentError, CheckpointError, CorruptCheckpointError, PathNotFoundError
-from .format.manifest import SHARED_DIR, FileEntry, Manifest, commit_name
+from .format.manifest import SHARED_DIR, Manifest, commit_name
 from .format.paths import CONTAINER_TAGS, Selection, Tree, normalize, show
 from .format.tree import ALL_RANKS, Blob
 from .format.walk import DICT, LIST, ODICT, TUPLE
-from .ranges import READ_BACK, Range, StreamReader
+from .ranges import COALESCE, READ_BACK, Range, StreamReader
 from .plan import node_blob
 from .reader import find_commit, structure_problems
 from .stores.base import Store
@@ -58,7 +60,6 @@ from .writer import Generation
 
 THINNED = "thinned"            # meta: the paths a thinned step holds, keys joined by "/"
 THINNED_FROM = "thinned_from"  # meta: {"generation", "time"} of the record that held everything
-GAP = 64 << 10                 # bytes between kept blobs read over rather than asked for separately
 
 
 # ---------------------------------------------------------------- what a record says
@@ -359,40 +360,45 @@ def _thin_shared(store: Store, m: Manifest, t: Thinned, meta: dict) -> Manifest:
 
 
 def _thin_own(store: Store, m: Manifest, t: Thinned, meta: dict, verify: bool) -> Manifest:
-    """A self-contained step: the kept blobs' stored bytes copied into new data files."""
+    """A self-contained step: the kept blobs' stored bytes copied into new data files, written
+    and checked as any save's are (``datafiles.write_files``)."""
     sub = m.blobs.subset(t.blobs)
-    layout = plan([Blob(kind=sub.kind(j), nbytes=int(sub.sizes[j]), source=None) for j in range(len(sub))],
-                  store.part_bytes)
-    with Generation.begin(store, after=m.generation, nbytes=layout.total) as gen:
-        names = [gen.data_name(k) for k in range(len(layout.sizes))]
-        files = _copy_blobs(store, m, t.blobs, layout.starts, layout.sizes, names, gen.written)
-        if verify:
-            check_stored(store, files, [None] * len(files))
-        sub.starts = np.asarray(layout.starts, dtype=np.int64)
-        new = m.replace(generation=gen.id, files=files, blobs=sub, nodes=t.nodes, raw_nodes=None, counts=None,
-                        meta=meta)
-        new = _check(new, f"{store.uri}/{commit_name(gen.id)}")
-        gen.commit(new)
+    with StreamReader(store, m.files) as reader:
+        kept = _KeptBytes(reader, m, t.blobs, store.uri)
+        layout = plan([Blob(sub.kind(j), int(sub.sizes[j]), SimpleNamespace(stored_chunks=partial(kept.chunks, j)),
+                            frames=sub.frames_of(j)) for j in range(len(sub))], store.part_bytes)
+        with Generation.begin(store, after=m.generation, nbytes=layout.total) as gen:
+            names = [gen.data_name(k) for k in range(len(layout.sizes))]
+            files, _ = write_files(store, names, layout, verify=verify, written=gen.written)
+            sub.starts = np.asarray(layout.starts, dtype=np.int64)
+            new = m.replace(generation=gen.id, files=files, blobs=sub, nodes=t.nodes, raw_nodes=None,
+                            counts=None, meta=meta)
+            new = _check(new, f"{store.uri}/{commit_name(gen.id)}")
+            gen.commit(new)
     return new
 
 
-def _copy_blobs(store: Store, m: Manifest, blobs: list[int], starts: list[int], sizes: list[int],
-                names: list[str], written: list[str]) -> list[FileEntry]:
-    """Write the stream of ``m``'s ``blobs`` laid out at ``starts`` (zeros between them) as files
-    of ``sizes`` named ``names``, each blob's stored bytes checked against its CRC-32C as they pass."""
-    total = sum(sizes)
-    t = m.blobs
+class _KeptBytes:
+    """The stored bytes of ``m``'s ``blobs``, read in stream order (neighbouring small blobs, a
+    model's biases and norms, in one request over the gaps between them) and each checked
+    against its CRC-32C before its last piece is handed over. The writer asks for them blob
+    by blob, in the same order (``chunks(j)``)."""
 
-    def ranges() -> Iterator[Range]:
-        # pieces of at most READ_BACK bytes; neighbouring small blobs (a model's biases and norms)
-        # are read together, over the gaps between them, so an object store gets few requests
-        parts: list[tuple[int, int, int, bool]] = []    # (blob j, offset in the range, size, its last piece)
+    def __init__(self, reader: StreamReader, m: Manifest, blobs: list[int], uri: str):
+        self.m, self.blobs, self.uri = m, blobs, uri
+        self._pieces = self._read(reader)
+        self._held: tuple[int, memoryview, bool] | None = None
+
+    def _ranges(self) -> Iterator[Range]:
+        # pieces of at most READ_BACK bytes, as (blob j, offset in the range, size, its last piece)
+        t = self.m.blobs
+        parts: list[tuple[int, int, int, bool]] = []
         lo = hi = 0
-        for j, i in enumerate(blobs):
+        for j, i in enumerate(self.blobs):
             start, n = int(t.starts[i]), int(t.sizes[i])
             for o in range(0, n, READ_BACK):
                 size, at = min(READ_BACK, n - o), start + o
-                if parts and hi <= at <= hi + GAP and at + size - lo <= READ_BACK:
+                if parts and hi <= at <= hi + COALESCE and at + size - lo <= READ_BACK:
                     parts.append((j, at - lo, size, o + size == n))
                     hi = at + size
                     continue
@@ -402,63 +408,33 @@ def _copy_blobs(store: Store, m: Manifest, blobs: list[int], starts: list[int], 
         if parts:
             yield Range(lo, hi - lo, tag=parts)
 
-    def stream(reader: StreamReader) -> Iterator[memoryview]:
-        pos, crc, begun = 0, 0, -1
-        for r, data in reader.fetch(ranges(), concurrency=2):
+    def _read(self, reader: StreamReader) -> Iterator[tuple[int, memoryview, bool]]:
+        t = self.m.blobs
+        crc = 0
+        for r, data in reader.fetch(self._ranges(), concurrency=2):
             for j, rel, n, last in r.tag:
-                if j != begun:
-                    if starts[j] > pos:
-                        yield memoryview(bytes(starts[j] - pos))
-                    pos, crc, begun = starts[j], 0, j
                 piece = data[rel:rel + n]
                 crc = crc32c.crc32c(piece, crc)
-                yield piece
-                pos += n
-                if last and crc != int(t.crcs[blobs[j]]):
-                    raise CorruptCheckpointError(
-                        f"{store.uri}: blob {blobs[j]} of generation {m.generation} fails its CRC-32C "
-                        f"({crc:08x}, the record says {int(t.crcs[blobs[j]]):08x}); the step was not thinned",
-                        store.uri)
-        if total > pos:
-            yield memoryview(bytes(total - pos))
+                i = self.blobs[j]
+                if last:
+                    if crc != int(t.crcs[i]):
+                        raise CorruptCheckpointError(
+                            f"{self.uri}: blob {i} of generation {self.m.generation} fails its CRC-32C "
+                            f"({crc:08x}, the record says {int(t.crcs[i]):08x}); the step was not thinned",
+                            self.uri)
+                    crc = 0
+                yield j, piece, last
 
-    entries: list[FileEntry] = []
-    k, room, crc, w = -1, 0, 0, None
-
-    def close() -> None:
-        nonlocal w
-        if w is not None:
-            if room:
-                raise CheckpointError(f"{store.uri}: internal error: {names[k]} is {room} bytes short")
-            w.close()
-            entries.append(FileEntry(names[k], sizes[k], crc))
-            w = None
-
-    def open_next() -> None:
-        nonlocal k, room, crc, w
-        close()
-        k += 1
-        written.append(names[k])
-        w = store.open_writer(names[k], sizes[k])
-        room, crc = sizes[k], 0
-
-    try:
-        with StreamReader(store, m.files) as reader:
-            for piece in stream(reader):
-                while len(piece):
-                    while room == 0:
-                        open_next()
-                    take = piece[:room]
-                    assert w is not None
-                    w.write(take)
-                    crc = crc32c.crc32c(take, crc)
-                    room -= len(take)
-                    piece = piece[len(take):]
-        while k < len(names) - 1:      # files the stream never reached are empty
-            open_next()
-        close()
-    except BaseException:
-        if w is not None:
-            w.abort()
-        raise
-    return entries
+    def chunks(self, j: int) -> Iterator[memoryview]:
+        """Kept blob ``j``'s stored bytes (it is not empty: an empty blob is never asked for)."""
+        while True:
+            if self._held is None:
+                self._held = next(self._pieces)
+            k, piece, last = self._held
+            if k != j:
+                raise CheckpointError(f"{self.uri}: internal error: kept blob {j} asked for while blob {k} "
+                                      "is next in the stream")
+            self._held = None
+            yield piece
+            if last:
+                return
