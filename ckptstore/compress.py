@@ -104,7 +104,7 @@ def compress_blobs(blobs: list[Blob], nodes: list, compression: str | None, pays
                 hashes.append(b"" if digests is None else digests[i])
             elif want and b.kind in (STORAGE, NDARRAY) and b.nbytes >= MIN_BLOB:
                 keep = held + _bound(b.nbytes) <= HOLD
-                stored, digest = _compress(b, groups[i], compression == "auto", pool, keep)
+                stored, digest = _compress(b, groups[i], compression == "auto", pool, keep, digests is None)
                 if stored is not None:
                     out[i] = stored
                     held += stored.nbytes if keep else 0
@@ -146,17 +146,20 @@ def _frames(pieces: Iterator[np.ndarray], group: int, pool, first: tuple | None 
         yield p, f.result()
 
 
-def _compress(b: Blob, group: int, auto: bool, pool, keep: bool) -> tuple[Blob | None, bytes]:
-    """(the blob stored compressed, or None when ``auto`` finds it does not pay; its xxh3-128).
+def _compress(b: Blob, group: int, auto: bool, pool, keep: bool, digest: bool) -> tuple[Blob | None, bytes]:
+    """(the blob stored compressed, or None when ``auto`` finds it does not pay; its xxh3-128,
+    taken on the way when ``digest``, else b"").
 
     ``keep``: the compressed bytes are kept for the writer; else only their sizes, and the
     writer compresses the blob again (``Recompress``).
     """
-    h = xxhash.xxh3_128()
+    h = xxhash.xxh3_128() if digest else None
     pieces = _pieces(b)
     head = next(pieces)
     frame = compress_frame(head, group)
     if auto and len(frame) > AUTO_RATIO * len(head):
+        if h is None:
+            return None, b""
         h.update(head.data)
         for p in pieces:
             h.update(p.data)
@@ -164,19 +167,21 @@ def _compress(b: Blob, group: int, auto: bool, pool, keep: bool) -> tuple[Blob |
     sizes: list[int] = []
     kept: list[bytes] = []
     for piece, frame in _frames(pieces, group, pool, (head, frame)):
-        h.update(piece.data)
+        if h is not None:
+            h.update(piece.data)
         sizes.append(len(frame))
         if keep:
             kept.append(frame)
     frames = Frames(b.nbytes, group, tuple(sizes))
+    done = b"" if h is None else h.digest()
     if not keep:
-        return Blob(b.kind, sum(sizes), Recompress(b, frames), b.device, frames), h.digest()
+        return Blob(b.kind, sum(sizes), Recompress(b, frames), b.device, frames), done
     stored = np.empty(sum(sizes), dtype=np.uint8)
     o = 0
     for f in kept:
         stored[o:o + len(f)] = np.frombuffer(f, dtype=np.uint8)
         o += len(f)
-    return Blob(b.kind, len(stored), stored, b.device, frames), h.digest()
+    return Blob(b.kind, len(stored), stored, b.device, frames), done
 
 
 class Recompress:

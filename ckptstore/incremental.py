@@ -28,19 +28,14 @@ from .format import tree
 from .format.frames import Frames
 from .format.paths import Tree
 from .format.manifest import (
-    ALIGN, COMPRESSED_MAJOR, FORMAT_MAJOR, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry, FileName, Manifest, data_name,
-    device_column, new_generation,
+    ALIGN, COMPRESSED_MAJOR, FORMAT_MAJOR, INCREMENTAL_MAJOR, KIND_CODES, SHARED_DIR, BlobTable, FileEntry,
+    FileName, Manifest, data_name, device_column, new_generation,
 )
 from .info import CheckpointInfo
 from .plan import node_blob
 from .reader import find_commit
 from .stores.base import Store
 from .writer import Generation, info_of, writer_fields
-
-
-def blob_hash(blob) -> bytes:
-    """xxh3-128 of a blob's bytes, big-endian (XXH3_128bits, seed 0)."""
-    return blob_digest(blob)
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,7 @@ def write_incremental(step_store: Store, shared: Store, gen, state: Any, index: 
     """
     written = [] if written is None else written
     nodes, blobs = encoded if encoded is not None else tree.encode(state, allow_pickle=allow_pickle, devices=devices)
-    hashes = [blob_hash(b) for b in blobs]
+    hashes = [blob_digest(b) for b in blobs]
     reuse: dict[int, Known] = {}
     taken: set[Known] = set()
     for i, b in enumerate(blobs):

@@ -373,7 +373,7 @@ def test_a_tensor_that_changes_between_the_two_passes_is_refused(tmp_path):
     w = trained_like(1 << 20)
     _, blobs = tree.encode({"w": w})
     (b,) = blobs
-    stored, _ = compress._compress(b, 4, False, compress.cf.ThreadPoolExecutor(2), keep=False)
+    stored, _ = compress._compress(b, 4, False, compress.cf.ThreadPoolExecutor(2), keep=False, digest=True)
     assert isinstance(stored.source, compress.Recompress)
     w.copy_(torch.randn(1 << 20, generator=GEN))          # noise: compresses to another size
     with pytest.raises(CheckpointError, match="changed while it was being saved"):

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from ..compress import compress_blobs, compresses, element_sizes
+from ..compress import blob_digest, compress_blobs, compresses, element_sizes
 from ..datafiles import plan as layout, write_files
 from ..errors import CallerMistake, CheckpointError, UnsupportedObjectError
 from ..format import tree
@@ -53,7 +53,7 @@ from ..format.manifest import (
 )
 from ..format.frames import Frames
 from ..format.walk import DICT, LIST, ODICT, TUPLE
-from ..incremental import INTENT_SUFFIX, Known, SharedIndex, blob_hash, unusable, worth_keeping, write_intent
+from ..incremental import INTENT_SUFFIX, Known, SharedIndex, unusable, worth_keeping, write_intent
 from ..info import CheckpointInfo
 from ..reader import shallow_problems
 from ..stores.base import Store
@@ -89,7 +89,7 @@ def encode_part(state: Any, *, allow_pickle: bool = False, copy: bool = False) -
     nodes, blobs = tree.encode(state, allow_pickle=allow_pickle, sharded=True)
     if copy:
         blobs = copy_blobs(blobs)
-    return Part(nodes, blobs, [blob_hash(b) for b in blobs])
+    return Part(nodes, blobs, [blob_digest(b) for b in blobs])
 
 
 def plan_part(state: Any, *, allow_pickle: bool = False, copy: bool = False) -> Part:

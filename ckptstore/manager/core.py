@@ -730,18 +730,26 @@ class CheckpointManager:
     def _prune(self, *, dry_run: bool = False, check_metric: bool = True) -> list[int]:
         return self._prune_and_thin(dry_run=dry_run, check_metric=check_metric)[0]
 
+    def _has_policy(self) -> bool:
+        return not (self.keep_last is None and self.keep_best is None and self.keep_every is None
+                    and self.max_age is None)
+
     def _prune_and_thin(self, *, dry_run: bool = False, check_metric: bool = True) -> tuple[list[int], list[int]]:
         """Retention, then thinning: (steps removed, steps thinned), or with ``dry_run`` the
-        steps each would touch now."""
-        plan = self._plan_prune(check_metric)
-        if dry_run:
-            return plan, [step for step, _ in self._plan_thin(removed=set(plan))]
-        removed = []
-        for step in plan:
-            self._remove_step(step)
-            removed.append(step)
-        thinned = self._thin_old()
-        self._retire_settled()
+        steps each would touch now. One listing of the run serves the whole pass."""
+        removed: list[int] = []
+        thinned: list[int] = []
+        if self._has_policy() or self.thin_after is not None:
+            listings: dict = {}
+            records = self._scan(read=True, listings=listings)
+            plan = self._plan_prune(records, check_metric)
+            if dry_run:
+                return plan, [step for step, _ in self._plan_thin(records, removed=set(plan))]
+            for step in plan:
+                self._remove_step(step)
+                removed.append(step)
+            thinned = self._thin_old(records, removed=set(removed))
+            self._retire_settled(listings, skip=set(removed) | set(thinned))
         if (removed or self._sweep_due) and (self.incremental or self._shared().list() is not None):
             # the bytes only the removed steps (or replaced generations) listed; also from a manager
             # that only prunes an incremental run (`ckptstore prune`)
@@ -751,21 +759,22 @@ class CheckpointManager:
             log.info("%s: retention removed steps %s", self.directory, removed)
         return removed, thinned
 
-    def _retire_settled(self) -> None:
+    def _retire_settled(self, listings: dict, skip: AbstractSet[int]) -> None:
         """On a mount that uploads in the background, a step's older generation (the whole
         state a thinning rewrote, or a step replaced with force=True) is kept while its newer
         one may not have reached the remote (``writer.Generation.retire_older``). Once the
         newer record has had ``upload_settle_seconds`` to get there, the older one goes, so
         thinning frees its bytes on a Drive too. Only behind a newest record that is intact,
-        never in a step being saved."""
+        never in a step being saved. ``listings``: the run's, from this pass's scan; the steps in
+        ``skip`` it removed or rewrote since."""
         if not self._store.keep_previous or self.upload_settle_seconds is None:
             return
         now = time.time()
         with self._lock:
             in_flight = set(self._in_flight)
-        for d, listing in self._store.tree().items():
+        for d, listing in listings.items():
             m = _STEP_DIR.match(d)
-            if not m or int(m.group(1)) in in_flight:
+            if not m or int(m.group(1)) in in_flight or int(m.group(1)) in skip:
                 continue
             gens = commit_generations(listing)
             if len(gens) < 2:
@@ -786,18 +795,19 @@ class CheckpointManager:
 
     # -- thinning
 
-    def _plan_thin(self, removed: AbstractSet[int] = frozenset()) -> list[tuple[int, str | None]]:
-        """(step, generation) of each committed step thinning would rewrite now (thin.py)."""
+    def _plan_thin(self, records: list[StepRecord], removed: AbstractSet[int] = frozenset()
+                   ) -> list[tuple[int, str | None]]:
+        """(step, generation) of each committed step of ``records`` thinning would rewrite now,
+        those in ``removed`` gone (thin.py)."""
         if self.thin_after is None:
             return []
-        records = self._scan(read=True)
         with self._lock:
             in_flight = set(self._in_flight)
         steps = set(to_thin(records, thin_after=self.thin_after, in_flight=in_flight, removed=removed))
         return [(r.step, r.generation) for r in records if r.step in steps
                 and (r.step, r.generation or "") not in self._thin_skip]
 
-    def _thin_old(self) -> list[int]:
+    def _thin_old(self, records: list[StepRecord], removed: AbstractSet[int]) -> list[int]:
         """Thin every kept step older than the ``thin_after`` newest to ``thin_select``; returns them.
 
         Each step is rewritten as a new generation of its directory (thin.py): a kill at any
@@ -810,7 +820,7 @@ class CheckpointManager:
             return []
         done: list[int] = []
         with self._thin_lock:
-            for step, gen in self._plan_thin():
+            for step, gen in self._plan_thin(records, removed):
                 store = self._store.child(step_dir(step))
                 try:
                     out = thin_step(store, self.thin_select, expect=gen)
@@ -842,12 +852,10 @@ class CheckpointManager:
                      ", ".join("/".join(map(str, p)) for p in self.thin_select))
         return done
 
-    def _plan_prune(self, check_metric: bool = False) -> list[int]:
-        """The committed steps the policy would remove now, ascending."""
-        if self.keep_last is None and self.keep_best is None and self.keep_every is None \
-                and self.max_age is None:
+    def _plan_prune(self, records: list[StepRecord], check_metric: bool = False) -> list[int]:
+        """The committed steps of ``records`` the policy would remove now, ascending."""
+        if not self._has_policy():
             return []
-        records = self._scan(read=True)
         if check_metric and self.best_metric is not None:
             held = set().union(*(r.metrics or {} for r in records if r.committed))
             if held and self.best_metric not in held:
